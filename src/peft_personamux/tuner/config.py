@@ -137,8 +137,7 @@ class PersonaMuxConfig(PeftConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
-        # Persona files travel with the adapter: the tuner registers a writer on its config (a weak reference).
-        writer_ref = getattr(self, "_persona_writer", None)
-        writer = writer_ref() if writer_ref is not None else None
+        # Persona files travel with the adapter: the tuner registers a writer (holding it weakly) on its config.
+        writer = getattr(self, "_persona_writer", None)
         if writer is not None:
             writer(save_directory)

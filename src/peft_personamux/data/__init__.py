@@ -1,0 +1,28 @@
+"""Persona datasets: every loader returns a `datasets.Dataset` with string columns persona, prompt, response, group.
+
+``persona`` is ``<group>/<name>`` (``hamlet/hamlet``, ``m0/bianca``, ``amazon/cluster_3``; tweets use
+``tweets/<author>``), ``group`` is the source a persona comes from (a play, a movie, an author, a user cluster):
+`split_personas` keeps each group on one side so unseen personas share no source with pretraining ones.
+"""
+
+from .amazon import load_amazon_reviews, spherical_kmeans
+from .cornell import load_cornell
+from .errors import DataFileNotFoundError, DataFormatError
+from .shakespeare import load_shakespeare
+from .splits import split_persona_examples, split_personas, summarize
+from .text_persona import describe_personas
+from .tweets import load_tweets
+
+__all__ = [
+    "DataFileNotFoundError",
+    "DataFormatError",
+    "describe_personas",
+    "load_amazon_reviews",
+    "load_cornell",
+    "load_shakespeare",
+    "load_tweets",
+    "spherical_kmeans",
+    "split_persona_examples",
+    "split_personas",
+    "summarize",
+]
