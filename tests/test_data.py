@@ -14,6 +14,7 @@ from datasets import Dataset
 from peft_personamux.data import (
     DataFileNotFoundError,
     DataFormatError,
+    amazon,
     describe_personas,
     load_amazon_reviews,
     load_cornell,
@@ -172,7 +173,7 @@ def write_tweets(path, rows):
 def test_tweets(tmp_path):
     rows = [(i, "Ada Lovelace", f"Loving the new #Engine design, note {i} https://t.co/x") for i in range(4)]
     rows += [(10 + i, "grace", f"@ada The compiler,\nit works!   Ship it {i} &amp; go") for i in range(3)]
-    rows += [(20, "lurker", "only once"), (21, "grace", "  ")]
+    rows += [(20, "lurker", "only once"), (21, "grace", "  "), (22, "東京", "こんにちは")]
     ds = load_tweets(write_tweets(tmp_path / "tweets.csv", rows), min_lines=2)
     check_layout(ds)
     stats = {"examples": 7, "personas": 2, "groups": 2, "min_lines": 3, "median_lines": 3.5, "max_lines": 4}
@@ -184,7 +185,10 @@ def test_tweets(tmp_path):
     grace = ds.filter(lambda r: r["persona"] == "tweets/grace")
     assert grace[0]["prompt"] == "Topic: compiler works ship go"
     assert grace[0]["response"] == "@ada The compiler, it works! Ship it 0 & go"
-    assert len(load_tweets(tmp_path / "tweets.csv", min_lines=1, max_per_author=2)) == 5
+    few = load_tweets(tmp_path / "tweets.csv", min_lines=1, max_per_author=2)
+    tokyo = few[few["response"][:].index("こんにちは")]
+    assert len(few) == 6 and re.fullmatch(r"author_[0-9a-f]{8}", tokyo["group"])
+    assert tokyo["prompt"] == "Topic: anything"
 
 
 def test_tweets_errors(tmp_path):
@@ -260,6 +264,17 @@ def test_amazon_errors(tmp_path):
     path.write_text("\n".join(rows))
     with pytest.raises(DataFormatError, match=r"reviews\.jsonl, line 2: .*missing or mistyped \['parent_asin'\]"):
         load_amazon_reviews(path, num_clusters=2, min_reviews=3)
+
+
+def test_randomized_svd_matches_dense(monkeypatch):
+    rng = np.random.default_rng(0)
+    sequences = [rng.choice(30, size=8, replace=False) + 30 * (i % 2) for i in range(40)]
+    rows, cols, values = amazon.item_cooccurrence_ppmi(sequences, 60, window=3)
+    assert np.allclose(np.sort(rows * 60 + cols), np.sort(cols * 60 + rows)) and (values > 0).all()
+    dense = amazon.truncated_svd_embedding(rows, cols, values, 60, dim=2)  # the two communities: a clear gap
+    monkeypatch.setattr(amazon, "_DENSE_SVD_MAX_ITEMS", 0)
+    randomized = amazon.truncated_svd_embedding(rows, cols, values, 60, dim=2, seed=0)
+    assert np.allclose(dense @ dense.T, randomized @ randomized.T, atol=1e-2)  # equal up to signs and rotation
 
 
 def test_spherical_kmeans():

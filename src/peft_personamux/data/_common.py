@@ -8,6 +8,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 
+import pyarrow as pa
 from datasets import Dataset, Features, Value
 
 logger = logging.getLogger(__name__)
@@ -71,4 +72,7 @@ def column(ds: Dataset, name: str) -> list[str]:
 def to_dataset(rows: Iterable[dict[str, str]]) -> Dataset:
     """Rows -> `Dataset` with the four string columns, ordered by persona and then by source order."""
     rows = sorted(rows, key=lambda row: row["persona"])  # stable: keeps source order within a persona
-    return Dataset.from_dict({name: [row[name] for row in rows] for name in COLUMNS}, features=FEATURES)
+    columns = {
+        name: pa.array([row[name] for row in rows], type=pa.string()) for name in COLUMNS
+    }  # no per-row encoding
+    return Dataset.from_dict(columns, features=FEATURES)

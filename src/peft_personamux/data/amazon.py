@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -144,8 +145,7 @@ def spherical_kmeans(x: np.ndarray, num_clusters: int, seed: int = 0, max_iter: 
         if np.array_equal(new_labels, labels):
             break
         labels = new_labels
-        sums = np.zeros_like(centers)
-        np.add.at(sums, labels, x)
+        sums = np.stack([np.bincount(labels, weights=x[:, d], minlength=num_clusters) for d in range(x.shape[1])], 1)
         sizes = np.bincount(labels, minlength=num_clusters)
         worst_fit = iter(np.argsort(similarity[np.arange(n), labels]))
         for k in np.flatnonzero(sizes == 0):  # re-seed an empty cluster with a badly fitting point
@@ -155,11 +155,11 @@ def spherical_kmeans(x: np.ndarray, num_clusters: int, seed: int = 0, max_iter: 
 
 
 def load_amazon_reviews(
-    path: str,
+    path: str | os.PathLike,
     num_clusters: int = 100,
     seed: int = 0,
     min_reviews: int = 5,
-    meta_path: str | None = None,
+    meta_path: str | os.PathLike | None = None,
     history: int = 3,
     embedding_dim: int = 64,
     window: int = 5,
@@ -180,9 +180,14 @@ def load_amazon_reviews(
 
     Clusters are numbered by size, ``cluster_0`` the largest.
     """
-    for name, value in [("num_clusters", num_clusters), ("min_reviews", min_reviews), ("history", history)]:
-        check_positive(name, value)
-    for name, value in [("embedding_dim", embedding_dim), ("window", window), ("max_chars", max_chars)]:
+    for name, value in [
+        ("num_clusters", num_clusters),
+        ("min_reviews", min_reviews),
+        ("history", history),
+        ("embedding_dim", embedding_dim),
+        ("window", window),
+        ("max_chars", max_chars),
+    ]:
         check_positive(name, value)
     reviews_path = Path(path)
     reviews = _read_jsonl(reviews_path, REVIEW_FIELDS, "reviews")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 from pathlib import Path
 
 from datasets import Dataset
@@ -154,7 +155,7 @@ def _load_convokit(root: Path, max_chars: int) -> list[dict[str, str]]:
     return rows
 
 
-def load_cornell(path: str, min_lines: int = 20, max_chars: int = 400) -> Dataset:
+def load_cornell(path: str | os.PathLike, min_lines: int = 20, max_chars: int = 400) -> Dataset:
     """One persona per movie character with at least ``min_lines`` replies; persona ``m0/bianca``, group ``m0``.
 
     Args:

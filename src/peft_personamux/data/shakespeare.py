@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def parse_play(text: str) -> list[tuple[int, str, str]]:
     return speeches
 
 
-def load_shakespeare(min_lines: int = 40, max_chars: int = 400, plays_dir: str | None = None) -> Dataset:
+def load_shakespeare(min_lines: int = 40, max_chars: int = 400, plays_dir: str | os.PathLike | None = None) -> Dataset:
     """One persona per character with at least ``min_lines`` speeches, e.g. ``hamlet/hamlet``; group = play.
 
     Args:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import html
 import logging
+import os
 import re
+import zlib
 from pathlib import Path
 
 from datasets import Dataset
@@ -44,7 +46,7 @@ def tweet_topic(text: str) -> str:
 
 
 def load_tweets(
-    path: str,
+    path: str | os.PathLike,
     author_column: str = "author",
     text_column: str = "text",
     min_lines: int = 20,
@@ -54,7 +56,8 @@ def load_tweets(
 
     Args:
         path: CSV file with a header row (UTF-8, a byte-order mark is accepted).
-        author_column: column holding the author's name or handle.
+        author_column: column holding the author's name or handle; it is slugged (``"Ada Lovelace"`` ->
+            ``ada_lovelace``, names without Latin letters -> ``author_<crc32>``), names with equal slugs merge.
         text_column: column holding the tweet text; empty tweets are skipped.
         min_lines: keep authors with at least this many tweets (counted after ``max_per_author``).
         max_per_author: keep at most this many tweets per author, the first ones in file order.
@@ -89,10 +92,11 @@ def load_tweets(
                 raise DataFormatError(
                     csv_path, reader.line_num, f"{len(header)} fields as in the header", f"{len(record)}"
                 )
-            author = slugify(record[author_index], fallback="")
-            text = normalize_whitespace(html.unescape(record[text_index]))
-            if not author:
+            name = record[author_index].strip()
+            if not name:
                 raise DataFormatError(csv_path, reader.line_num, f"an author in column {author_column!r}", "none")
+            author = slugify(name, fallback=f"author_{zlib.crc32(name.encode('utf-8')):08x}")  # e.g. non-Latin names
+            text = normalize_whitespace(html.unescape(record[text_index]))
             if not text or (max_per_author is not None and per_author.get(author, 0) >= max_per_author):
                 continue
             per_author[author] = per_author.get(author, 0) + 1
