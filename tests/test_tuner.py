@@ -188,8 +188,9 @@ def test_generate_kv_cache_matches_no_cache():
     model = mux()
     ids = ids_batch(2, 6)
     cached = model.generate(input_ids=ids, persona_ids=["a", "b"], max_new_tokens=8, do_sample=False)
-    uncached = model.generate(input_ids=ids, persona_ids=["a", "b"], max_new_tokens=8, do_sample=False,
-                              use_cache=False)
+    uncached = model.generate(
+        input_ids=ids, persona_ids=["a", "b"], max_new_tokens=8, do_sample=False, use_cache=False
+    )
     assert torch.equal(cached, uncached)
     ph = model.peft_config["default"].placeholder_token_id
     assert not (cached[:, 6:] == ph).any(), "the placeholder id is never generated"
@@ -276,8 +277,11 @@ def _grads(model, persona_ids=("a", "b")):
     ids = ids_batch(len(persona_ids), 6)
     model(input_ids=ids, labels=ids, persona_ids=list(persona_ids)).loss.backward()
     layer = model.get_base_model().get_input_embeddings()
-    return (layer.personamux_codebook["default"].grad, layer.personamux_bias["default"].grad,
-            layer.mixture["default"].grad)
+    return (
+        layer.personamux_codebook["default"].grad,
+        layer.personamux_bias["default"].grad,
+        layer.mixture["default"].grad,
+    )
 
 
 def test_stage_gradients():
@@ -326,8 +330,12 @@ def test_disable_adapter_gives_base_model_and_merge_is_refused():
 def test_save_load_round_trip(tmp_path, arch, dtype):
     model = mux(arch, dtype)
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                            "personas"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "personas",
+    ]
     for name in ("a", "b", "c"):
         assert os.path.getsize(tmp_path / "personas" / f"{name}.safetensors") <= 1024
     ids = ids_batch(2, 6)
@@ -352,7 +360,9 @@ def test_save_persona_and_grouped_names(tmp_path):
     other = tmp_path / "elsewhere"
     model.save_persona("hamlet/ophelia", other)
     fresh = mux(personas=())
-    shared = {k: v for k, v in model.get_base_model().get_input_embeddings().state_dict().items() if "mixture" not in k}
+    shared = {
+        k: v for k, v in model.get_base_model().get_input_embeddings().state_dict().items() if "mixture" not in k
+    }
     fresh.get_base_model().get_input_embeddings().load_state_dict(shared, strict=False)
     assert fresh.load_persona(str(other / "personas" / "hamlet" / "ophelia.safetensors")) == "hamlet/ophelia"
     torch.testing.assert_close(fresh.get_mixture("hamlet/ophelia"), model.get_mixture("hamlet/ophelia"))

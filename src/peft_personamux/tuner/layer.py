@@ -15,6 +15,7 @@ class PromptRequest:
 
     persona_ids: torch.Tensor  # (batch,) rows of the persona table
     bias_scale: float
+    mixtures: torch.Tensor | None = None  # (batch, num_codes): per-row override of the table (fast fitting)
 
 
 class PersonaMuxLayer(nn.Module, BaseTunerLayer):
@@ -69,10 +70,12 @@ class PersonaMuxLayer(nn.Module, BaseTunerLayer):
 
     # -- soft prompt -------------------------------------------------------------------------------------------
 
-    def soft_prompt(self, adapter_name: str, persona_ids: torch.Tensor, bias_scale: float) -> torch.Tensor:
+    def soft_prompt(
+        self, adapter_name: str, persona_ids: torch.Tensor, bias_scale: float, mixtures: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Soft prompts for a batch of personas: ``bias_scale * b ⊕ einsum(W, m_i)``; no bias tokens at scale 0."""
         codebook = self.personamux_codebook[adapter_name]  # (num_codes, tokens_per_code, hidden)
-        mixture = self.mixture[adapter_name][persona_ids]  # (batch, num_codes)
+        mixture = self.mixture[adapter_name][persona_ids] if mixtures is None else mixtures  # (batch, num_codes)
         mixed = torch.einsum("bc,ckd->bkd", mixture.to(codebook.dtype), codebook)  # (batch, tokens_per_code, hidden)
         if bias_scale == 0:
             return mixed
@@ -89,8 +92,11 @@ class PersonaMuxLayer(nn.Module, BaseTunerLayer):
         if not bool(counts.any()):
             return embeds  # decoding steps after the prefill: the prompt is already in the KV cache
         prompts = self.soft_prompt(
-            self.active_adapters[0], request.persona_ids.to(input_ids.device), request.bias_scale
+            self.active_adapters[0], request.persona_ids.to(input_ids.device), request.bias_scale, request.mixtures
         )  # (batch, n_virtual, hidden)
+        if prompts.shape[0] != input_ids.shape[0] and input_ids.shape[0] % prompts.shape[0] == 0:
+            # generate() with num_return_sequences or beams repeats each row
+            prompts = prompts.repeat_interleave(input_ids.shape[0] // prompts.shape[0], dim=0)
         n_virtual = prompts.shape[1]
         has_prompt = counts > 0
         if bool((counts[has_prompt] != n_virtual).any()):

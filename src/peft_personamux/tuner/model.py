@@ -444,9 +444,11 @@ class PersonaMuxModel(BaseTuner):
         return not self._layer.disable_adapters
 
     @contextlib.contextmanager
-    def _request(self, persona_ids: torch.Tensor, bias_scale: float) -> Iterator[None]:
+    def _request(
+        self, persona_ids: torch.Tensor, bias_scale: float, mixtures: torch.Tensor | None = None
+    ) -> Iterator[None]:
         layer = self._layer
-        layer.request = PromptRequest(persona_ids, bias_scale)
+        layer.request = PromptRequest(persona_ids, bias_scale, mixtures)
         try:
             yield
         finally:
@@ -564,6 +566,32 @@ class PersonaMuxModel(BaseTuner):
             return restored
         out.sequences = restored
         return out
+
+    # -- serving and persona arithmetic --------------------------------------------------------------------------
+
+    def export_prompt_embeds(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        persona_ids: PersonaSpec = None,
+        bias_scale: float | None = None,
+    ) -> list[torch.Tensor]:
+        """Per-row input embeddings with the soft prompt in place (vLLM ``prompt_embeds``); see ``serving``."""
+        from ..serving import export_prompt_embeds
+
+        return export_prompt_embeds(self, input_ids, attention_mask, persona_ids, bias_scale)
+
+    def blend_personas(self, weights: dict[str, float], name: str | None = None) -> str:
+        """Register a persona mixed from others, e.g. ``{"hamlet": 0.7, "ophelia": 0.3}``; returns its name."""
+        from ..arithmetic import blend_personas
+
+        return blend_personas(self, weights, name)
+
+    def persona_map(self, path: str | os.PathLike = "persona_map.png", names: Sequence[str] | None = None) -> str:
+        """Write a PNG of all personas' mixture vectors projected with PCA, labelled with names."""
+        from ..arithmetic import persona_map
+
+        return persona_map(self, path, None if names is None else list(names))
 
     # -- no merging for soft prompts -----------------------------------------------------------------------------
 

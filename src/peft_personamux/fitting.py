@@ -1,0 +1,202 @@
+"""Fitting mixture vectors for new personas (stage 2): the paper's recipe and a fast second-order method.
+
+Only ``num_codes`` (64) numbers per persona are fitted, all other weights frozen, so second-order steps are cheap:
+
+* ``"adam"`` — the paper's recipe: full batch, 100 steps, Adam (lr 1e-3, eps 1e-4), from zeros.
+* ``"fisher"`` — Levenberg–Marquardt steps preconditioned by the empirical Fisher of the per-example gradients.
+  The soft prompt is expanded per row, so giving every row its own copy of the mixture vector makes one
+  backward pass return all per-example gradients ``G`` (examples, num_codes). The step solves
+  ``(GᵀG / n + λ I) Δ = -g``; λ shrinks after a step that lowers the loss and grows (the step is retried, forward
+  only) after one that does not.
+
+Both count *example passes* (one example through forward and backward; a forward-only pass counts as one too) so
+that their costs can be compared; see ``benchmarks/fit_speed.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """Outcome of fitting: per-step training loss, example passes used and wall time."""
+
+    method: str
+    losses: list[float] = field(default_factory=list)
+    example_passes: int = 0
+    seconds: float = 0.0
+
+
+def _tuner(model):
+    return model.base_model if hasattr(model.base_model, "_prepare") else model
+
+
+def _row_losses(tuner, batch: dict, mixtures: torch.Tensor, bias_scale: float, chunk_size: int):
+    """Yield (row slice, summed token NLL per row (rows,), token counts (rows,)) chunk by chunk."""
+    n = batch["input_ids"].shape[0]
+    for start in range(0, n, chunk_size):
+        sl = slice(start, min(n, start + chunk_size))
+        ex, ids, scale = tuner._prepare(
+            batch["input_ids"][sl],
+            batch["attention_mask"][sl],
+            batch["labels"][sl],
+            batch["persona_ids"][sl],
+            bias_scale,
+            "right",
+        )
+        with tuner._request(ids, scale, mixtures[sl]):
+            logits = tuner.model(input_ids=ex.input_ids, attention_mask=ex.attention_mask).logits
+        labels = ex.labels[:, 1:]  # (rows, seq-1)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )  # (rows, seq-1)
+        yield sl, nll.sum(-1), (labels != -100).sum(-1)
+
+
+def mean_token_loss(model, batch: dict, bias_scale: float | None = None, chunk_size: int = 16) -> float:
+    """Mean token loss of ``batch`` with the personas' current mixtures (no gradients)."""
+    tuner = _tuner(model)
+    scale = tuner.bias_scale if bias_scale is None else bias_scale
+    table = tuner._layer.mixture[tuner._adapter]
+    with torch.no_grad():
+        mixtures = table[batch["persona_ids"]]
+        total, tokens = 0.0, 0
+        for _, nll, count in _row_losses(tuner, batch, mixtures, scale, chunk_size):
+            total, tokens = total + float(nll.sum()), tokens + int(count.sum())
+    return total / max(tokens, 1)
+
+
+def fit_mixtures(
+    model,
+    batch: dict,
+    method: str = "fisher",
+    steps: int | None = None,
+    lr: float = 1e-3,
+    eps: float = 1e-4,
+    damping: float = 1e-3,
+    chunk_size: int = 16,
+    bias_scale: float | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Fit the mixture vectors of the personas in ``batch["persona_ids"]`` (W and b stay frozen).
+
+    ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` (-100 outside responses) and ``persona_ids``
+    (rows of the persona table) for *all* training examples (full batch). Several personas fit at once; each row
+    of the table only sees its own examples. Results are written into the persona table.
+    """
+    tuner = _tuner(model)
+    scale = tuner.bias_scale if bias_scale is None else bias_scale
+    if method not in ("adam", "fisher"):
+        raise ValueError(f"`method` must be 'adam' or 'fisher', got {method!r}.")
+    steps = steps if steps is not None else (100 if method == "adam" else 8)
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    table = tuner._layer.mixture[tuner._adapter]
+    persona_rows = batch["persona_ids"].to(table.device)
+    rows = sorted(set(persona_rows.tolist()))
+    params = table.detach()[rows].clone().float().requires_grad_(method == "adam")  # (personas, num_codes)
+    index = torch.tensor([rows.index(r) for r in persona_rows.tolist()], device=table.device)  # example -> persona
+    result = FitResult(method)
+    start = time.perf_counter()
+    n = batch["input_ids"].shape[0]
+    was_training = tuner.training
+    tuner.eval()  # no dropout while fitting 64 numbers
+
+    expanded, _, _ = tuner._prepare(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["persona_ids"], scale, "right"
+    )
+    num_tokens = max(int((expanded.labels[:, 1:] != -100).sum()), 1)  # the loss is the mean over these tokens
+
+    def evaluate(p: torch.Tensor, with_grad: bool) -> tuple[float, torch.Tensor | None]:
+        """Mean token loss at mixtures ``p`` and, with_grad, per-example gradients (examples, num_codes)."""
+        result.example_passes += n
+        if not with_grad:
+            with torch.no_grad():
+                return sum(
+                    float(nll.sum()) for _, nll, _ in _row_losses(tuner, batch, p[index], scale, chunk_size)
+                ) / num_tokens, None
+        per_example = torch.zeros(n, p.shape[1], device=table.device)
+        chunks = _grad_chunks(tuner, batch, p, index, scale, chunk_size, per_example, num_tokens)
+        return sum(float(nll.sum()) for _, nll, _ in chunks) / num_tokens, per_example
+
+    if method == "adam":
+        optimizer = torch.optim.Adam([params], lr=lr, eps=eps)
+        for _ in tqdm(range(steps), desc="fit (adam)", disable=not progress):
+            optimizer.zero_grad()
+            loss_value = 0.0
+            for _, nll, _ in _row_losses(tuner, batch, params[index], scale, chunk_size):
+                loss = nll.sum() / num_tokens
+                loss.backward()
+                loss_value += loss.item()
+            optimizer.step()
+            result.losses.append(loss_value)
+            result.example_passes += n
+    else:
+        lam = damping
+        loss, per_example = evaluate(params, with_grad=True)
+        result.losses.append(loss)
+        for _ in tqdm(range(steps), desc="fit (fisher)", disable=not progress):
+            step = torch.zeros_like(params)
+            for k in range(len(rows)):
+                g_i = per_example[index == k]  # (examples of persona k, num_codes), gradients of the mean loss
+                grad = g_i.sum(0)
+                # empirical Fisher of the mean token loss: each row's gradient sums its tokens' gradients
+                fisher = g_i.T @ g_i * num_tokens
+                eye = torch.eye(fisher.shape[0], device=fisher.device)
+                step[k] = -torch.linalg.solve(fisher + lam * (fisher.diagonal().mean() + 1e-12) * eye, grad)
+            trial = params + step
+            trial_loss, _ = evaluate(trial, with_grad=False)
+            if trial_loss < loss:
+                params, lam = trial, max(lam / 3, 1e-4)
+                loss, per_example = evaluate(params, with_grad=True)
+                result.losses.append(loss)
+            else:
+                lam *= 10
+                result.losses.append(loss)
+    with torch.no_grad():
+        table[rows] = params.detach().to(table.dtype)
+    tuner.train(was_training)
+    result.seconds = time.perf_counter() - start
+    logger.info(
+        "fitted %d persona(s) with %s: loss %.4f -> %.4f, %d example passes, %.1f s",
+        len(rows),
+        method,
+        result.losses[0],
+        result.losses[-1],
+        result.example_passes,
+        result.seconds,
+    )
+    return result
+
+
+def _grad_chunks(tuner, batch, params, index, scale, chunk_size, per_example, num_tokens):
+    """Like ``_row_losses`` but also fills ``per_example`` with each row's gradient of the mean loss."""
+    n = batch["input_ids"].shape[0]
+    for start in range(0, n, chunk_size):
+        sl = slice(start, min(n, start + chunk_size))
+        rows_mix = params[index[sl]].detach().clone().requires_grad_(True)  # (rows, num_codes): one copy per row
+        ex, ids, sc = tuner._prepare(
+            batch["input_ids"][sl],
+            batch["attention_mask"][sl],
+            batch["labels"][sl],
+            batch["persona_ids"][sl],
+            scale,
+            "right",
+        )
+        with tuner._request(ids, sc, rows_mix):
+            logits = tuner.model(input_ids=ex.input_ids, attention_mask=ex.attention_mask).logits
+        labels = ex.labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        ).sum(-1)  # (rows,)
+        (nll.sum() / num_tokens).backward()
+        per_example[sl] = rows_mix.grad
+        yield sl, nll.detach(), (labels != -100).sum(-1)

@@ -1,0 +1,31 @@
+"""Serving with an existing engine: input embeddings with the soft prompt in place (e.g. vLLM ``prompt_embeds``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def export_prompt_embeds(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    persona_ids=None,
+    bias_scale: float | None = None,
+) -> list[torch.Tensor]:
+    """Per row, the input embeddings the model itself would see, soft prompt included.
+
+    Returns a list (one entry per row, padding removed) of ``(seq_len_i, hidden)`` tensors in the model's dtype:
+    the form vLLM accepts as ``{"prompt_embeds": tensor}`` when started with ``enable_prompt_embeds=True``.
+    ``seq_len_i`` is the row's real length plus the virtual tokens (minus the placeholder, when there is one).
+    """
+    tuner = model.base_model if hasattr(model, "base_model") and hasattr(model.base_model, "_prepare") else model
+    expanded, ids, scale = tuner._prepare(input_ids, attention_mask, None, persona_ids, bias_scale, "left")
+    layer = tuner.model.get_input_embeddings()
+    if ids is None:
+        embeds = layer(expanded.input_ids)  # adapter disabled: plain embeddings
+    else:
+        with tuner._request(ids, scale):
+            embeds = layer(expanded.input_ids)  # (batch, seq, hidden)
+    mask = expanded.attention_mask.bool()
+    return [embeds[row][mask[row]] for row in range(embeds.shape[0])]

@@ -1,0 +1,121 @@
+"""Fast fitting, prompt-embedding export and persona arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import make_model
+
+from peft_personamux import PersonaMuxConfig
+from peft_personamux.fitting import fit_mixtures, mean_token_loss
+
+SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
+
+
+def mux(personas=("a", "b", "c")):
+    model = get_peft_model(make_model("llama"), PersonaMuxConfig(**SMALL))
+    model.add_personas(
+        list(personas), mixtures=torch.randn(len(personas), 6, generator=torch.Generator().manual_seed(1))
+    )
+    return model
+
+
+def fit_batch(model, names, per_persona=8, length=10, seed=0):
+    """Each persona speaks a fixed token pattern, so its mixture has something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    ids, rows = [], []
+    for k, name in enumerate(names):
+        pattern = torch.randint(3, 100, (length,), generator=g)
+        for _ in range(per_persona):
+            noisy = pattern.clone()
+            flip = torch.rand(length, generator=g) < 0.2
+            noisy[flip] = torch.randint(3, 100, (int(flip.sum()),), generator=g)
+            ids.append(noisy)
+            rows.append(model.persona_index(name))
+    input_ids = torch.stack(ids)
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "persona_ids": torch.tensor(rows),
+    }
+
+
+@pytest.mark.parametrize("method", ["adam", "fisher"])
+def test_fit_lowers_loss_and_touches_only_fitted_rows(method):
+    model = mux()
+    model.add_personas(["new1", "new2"])
+    batch = fit_batch(model, ["new1", "new2"])
+    before = mean_token_loss(model, batch)
+    others = model.get_base_model().get_input_embeddings().mixture["default"][:3].detach().clone()
+    codebook = model.get_base_model().get_input_embeddings().personamux_codebook["default"].detach().clone()
+    result = fit_mixtures(model, batch, method=method, steps=20 if method == "adam" else 4, lr=0.05, progress=False)
+    after = mean_token_loss(model, batch)
+    assert after < before - 1e-3
+    assert abs(result.losses[0] - before) < 1e-4
+    layer = model.get_base_model().get_input_embeddings()
+    assert torch.equal(layer.mixture["default"][:3], others)
+    assert torch.equal(layer.personamux_codebook["default"], codebook)
+    assert result.example_passes > 0 and result.seconds > 0
+
+
+def test_fisher_needs_fewer_passes_than_adam_recipe():
+    model = mux()
+    model.add_personas(["x"])
+    batch = fit_batch(model, ["x"], per_persona=12)
+    adam = fit_mixtures(model, batch, method="adam", steps=100, progress=False)
+    adam_loss = mean_token_loss(model, batch)
+    model.set_mixture("x", torch.zeros(6))
+    fisher = fit_mixtures(model, batch, method="fisher", steps=6, progress=False)
+    fisher_loss = mean_token_loss(model, batch)
+    assert fisher.example_passes * 5 <= adam.example_passes
+    assert fisher_loss <= adam_loss * 1.01
+
+
+def test_fit_rejects_bad_arguments():
+    model = mux()
+    batch = fit_batch(model, ["a"])
+    with pytest.raises(ValueError, match="method"):
+        fit_mixtures(model, batch, method="sgd")
+    with pytest.raises(ValueError, match="steps"):
+        fit_mixtures(model, batch, steps=0)
+
+
+def test_export_prompt_embeds_equal_model_embeddings():
+    model = mux()
+    ph = model.peft_config["default"].placeholder_token_id
+    ids = torch.tensor([[0, 0, 5, ph, 6, 7], [8, 9, 10, 11, 12, 13]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    exported = model.export_prompt_embeds(ids, mask, persona_ids=["b", "c"])
+    assert [tuple(e.shape) for e in exported] == [(3 + 7, 32), (6 + 7, 32)]
+    captured = []
+    layer = model.get_base_model().get_input_embeddings()
+    handle = layer.register_forward_hook(lambda mod, inp, out: captured.append(out))
+    for row, name in enumerate(["b", "c"]):
+        real = ids[row][mask[row].bool()][None]
+        logits = model(input_ids=real, persona_ids=[name]).logits
+        torch.testing.assert_close(captured[-1][0], exported[row])
+        # feeding the exported embeddings to the base model reproduces the model's logits (vLLM's path)
+        with model.disable_adapter():
+            via_embeds = model.get_base_model()(inputs_embeds=exported[row][None]).logits
+        torch.testing.assert_close(via_embeds, logits, atol=1e-5, rtol=1e-4)
+    handle.remove()
+    assert exported[0].dtype == torch.float32 and exported[0].dim() == 2  # vLLM: (seq_len, hidden) per prompt
+
+
+def test_blend_and_persona_map(tmp_path):
+    model = mux()
+    name = model.blend_personas({"a": 0.7, "b": 0.3})
+    torch.testing.assert_close(model.get_mixture(name), 0.7 * model.get_mixture("a") + 0.3 * model.get_mixture("b"))
+    assert model.blend_personas({"a": 0.7, "b": 0.3}) == name
+    assert model.blend_personas({"c": 1.0}, name="c_copy") == "c_copy"
+    with pytest.raises(KeyError, match="Unknown persona"):
+        model.blend_personas({"nobody": 1.0})
+    with pytest.raises(ValueError, match="at least one"):
+        model.blend_personas({})
+    path = model.persona_map(tmp_path / "map.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
