@@ -119,3 +119,18 @@ def test_blend_and_persona_map(tmp_path):
     path = model.persona_map(tmp_path / "map.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_base64_round_trip_matches_vllm_server_format():
+    import base64
+    import io
+
+    from peft_personamux.serving import to_base64
+
+    model = mux()
+    (embeds,) = model.export_prompt_embeds(torch.tensor([[5, 6, 7]]), persona_ids="a")
+    # what vLLM's server does with the field: base64-decode, then torch.load with weights_only
+    decoded = torch.load(io.BytesIO(base64.b64decode(to_base64(embeds))), weights_only=True)
+    torch.testing.assert_close(decoded, embeds)
+    with pytest.raises(ValueError, match="seq_len, hidden"):
+        to_base64(embeds[None])

@@ -29,3 +29,18 @@ def export_prompt_embeds(
             embeds = layer(expanded.input_ids)  # (batch, seq, hidden)
     mask = expanded.attention_mask.bool()
     return [embeds[row][mask[row]] for row in range(embeds.shape[0])]
+
+
+def to_base64(prompt_embeds: torch.Tensor) -> str:
+    """Encode one ``(seq_len, hidden)`` tensor as vLLM's OpenAI-compatible server expects in ``prompt_embeds``.
+
+    The server decodes base64 of a ``torch.save``-d tensor (``vllm serve ... --enable-prompt-embeds``).
+    """
+    import base64
+    import io
+
+    if prompt_embeds.dim() != 2:
+        raise ValueError(f"prompt_embeds must be (seq_len, hidden), got shape {tuple(prompt_embeds.shape)}.")
+    buffer = io.BytesIO()
+    torch.save(prompt_embeds.detach().cpu().contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
