@@ -1,0 +1,122 @@
+"""Smoke tests of the benchmark scripts: each runs with ``--tiny`` into a temp folder and writes its JSON and table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# script -> top-level JSON keys it must write
+EXPECTED_KEYS = {
+    "fit_speed": {"methods", "ratios", "targets", "personas", "codebook"},
+    "throughput": {"results", "ratios", "targets"},
+    "switch_and_size": {"results", "ratios"},
+}
+COMMON_KEYS = {"benchmark", "command", "model", "hardware", "settings"}
+
+
+@pytest.fixture
+def load_script(monkeypatch):
+    """Import benchmarks/<name>.py as a module (its sibling `_common` importable), keeping torch's thread count."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    torch.set_num_threads(threads)
+    sys.modules.pop("_common", None)
+
+
+def check_outputs(name: str, out: Path, payload: dict) -> dict:
+    data = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    assert COMMON_KEYS | EXPECTED_KEYS[name] <= set(data)
+    assert data["benchmark"] == name
+    assert data["command"].startswith("python ") and f"{name}.py --tiny" in data["command"]
+    assert {"cpu", "cpu_cores", "torch", "torch_threads", "dtype"} <= set(data["hardware"])
+    assert data == json.loads(json.dumps(payload, default=str))  # main() returns what it wrote
+    md = (out / f"{name}.md").read_text(encoding="utf-8")
+    assert "|---|" in md and data["command"] in md and "torch" in md
+    return data
+
+
+def test_fit_speed_tiny(load_script, tmp_path):
+    payload = load_script("fit_speed").main(["--tiny", "--adam-steps", "20", "--output-dir", str(tmp_path)])
+    data = check_outputs("fit_speed", tmp_path, payload)
+    assert set(data["methods"]) == {"adam", "fisher"}
+    assert {"time_adam_over_fisher", "passes_adam_over_fisher", "heldout_fisher_over_adam"} == set(data["ratios"])
+    for method in data["methods"].values():
+        assert method["seconds_total"] > 0 and method["example_passes_per_persona"] > 0
+        assert method["heldout_after_mean"] < method["heldout_before_mean"]  # both recipes learn the pattern
+    assert data["methods"]["adam"]["example_passes_per_persona"] == 20 * 8  # 20 full-batch steps over 8 lines
+    assert len(data["personas"]) == 2 and data["codebook"]["source"] == "random"
+
+
+# small settings for the --random-llama-8b code path (timings only, synthetic data) on a CPU
+RANDOM_8B_ARGS = {
+    "fit_speed": ["--train-lines", "4", "--test-lines", "2", "--seq-len", "24", "--adam-steps", "2"],
+    "throughput": ["--rows", "4", "--max-new-tokens", "2", "--prompt-tokens", "8", "--repeats", "1"],
+    "switch_and_size": ["--loads", "2", "--switches", "10", "--warmup", "1"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM_8B_ARGS))
+def test_random_llama_8b_path(load_script, tmp_path, monkeypatch, name):
+    """What runs on a GPU with --random-llama-8b --dtype bfloat16, with the 8B config shrunken to run on a CPU."""
+    from transformers import LlamaConfig
+
+    script = load_script(name)
+    small = LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=255, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    monkeypatch.setattr(script._common, "llama_8b_config", lambda: small)
+    argv = ["--random-llama-8b", "--dtype", "bfloat16", "--threads", "1", "--output-dir", str(tmp_path)]
+    payload = script.main([*argv, *RANDOM_8B_ARGS[name]])
+    assert payload["hardware"]["dtype"] == "bfloat16" and "random Llama, 8B shapes" in payload["model"]
+    assert (tmp_path / f"{name}.md").is_file()
+
+
+def test_llama_8b_config_has_8b_parameters():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_common.llama_8b_config())
+    assert 8.0e9 < _common.num_parameters(model) < 8.1e9  # Llama-3-8B: 8.03B
+
+
+def test_throughput_tiny(load_script, tmp_path):
+    payload = load_script("throughput").main(["--tiny", "--rows", "8", "--output-dir", str(tmp_path)])
+    data = check_outputs("throughput", tmp_path, payload)
+    assert set(data["results"]) == {"base", "personamux", "lora_mixed", "lora_single"}
+    assert data["results"]["base"]["ratio_vs_base"] == 1.0
+    assert all(r["new_tokens_per_s"] > 0 for r in data["results"].values())
+    assert set(data["ratios"]) == {"personamux", "lora_mixed", "lora_single"}
+    mux = data["results"]["personamux"]["prefill_tokens_per_row"]
+    assert mux == data["results"]["base"]["prefill_tokens_per_row"] + data["settings"]["personamux_virtual_tokens"]
+
+
+def test_switch_and_size_tiny(load_script, tmp_path):
+    payload = load_script("switch_and_size").main(["--tiny", "--loads", "4", "--output-dir", str(tmp_path)])
+    data = check_outputs("switch_and_size", tmp_path, payload)
+    assert set(data["results"]) == {"personamux", "prompt_tuning", "lora"}
+    for result in data["results"].values():
+        assert result["per_persona_bytes"] > 0 and result["load_and_switch_seconds"] > 0
+    # 64 float32 mixture weights plus metadata, against 8 virtual tokens x hidden 32 floats for prompt tuning
+    assert data["results"]["personamux"]["per_persona_bytes"] < 1024
+    assert data["ratios"]["prompt_tuning"]["bytes_vs_personamux"] > 1
