@@ -3,8 +3,8 @@
 Only ``num_codes`` (64) numbers per persona are fitted, all other weights frozen, so second-order steps are cheap:
 
 * ``"adam"`` — the paper's recipe: full batch, 100 steps, Adam (lr 1e-3, eps 1e-4), from zeros.
-* ``"fisher"`` — Levenberg–Marquardt steps preconditioned by the empirical Fisher of the per-example gradients.
-  The soft prompt is expanded per row, so giving every row its own copy of the mixture vector makes one
+* ``"fisher"`` (default, 6 steps) — Levenberg–Marquardt steps preconditioned by the empirical Fisher of the
+  per-example gradients.  The soft prompt is expanded per row, so giving every row its own copy of the mixture vector makes one
   backward pass return all per-example gradients ``G`` (examples, num_codes). The step solves
   ``(GᵀG / n + λ I) Δ = -g``; λ shrinks after a step that lowers the loss and grows (the step is retried, forward
   only) after one that does not.
@@ -96,7 +96,7 @@ def fit_mixtures(
     scale = tuner.bias_scale if bias_scale is None else bias_scale
     if method not in ("adam", "fisher"):
         raise ValueError(f"`method` must be 'adam' or 'fisher', got {method!r}.")
-    steps = steps if steps is not None else (100 if method == "adam" else 8)
+    steps = steps if steps is not None else (100 if method == "adam" else 6)
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1, got {steps}.")
     table = tuner._layer.mixture[tuner._adapter]
@@ -115,17 +115,17 @@ def fit_mixtures(
     )
     num_tokens = max(int((expanded.labels[:, 1:] != -100).sum()), 1)  # the loss is the mean over these tokens
 
-    def evaluate(p: torch.Tensor, with_grad: bool) -> tuple[float, torch.Tensor | None]:
-        """Mean token loss at mixtures ``p`` and, with_grad, per-example gradients (examples, num_codes)."""
+    def evaluate(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example summed token NLL (examples,) and per-example gradients of the mean loss (examples, codes)."""
         result.example_passes += n
-        if not with_grad:
-            with torch.no_grad():
-                return sum(
-                    float(nll.sum()) for _, nll, _ in _row_losses(tuner, batch, p[index], scale, chunk_size)
-                ) / num_tokens, None
         per_example = torch.zeros(n, p.shape[1], device=table.device)
-        chunks = _grad_chunks(tuner, batch, p, index, scale, chunk_size, per_example, num_tokens)
-        return sum(float(nll.sum()) for _, nll, _ in chunks) / num_tokens, per_example
+        nll = torch.zeros(n, device=table.device)
+        for sl, row_nll, _ in _grad_chunks(tuner, batch, p, index, scale, chunk_size, per_example, num_tokens):
+            nll[sl] = row_nll
+        return nll, per_example
+
+    def persona_losses(nll: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(rows), device=nll.device).index_add_(0, index, nll)  # (personas,)
 
     if method == "adam":
         optimizer = torch.optim.Adam([params], lr=lr, eps=eps)
@@ -140,27 +140,30 @@ def fit_mixtures(
             result.losses.append(loss_value)
             result.example_passes += n
     else:
-        lam = damping
-        loss, per_example = evaluate(params, with_grad=True)
-        result.losses.append(loss)
+        # one damping factor per persona: their losses are independent sums, so each accepts its own steps
+        lam = torch.full((len(rows),), damping, device=table.device)
+        nll, per_example = evaluate(params)
+        losses = persona_losses(nll)
+        result.losses.append(float(losses.sum()) / num_tokens)
         for _ in tqdm(range(steps), desc="fit (fisher)", disable=not progress):
             step = torch.zeros_like(params)
             for k in range(len(rows)):
-                g_i = per_example[index == k]  # (examples of persona k, num_codes), gradients of the mean loss
-                grad = g_i.sum(0)
-                # empirical Fisher of the mean token loss: each row's gradient sums its tokens' gradients
-                fisher = g_i.T @ g_i * num_tokens
+                g_k = per_example[index == k]  # (examples of persona k, num_codes): gradients of the mean loss
+                # empirical Fisher of the mean token loss (each row's gradient sums its tokens' gradients)
+                fisher = g_k.T @ g_k * num_tokens
                 eye = torch.eye(fisher.shape[0], device=fisher.device)
-                step[k] = -torch.linalg.solve(fisher + lam * (fisher.diagonal().mean() + 1e-12) * eye, grad)
-            trial = params + step
-            trial_loss, _ = evaluate(trial, with_grad=False)
-            if trial_loss < loss:
-                params, lam = trial, max(lam / 3, 1e-4)
-                loss, per_example = evaluate(params, with_grad=True)
-                result.losses.append(loss)
-            else:
-                lam *= 10
-                result.losses.append(loss)
+                damped = fisher + lam[k] * (fisher.diagonal().mean() + 1e-12) * eye
+                step[k] = -torch.linalg.solve(damped, g_k.sum(0))
+            # the trial is evaluated with gradients: an accepted step (the usual case) then costs one pass
+            trial_nll, trial_grads = evaluate(params + step)
+            trial_losses = persona_losses(trial_nll)
+            better = trial_losses < losses  # (personas,)
+            params = torch.where(better[:, None], params + step, params)
+            losses = torch.where(better, trial_losses, losses)
+            accepted = better[index]  # (examples,)
+            per_example = torch.where(accepted[:, None], trial_grads, per_example)
+            lam = torch.where(better, (lam / 3).clamp(min=1e-4), lam * 10)
+            result.losses.append(float(losses.sum()) / num_tokens)
     with torch.no_grad():
         table[rows] = params.detach().to(table.dtype)
     tuner.train(was_training)
