@@ -134,3 +134,15 @@ def test_base64_round_trip_matches_vllm_server_format():
     torch.testing.assert_close(decoded, embeds)
     with pytest.raises(ValueError, match="seq_len, hidden"):
         to_base64(embeds[None])
+
+
+def test_adam_recipe_with_several_chunks_matches_one_chunk():
+    model = mux()
+    model.add_personas(["x"])
+    batch = fit_batch(model, ["x"], per_persona=10)
+    one = fit_mixtures(model, batch, method="adam", steps=3, chunk_size=64, progress=False)
+    first = model.get_mixture("x")
+    model.set_mixture("x", torch.zeros(6))
+    chunked = fit_mixtures(model, batch, method="adam", steps=3, chunk_size=3, progress=False)
+    torch.testing.assert_close(model.get_mixture("x"), first, atol=1e-5, rtol=1e-4)
+    assert chunked.losses == pytest.approx(one.losses, rel=1e-5)

@@ -4,10 +4,11 @@ Only ``num_codes`` (64) numbers per persona are fitted, all other weights frozen
 
 * ``"adam"`` — the paper's recipe: full batch, 100 steps, Adam (lr 1e-3, eps 1e-4), from zeros.
 * ``"fisher"`` (default, 6 steps) — Levenberg–Marquardt steps preconditioned by the empirical Fisher of the
-  per-example gradients.  The soft prompt is expanded per row, so giving every row its own copy of the mixture vector makes one
-  backward pass return all per-example gradients ``G`` (examples, num_codes). The step solves
-  ``(GᵀG / n + λ I) Δ = -g``; λ shrinks after a step that lowers the loss and grows (the step is retried, forward
-  only) after one that does not.
+  per-example gradients. The soft prompt is expanded per row, so giving every row its own copy of the mixture
+  vector makes one backward pass return all per-example gradients ``G`` (examples, num_codes). The step solves
+  ``(F + λ·mean(diag F)·I) Δ = -g`` with ``F = GᵀG · tokens``; each persona keeps its own λ, which shrinks after
+  a step that lowers that persona's loss and grows (the step is dropped) after one that does not. Trial points are
+  evaluated with gradients, so an accepted step costs one pass over the examples.
 
 Both count *example passes* (one example through forward and backward; a forward-only pass counts as one too) so
 that their costs can be compared; see ``benchmarks/fit_speed.py``.
@@ -39,8 +40,14 @@ def _tuner(model):
     return model.base_model if hasattr(model.base_model, "_prepare") else model
 
 
-def _row_losses(tuner, batch: dict, mixtures: torch.Tensor, bias_scale: float, chunk_size: int):
-    """Yield (row slice, summed token NLL per row (rows,), token counts (rows,)) chunk by chunk."""
+def _row_losses(
+    tuner, batch: dict, mixtures: torch.Tensor, bias_scale: float, chunk_size: int, index: torch.Tensor | None = None
+):
+    """Yield (row slice, summed token NLL per row (rows,), token counts (rows,)) chunk by chunk.
+
+    ``mixtures`` is per row (rows, num_codes), or per persona when ``index`` maps rows to personas; indexing per
+    chunk keeps each chunk's graph separate, so chunks can be backpropagated one by one.
+    """
     n = batch["input_ids"].shape[0]
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
@@ -52,7 +59,8 @@ def _row_losses(tuner, batch: dict, mixtures: torch.Tensor, bias_scale: float, c
             bias_scale,
             "right",
         )
-        with tuner._request(ids, scale, mixtures[sl]):
+        rows_mix = mixtures[sl] if index is None else mixtures[index[sl]]
+        with tuner._request(ids, scale, rows_mix):
             logits = tuner.model(input_ids=ex.input_ids, attention_mask=ex.attention_mask).logits
         labels = ex.labels[:, 1:]  # (rows, seq-1)
         nll = torch.nn.functional.cross_entropy(
@@ -132,7 +140,7 @@ def fit_mixtures(
         for _ in tqdm(range(steps), desc="fit (adam)", disable=not progress):
             optimizer.zero_grad()
             loss_value = 0.0
-            for _, nll, _ in _row_losses(tuner, batch, params[index], scale, chunk_size):
+            for _, nll, _ in _row_losses(tuner, batch, params, scale, chunk_size, index):
                 loss = nll.sum() / num_tokens
                 loss.backward()
                 loss_value += loss.item()

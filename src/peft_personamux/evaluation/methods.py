@@ -1,0 +1,296 @@
+"""The methods compared: prompt formats, scoring, sampling, and training of LoRA, soft prompts and Persona-Mux.
+
+Every method reads the same user turn (``prompting.user_message``): text persona, task instruction, prompt.
+Persona-Mux puts its soft prompt at the placeholder after the text persona; the other methods have no placeholder
+(the text persona is followed directly by the instruction), ICL lists a few real lines of the persona after the
+instruction, and peft's prompt tuning (SP) prepends its 8 virtual tokens to the whole sequence, as peft does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from ..collator import IGNORE_INDEX, build_generation_inputs, encode_example
+from .config import EvalConfig
+
+logger = logging.getLogger(__name__)
+
+Row = Mapping[str, str]  # persona, prompt, response
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one method prompts for one persona, in the collator's terms."""
+
+    text_persona: str | None  # before the placeholder: only Persona-Mux has one, the others fold it in `instruction`
+    instruction: str
+    truncate: bool = True  # apply `max_prompt_tokens`; ICL prompts are longer by design (their lines are short)
+
+    def max_prompt_tokens(self, config: EvalConfig) -> int | None:
+        return config.max_prompt_tokens if self.truncate else None
+
+
+def plain_format(instruction: str, text_persona: str | None, icl_lines: Sequence[str] = ()) -> PromptFormat:
+    """Prompt without a soft prompt: ``"{text_persona} {instruction}"``, then example lines for ICL."""
+    head = f"{text_persona.strip()} " if text_persona and text_persona.strip() else ""
+    text = head + instruction
+    if icl_lines:
+        text += "\n\nExample lines of this character:\n" + "\n".join(f"- {line}" for line in icl_lines)
+    return PromptFormat(None, text, truncate=not icl_lines)
+
+
+def mux_format(instruction: str, text_persona: str | None) -> PromptFormat:
+    """Persona-Mux prompt: the soft prompt goes right after the text persona (or first, without one)."""
+    return PromptFormat(text_persona or None, instruction)
+
+
+# -- batches and losses ----------------------------------------------------------------------------------------------
+
+
+def encode_rows(
+    tokenizer, rows: Sequence[Row], formats: Mapping[str, PromptFormat], placeholder_id: int, config: EvalConfig
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (response tokens only) for ``rows``."""
+    encoded = []
+    for row in rows:
+        fmt = formats[row["persona"]]
+        encoded.append(
+            encode_example(
+                tokenizer,
+                row["prompt"],
+                row["response"],
+                placeholder_id,
+                fmt.text_persona,
+                fmt.instruction,
+                fmt.max_prompt_tokens(config),
+                config.max_response_tokens,
+            )
+        )
+    width = max(len(e.input_ids) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (rows, width)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(e.input_ids), 1, torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def row_nll(model, batch: Mapping[str, torch.Tensor], prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response NLL per row (rows,) and response tokens per row (rows,).
+
+    ``prefix``: virtual tokens the model prepends (peft prompt tuning); their logits are dropped.
+    """
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logits = logits[:, prefix:]  # (rows, width, vocab), aligned with input_ids
+    labels = batch["labels"].to(device)[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+
+
+@torch.no_grad()
+def persona_losses(
+    model,
+    tokenizer,
+    rows: Sequence[Row],
+    formats: Mapping[str, PromptFormat],
+    placeholder_id: int,
+    config: EvalConfig,
+    prefix: int = 0,
+) -> dict[str, float]:
+    """Mean token loss on the responses of each persona (token-weighted over its rows), as `training.evaluate_loss`."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), config.eval_batch_size):
+        chunk = rows[start : start + config.eval_batch_size]
+        nll, tokens = row_nll(model, encode_rows(tokenizer, chunk, formats, placeholder_id, config), prefix)
+        for row, s, n in zip(chunk, nll.tolist(), tokens.tolist()):
+            sums[row["persona"]] += s
+            counts[row["persona"]] += n
+    model.train(was_training)
+    return {p: sums[p] / counts[p] for p in sorted(sums) if counts[p]}
+
+
+# -- sampling --------------------------------------------------------------------------------------------------------
+
+
+def sampling_config(model, tokenizer, config: EvalConfig) -> GenerationConfig:
+    """Top-k sampling at the configured temperature; nothing else (no top-p, no repetition penalty)."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(
+        do_sample=True,
+        top_k=config.top_k,
+        top_p=1.0,
+        temperature=config.temperature,
+        repetition_penalty=1.0,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+        pad_token_id=pad,
+    )
+
+
+@torch.no_grad()
+def sample_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    fmt: PromptFormat,
+    placeholder_id: int,
+    config: EvalConfig,
+    seed: int,
+    **generate_kwargs,
+) -> list[str]:
+    """One sampled answer per prompt (one left-padded batch), decoded without special tokens, on one line."""
+    inputs = build_generation_inputs(
+        tokenizer, list(prompts), fmt.text_persona, placeholder_id, fmt.instruction, fmt.max_prompt_tokens(config)
+    )
+    device = next(model.parameters()).device
+    width = inputs["input_ids"].shape[1]
+    torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=inputs["input_ids"].to(device),
+        attention_mask=inputs["attention_mask"].to(device),
+        generation_config=sampling_config(model, tokenizer, config),
+        **generate_kwargs,
+    )  # (rows, width + new): every model here returns the prompt ids first
+    return [" ".join(tokenizer.decode(row, skip_special_tokens=True).split()) for row in out[:, width:]]
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------------------
+
+
+def train_lora(
+    base, tokenizer, rows: Sequence[Row], formats, placeholder_id: int, config: EvalConfig, progress: bool = True
+):
+    """peft LoRA on a copy of ``base``, trained on ``rows`` (shuffled mini-batches). Returns (model, loss per step)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=config.lora_target_modules,
+    )
+    torch.manual_seed(config.seed)
+    model = get_peft_model(copy.deepcopy(base), lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lora_lr, weight_decay=0.0)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    curve = []
+    model.train()
+    for _ in tqdm(range(config.lora_steps), desc="LoRA", disable=not progress):
+        if len(order) < config.lora_batch_size:
+            epoch = list(range(len(rows)))
+            rng.shuffle(epoch)
+            order.extend(epoch)
+        picked, order = order[: config.lora_batch_size], order[config.lora_batch_size :]
+        nll, tokens = row_nll(
+            model, encode_rows(tokenizer, [rows[i] for i in picked], formats, placeholder_id, config)
+        )
+        loss = nll.sum() / tokens.sum().clamp(min=1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        curve.append(loss.item())
+    model.eval()
+    return model, curve
+
+
+# -- soft prompt (SP) ------------------------------------------------------------------------------------------------
+
+
+class SoftPrompts:
+    """peft prompt tuning on a copy of the base model; `fit` re-initialises and trains the prompt for one persona."""
+
+    def __init__(self, base, config: EvalConfig) -> None:
+        from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+        self.config = config
+        peft_config = PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=config.sp_num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit[config.sp_init],
+        )
+        self.model = get_peft_model(copy.deepcopy(base), peft_config)
+        self.embedding = self.model.prompt_encoder[self.model.active_adapter].embedding  # (virtual, hidden)
+        self.word_embeddings = base.get_input_embeddings()
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.sp_num_virtual_tokens
+
+    def reset(self, seed: int) -> None:
+        """A fresh prompt, drawn as peft draws it (embeddings of random vocabulary tokens, or N(0, 1))."""
+        generator = torch.Generator().manual_seed(seed)
+        weight = self.embedding.weight
+        with torch.no_grad():
+            if self.config.sp_init == "SAMPLE_VOCAB":
+                ids = torch.randint(0, self.word_embeddings.num_embeddings, (weight.shape[0],), generator=generator)
+                weight.copy_(self.word_embeddings(ids.to(weight.device)).float())
+            else:
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+
+    def fit(self, batch: Mapping[str, torch.Tensor], seed: int, progress: bool = False) -> list[float]:
+        """Full-batch Adam (eps 1e-4) on one persona's training rows. Returns the loss before each step."""
+        self.reset(seed)
+        optimizer = torch.optim.Adam([self.embedding.weight], lr=self.config.sp_lr, eps=self.config.fit_eps)
+        n = batch["input_ids"].shape[0]
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        chunk = self.config.fit_chunk_size
+        curve = []
+        self.model.eval()  # no dropout: the base model is frozen
+        for _ in tqdm(range(self.config.sp_steps), desc="SP", disable=not progress, leave=False):
+            optimizer.zero_grad()
+            total = 0.0
+            for start in range(0, n, chunk):
+                part = {k: v[start : start + chunk] for k, v in batch.items()}
+                nll, _ = row_nll(self.model, part, self.num_virtual_tokens)
+                loss = nll.sum() / tokens
+                loss.backward()
+                total += loss.item()
+            optimizer.step()
+            curve.append(total)
+        return curve
+
+
+# -- Persona-Mux -----------------------------------------------------------------------------------------------------
+
+
+def codebook_tensors(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codebook W (num_codes, tokens_per_code, hidden) and bias b (num_bias_tokens, hidden) of a Persona-Mux
+    PeftModel."""
+    layer = model.get_input_embeddings()
+    adapter = model.active_adapter
+    return layer.personamux_codebook[adapter], layer.personamux_bias[adapter]
+
+
+def random_codebook_like(codebook: torch.Tensor, seed: int) -> torch.Tensor:
+    """Gaussian codes of the same shape, each rescaled to the norm of the learned code it replaces."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(codebook.shape, generator=generator, dtype=torch.float32)  # (codes, tokens, hidden)
+    target = codebook.detach().float().cpu().flatten(1).norm(dim=1)  # (codes,)
+    noise = noise * (target / noise.flatten(1).norm(dim=1).clamp(min=1e-12))[:, None, None]
+    return noise.to(codebook.device, codebook.dtype)
+
+
+def zero_mixtures(model, names: Sequence[str]) -> None:
+    num_codes = model.peft_config[model.active_adapter].num_codes
+    for name in names:
+        model.set_mixture(name, torch.zeros(num_codes))

@@ -1,0 +1,147 @@
+"""Metric functions, pure and small: spread over personas, the discrimination game, the who-said-it classifier.
+
+Every metric is computed per unseen persona first and then summarised over personas (`summarize`), so the spread
+says how much the method's quality varies from one persona to the next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def _finite(values: Sequence[float | None]) -> np.ndarray:
+    array = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+    return array[np.isfinite(array)]
+
+
+def summarize(values: Sequence[float | None], confidence: float = 0.95) -> dict[str, float | int | None]:
+    """Mean, standard deviation (ddof=1), min, max and a Student-t confidence interval of the mean over personas.
+
+    Non-finite values (None, NaN: a persona without a score) are left out; ``n`` counts the rest. With fewer than
+    two values the spread is undefined and reported as None (JSON null), never as a made-up number.
+    """
+    from scipy import stats
+
+    array = _finite(values)
+    n = int(array.size)
+    if n == 0:
+        return {
+            "mean": None,
+            "std": None,
+            "ci_low": None,
+            "ci_high": None,
+            "ci95": None,
+            "min": None,
+            "max": None,
+            "n": 0,
+        }
+    mean = float(array.mean())
+    out: dict[str, float | int | None] = {"mean": mean, "min": float(array.min()), "max": float(array.max()), "n": n}
+    if n < 2:
+        return {**out, "std": None, "ci_low": None, "ci_high": None, "ci95": None}
+    std = float(array.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1) * std / math.sqrt(n))
+    return {**out, "std": std, "ci_low": mean - half, "ci_high": mean + half, "ci95": half}
+
+
+# -- discrimination --------------------------------------------------------------------------------------------------
+
+
+def pick_fake(nlls: Sequence[float]) -> int:
+    """Index of the candidate the judge calls fake: the least likely one (highest mean token NLL).
+
+    A candidate without a score (NaN: it has no tokens, e.g. an empty generation) is the most suspicious. Ties go to
+    the first candidate.
+    """
+    array = np.array([np.inf if v is None or not math.isfinite(v) else float(v) for v in nlls], dtype=float)
+    if array.size == 0:
+        raise ValueError("`nlls` must hold at least one candidate's score.")
+    return int(np.argmax(array))
+
+
+def generated_is_caught(real_nlls: Sequence[float], generated_nll: float) -> bool:
+    """Did the judge pick the generated candidate as the fake one among the real candidates and it?
+
+    The generated candidate goes last, so a tie with a real line counts in its favour (not caught).
+    """
+    return pick_fake([*real_nlls, generated_nll]) == len(real_nlls)
+
+
+def discrimination_trial(
+    score: Callable[[str, Sequence[str]], Sequence[float]],
+    context_lines: Sequence[str],
+    real_candidates: Sequence[str],
+    generated: str,
+) -> bool:
+    """One round of the game: ``score(context, candidates)`` gives each candidate's mean token NLL after a context
+    made of real lines of the persona; returns True when the generated line is the least likely one."""
+    nlls = list(score(discrimination_context(context_lines), [*real_candidates, generated]))
+    return generated_is_caught(nlls[:-1], nlls[-1])
+
+
+def discrimination_context(lines: Sequence[str]) -> str:
+    """What the judge reads before each candidate: real lines of one persona, as a list."""
+    return "Lines spoken by one character:\n" + "".join(f"- {line}\n" for line in lines) + "- "
+
+
+# -- who said it -----------------------------------------------------------------------------------------------------
+
+
+class WhoSaidIt:
+    """TF-IDF (word 1-2-grams and character 2-5-grams) + logistic regression over persona names.
+
+    Trained on real lines of the unseen personas; applied to a method's generations, its accuracy says how much of
+    each persona's own way of speaking the generations carry (chance is 1 / number of personas).
+    """
+
+    def __init__(self, c: float = 10.0, seed: int = 0) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import FeatureUnion, make_pipeline
+
+        features = FeatureUnion(
+            [
+                ("words", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True)),
+                ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
+            ]
+        )
+        self.pipeline = make_pipeline(features, LogisticRegression(C=c, max_iter=2000, random_state=seed))
+        self.labels: list[str] = []
+
+    def fit(self, texts: Sequence[str], labels: Sequence[str]) -> WhoSaidIt:
+        if len(texts) != len(labels):
+            raise ValueError(f"Got {len(texts)} texts for {len(labels)} labels.")
+        if len(set(labels)) < 2:
+            raise ValueError(f"Who-said-it needs lines of at least 2 personas, got {sorted(set(labels))}.")
+        self.pipeline.fit(list(texts), list(labels))
+        self.labels = sorted(set(labels))
+        return self
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        if not self.labels:
+            raise RuntimeError("Call fit() first.")
+        return [str(p) for p in self.pipeline.predict([t if t.strip() else " " for t in texts])]
+
+    def accuracy_per_label(self, texts: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+        """Per true label, the share of its texts predicted as that label."""
+        predicted = self.predict(texts)
+        hits: dict[str, list[bool]] = {}
+        for p, t in zip(predicted, labels):
+            hits.setdefault(t, []).append(p == t)
+        return {label: float(np.mean(h)) for label, h in sorted(hits.items())}
+
+
+# -- sizes -----------------------------------------------------------------------------------------------------------
+
+
+def count_parameters(*tensors) -> int:
+    """Number of scalars in the given tensors."""
+    return int(sum(t.numel() for t in tensors))
+
+
+def text_bytes(*texts: str | None) -> int:
+    """UTF-8 size of the texts a prompt-only method has to store per persona."""
+    return sum(len(t.encode("utf-8")) for t in texts if t)

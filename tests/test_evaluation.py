@@ -1,0 +1,310 @@
+"""Evaluation harness: metric functions, the judge's scoring, prompt formats, config files, and (slow) the quick
+config end to end on tiny random models and synthetic personas."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from peft_personamux.evaluation import (
+    EvalConfig,
+    Judge,
+    WhoSaidIt,
+    discrimination_context,
+    discrimination_trial,
+    generated_is_caught,
+    load_config,
+    pick_fake,
+    run_evaluation,
+    summarize,
+)
+from peft_personamux.evaluation.command import main, parse_args
+from peft_personamux.evaluation.config import config_dir, read_config_file
+from peft_personamux.evaluation.loading import load_causal_lm, save_tiny_model
+from peft_personamux.evaluation.methods import (
+    SoftPrompts,
+    encode_rows,
+    persona_losses,
+    plain_format,
+    random_codebook_like,
+)
+from peft_personamux.inputs import PERSONA_PLACEHOLDER
+from peft_personamux.prompting import DEFAULT_INSTRUCTION
+
+COMMON = "the a and of to in that it is was for on with as his be at by i you my".split()
+
+
+def synthetic_rows(groups: int = 6, per_group: int = 2, lines: int = 22, seed: int = 0) -> list[dict[str, str]]:
+    """Personas ``g<i>/p<k>`` whose lines mix common words with six words of their own (so style is learnable)."""
+    rng = random.Random(seed)
+    rows = []
+    for g in range(groups):
+        for k in range(per_group):
+            own = [f"{w}{g}{k}" for w in ("zor", "mel", "tak", "quin", "bra", "flo")]
+            for _ in range(lines):
+                words = [rng.choice(own if rng.random() < 0.4 else COMMON) for _ in range(rng.randint(5, 9))]
+                prompt = " ".join(rng.choice(COMMON) for _ in range(rng.randint(4, 7))) + "?"
+                rows.append(
+                    {"persona": f"g{g}/p{k}", "prompt": prompt, "response": " ".join(words) + ".", "group": f"g{g}"}
+                )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama and its tokenizer, trained on the synthetic lines."""
+    texts = [DEFAULT_INSTRUCTION] + [r["prompt"] + " " + r["response"] for r in synthetic_rows()]
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", texts, "llama")
+    return load_causal_lm(str(path))
+
+
+# -- spread over personas ------------------------------------------------------------------------------------------
+
+
+def test_summarize_gives_student_t_interval():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert s["n"] == 4 and s["mean"] == pytest.approx(2.5) and s["min"] == 1.0 and s["max"] == 4.0
+    assert s["std"] == pytest.approx(1.2909944)
+    assert s["ci95"] == pytest.approx(3.1824463 * 1.2909944 / 2)  # t(0.975, df=3) * std / sqrt(n)
+    assert s["ci_low"] == pytest.approx(2.5 - s["ci95"]) and s["ci_high"] == pytest.approx(2.5 + s["ci95"])
+
+
+@pytest.mark.parametrize("values, n", [([], 0), ([float("nan"), None], 0), ([2.0], 1), ([2.0, float("nan"), 4.0], 2)])
+def test_summarize_leaves_out_missing_values_and_never_invents_a_spread(values, n):
+    s = summarize(values)
+    assert s["n"] == n
+    if n < 2:
+        assert s["std"] is None and s["ci95"] is None
+    if n == 0:
+        assert s["mean"] is None
+    json.dumps(s, allow_nan=False)  # results.json stays strict JSON
+
+
+# -- discrimination --------------------------------------------------------------------------------------------------
+
+
+def test_pick_fake_takes_the_least_likely_candidate():
+    assert pick_fake([1.0, 3.0, 2.0]) == 1
+    assert pick_fake([1.0, float("nan"), 5.0]) == 1  # no tokens at all: most suspicious
+    assert pick_fake([2.0, 2.0]) == 0  # ties go to the first
+    assert generated_is_caught([1.0, 1.5, 2.0], 2.5)
+    assert not generated_is_caught([1.0, 1.5, 2.0], 2.0)  # a tie is not a catch
+    assert generated_is_caught([1.0, 1.5, 2.0], float("nan"))  # an empty generation is always caught
+    with pytest.raises(ValueError, match="at least one"):
+        pick_fake([])
+
+
+def toy_judge(context: str, candidates) -> list[float]:
+    """Character unigram model of the context, add-one smoothed: mean NLL per character of each candidate."""
+    counts = Counter(context.lower())
+    total, vocab = sum(counts.values()), 64
+    return [
+        sum(-math.log((counts[ch] + 1) / (total + vocab)) for ch in c.lower()) / max(len(c), 1) for c in candidates
+    ]
+
+
+def test_discrimination_catches_an_odd_line_on_a_toy_judge():
+    context = ["to be or not to be", "the rest is silence", "good night sweet prince"]
+    real = ["to sleep perchance to dream", "the readiness is all", "alas poor yorick"]
+    assert discrimination_trial(toy_judge, context, real, "qzxj vkqz wxqj")  # nothing like the persona
+    assert not discrimination_trial(toy_judge, context, real, "to be or not to be that is the rest")
+    assert discrimination_context(context).startswith("Lines spoken by one character:\n- to be or not to be\n")
+
+
+# -- who said it -----------------------------------------------------------------------------------------------------
+
+
+def test_who_said_it_learns_personas_from_their_lines():
+    rows = synthetic_rows(groups=2, per_group=2, lines=30)
+    train = [r for i, r in enumerate(rows) if i % 3]
+    test = [r for i, r in enumerate(rows) if not i % 3]
+    clf = WhoSaidIt().fit([r["response"] for r in train], [r["persona"] for r in train])
+    accuracy = clf.accuracy_per_label([r["response"] for r in test], [r["persona"] for r in test])
+    assert set(accuracy) == {"g0/p0", "g0/p1", "g1/p0", "g1/p1"}
+    assert min(accuracy.values()) >= 0.7
+    assert clf.predict(["", "zor10 mel10 tak10"])[1] == "g1/p0"  # empty text is allowed
+    with pytest.raises(ValueError, match="at least 2 personas"):
+        WhoSaidIt().fit(["a", "b"], ["x", "x"])
+
+
+# -- judge and losses on a tiny model ---------------------------------------------------------------------------------
+
+
+def test_judge_scores_match_an_unpadded_forward(tiny):
+    model, tokenizer = tiny
+    judge = Judge(model, tokenizer, batch_size=3)
+    pairs = [("Lines:\n- zor00 mel00\n- ", "tak00 the of."), ("A", "the a and of to in that it is"), ("Q\n", "")]
+    scores = judge.continuation_nll(pairs)
+    assert math.isnan(scores[2])  # empty target
+    for (context, target), score in zip(pairs[:2], scores):
+        ctx = tokenizer(context)["input_ids"]
+        tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + tgt])).logits[0]
+        expected = torch.nn.functional.cross_entropy(logits[len(ctx) - 1 : -1], torch.tensor(tgt))
+        assert score == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_plain_and_soft_prompt_losses_match_the_models_own_loss(tiny):
+    model, tokenizer = tiny
+    config = EvalConfig(num_train=8, sp_steps=2)
+    rows = [r for r in synthetic_rows() if r["persona"] == "g0/p0"][:3]
+    formats = {"g0/p0": plain_format(config.instruction, "A terse soldier.")}
+    placeholder = model.config.vocab_size - 1
+    batch = encode_rows(tokenizer, rows, formats, placeholder, config)
+    with torch.no_grad():
+        expected = model(**batch).loss  # mean over response tokens of the batch
+    assert persona_losses(model, tokenizer, rows, formats, placeholder, config)["g0/p0"] == pytest.approx(
+        float(expected), abs=1e-5
+    )
+    prompts = SoftPrompts(model, config)
+    prompts.reset(0)
+    with torch.no_grad():
+        expected = prompts.model(**batch).loss  # peft prepends the virtual tokens and masks their labels
+    got = persona_losses(prompts.model, tokenizer, rows, formats, placeholder, config, prompts.num_virtual_tokens)
+    assert got["g0/p0"] == pytest.approx(float(expected), abs=1e-5)
+    curve = prompts.fit(batch, seed=0)
+    assert len(curve) == 2 and curve[0] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_prompt_formats():
+    plain = plain_format("Roleplay.", "A sad prince.", ["Alas.", "To be."])
+    assert plain.text_persona is None and PERSONA_PLACEHOLDER not in plain.instruction
+    assert not plain.truncate and plain_format("Roleplay.", None).truncate  # ICL prompts are not cut
+    assert plain.instruction == "A sad prince. Roleplay.\n\nExample lines of this character:\n- Alas.\n- To be."
+    assert plain_format("Roleplay.", None).instruction == "Roleplay."
+
+
+def test_random_codebook_keeps_shape_and_code_norms():
+    codebook = torch.randn(5, 3, 8) * torch.arange(1, 6).float()[:, None, None]
+    noise = random_codebook_like(codebook, seed=1)
+    assert noise.shape == codebook.shape
+    torch.testing.assert_close(noise.flatten(1).norm(dim=1), codebook.flatten(1).norm(dim=1))
+    assert not torch.allclose(noise, codebook)
+    torch.testing.assert_close(noise, random_codebook_like(codebook, seed=1))
+
+
+# -- configs ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["eval_quick.json", "eval_full.json"])
+def test_shipped_configs_are_valid(name):
+    config = load_config(config_dir() / name)
+    assert config.bias_scales == [1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_train", 0, "`num_train` must be a positive integer"),
+        ("num_train", 5, "`num_train` .* must be at least"),
+        ("pretrain_fraction", 1.0, "`pretrain_fraction`"),
+        ("bias_scales", [0.5], "`bias_scales`"),
+        ("random_codebook_method", "sgd", "`random_codebook_method`"),
+        ("text_personas", "sometimes", "`text_personas`"),
+        ("sp_init", "TEXT", "`sp_init`"),
+        ("codebook_warmup_epochs", 5.0, "`codebook_epochs`"),
+        ("fit_lr", 0.0, "`fit_lr` must be positive"),
+        ("num_unseen_personas", 0, "`num_unseen_personas`"),
+    ],
+)
+def test_config_validation_names_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**{field: value})
+
+
+def test_config_files_reject_unknown_fields_and_allow_comments(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"_comment": "ignored", "num_train": 7}))
+    assert read_config_file(path) == {"num_train": 7}
+    path.write_text(json.dumps({"num_trian": 7}))
+    with pytest.raises(ValueError, match="unknown fields \\['num_trian'\\]"):
+        read_config_file(path)
+
+
+def test_command_line_overrides_the_config_file():
+    config, run = parse_args(["--quick", "--num_train", "20", "--bias_scales", "1.0", "0.0", "--overwrite"])
+    quick = load_config(config_dir() / "eval_quick.json")
+    assert config.num_train == 20 and config.bias_scales == [1.0, 0.0] and run.overwrite
+    assert config.model_name_or_path == quick.model_name_or_path == "tiny-random-llama"
+    with pytest.raises(SystemExit):
+        parse_args(["--quick", "--config", "x.json"])
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{f.name}" in out for f in dataclasses.fields(EvalConfig))
+
+
+# -- end to end ------------------------------------------------------------------------------------------------------
+
+METHOD_ROWS = [
+    "base",
+    "icl",
+    "lora",
+    "sp",
+    "personamux_adam_bias1",
+    "personamux_adam_bias0.5",
+    "personamux_adam_bias0",
+    "personamux_fisher_bias1",
+    "personamux_fisher_bias0.5",
+    "personamux_fisher_bias0",
+    "random_codebook",
+    "reference",
+]
+
+
+@pytest.mark.slow
+def test_quick_config_end_to_end_and_resume(tmp_path):
+    data = tmp_path / "personas.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows()))
+    overrides = dict(dataset=str(data), min_lines=20, pretrain_fraction=0.6, output_dir=str(tmp_path / "out"))
+    config = load_config(config_dir() / "eval_quick.json", **overrides)
+    results = run_evaluation(config, command="pytest")
+
+    out = tmp_path / "out"
+    for name in ("results.json", "results.md", "generations.json", "heldout_loss.png", "bias_scale.png"):
+        assert (out / name).is_file(), name
+    assert (out / "fitting_curves.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    personas = results["data"]["unseen_personas"]
+    assert len(personas) == config.num_unseen_personas
+    assert list(results["methods"]) == METHOD_ROWS
+    for key in METHOD_ROWS[:-1]:
+        row = results["methods"][key]
+        for metric in ("heldout_loss", "judge_loss", "discrimination_caught", "who_said_it"):
+            assert row[metric]["n"] == len(personas), (key, metric)
+            assert row[metric]["ci95"] is not None
+        assert row["generations"] == config.num_generations * len(personas)
+    pm = results["methods"]["personamux_adam_bias1"]
+    assert pm["params_per_persona"] == config.num_codes
+    assert pm["params_global"] == config.num_codes * config.tokens_per_code * 32 + config.num_bias_tokens * 32
+    assert pm["bytes_per_persona"] > 4 * config.num_codes
+    assert results["methods"]["sp"]["params_per_persona"] == config.sp_num_virtual_tokens * 32
+    assert set(results["loss_improvement"]) == {"sp", "personamux_adam", "personamux_fisher", "random_codebook"}
+    fitting = results["fitting"]
+    assert fitting["personamux_adam"]["example_passes"] == config.fit_steps * config.num_train * len(personas)
+    assert len(fitting["personamux_adam"]["curve"]) == config.fit_steps
+    assert fitting["personamux_fisher"]["seconds"] > 0 and "codebook_pretraining" in fitting
+
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    main = table[: len(METHOD_ROWS) + 1]  # header + one row per method
+    assert all(line.count("|") == 10 for line in main)
+    assert "Persona-Mux (fisher), half bias" in main[9]
+
+    # a second call reads every stage back; after losing one stage, only that one runs again
+    (out / "stages" / "judge.json").unlink()
+    again = run_evaluation(config, command="pytest")
+    assert again["methods"] == results["methods"]
+    assert again["stage_seconds"]["lora"] == results["stage_seconds"]["lora"]
+    with pytest.raises(ValueError, match="another config"):
+        run_evaluation(load_config(config_dir() / "eval_quick.json", **{**overrides, "num_train": 13}))
