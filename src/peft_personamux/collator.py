@@ -50,9 +50,10 @@ def encode_prompt(
 ) -> list[int]:
     """Token ids of the formatted prompt, at most ``max_prompt_tokens`` long (the placeholder counts as one).
 
-    Too long a prompt loses the start of ``prompt`` first (the end is what the response answers), then the end of
-    the text persona (down to one token, so that the placeholder stays after it). The template, the placeholder and
-    the instruction are never cut; if they alone exceed the limit, a warning is logged and the ids are returned.
+    Too long a prompt is cut in its longer text part first, until both parts are as long, then in both evenly: the
+    start of ``prompt`` goes (the end is what the response answers) and the end of the text persona (down to one
+    token, so that the placeholder keeps its place). The template, the placeholder and the instruction are never
+    cut; if they alone exceed the limit, a warning is logged and the ids are returned.
     """
     _check_limit("max_prompt_tokens", max_prompt_tokens)
     if use_chat_template is None:
@@ -73,14 +74,15 @@ def encode_prompt(
         over = len(ids) - max_prompt_tokens
         if over <= 0:
             return ids
-        if prompt_ids:
-            prompt_ids = prompt_ids[over:]
-            prompt = tokenizer.decode(prompt_ids)
-        elif len(persona_ids) > 1:
-            persona_ids = persona_ids[: max(1, len(persona_ids) - over)]
-            text_persona = tokenizer.decode(persona_ids)
-        else:
-            break
+        keep_prompt, keep_persona = _share(
+            len(prompt_ids), len(persona_ids), len(prompt_ids) + len(persona_ids) - over
+        )
+        keep_persona = max(keep_persona, min(1, len(persona_ids)))  # the placeholder stays after the persona
+        if (keep_prompt, keep_persona) == (len(prompt_ids), len(persona_ids)):
+            break  # nothing left to cut
+        prompt_ids, persona_ids = prompt_ids[len(prompt_ids) - keep_prompt :], persona_ids[:keep_persona]
+        prompt = tokenizer.decode(prompt_ids)
+        text_persona = tokenizer.decode(persona_ids) if persona_ids else None
         ids = encode(prompt, text_persona)
     if len(ids) > max_prompt_tokens:
         logger.warning(
@@ -90,6 +92,17 @@ def encode_prompt(
             max_prompt_tokens,
         )
     return ids
+
+
+def _share(first: int, second: int, total: int) -> tuple[int, int]:
+    """Lengths to keep of two parts so that they sum to ``total``, cutting the longer part first."""
+    total = max(total, 0)
+    if total >= first + second:
+        return first, second
+    short = min(first, second)
+    if total >= 2 * short:  # cutting the longer part alone is enough
+        return (total - short, short) if first >= second else (short, total - short)
+    return total - total // 2, total // 2  # both parts cut to the same length (the first keeps the odd token)
 
 
 def encode_example(
