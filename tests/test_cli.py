@@ -151,3 +151,14 @@ def test_demo_on_a_tiny_model(workspace, tmp_path, capsys):
     assert cli.main(["demo", "--codebook", str(tmp_path / "codebook"), *common]) == 0
     out = capsys.readouterr().out
     assert f"Unseen character: {persona}" in out and "(2 pretrained personas)" in out
+
+
+def test_evaluate_subcommand_is_wired(capsys):
+    from peft_personamux.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--help"])
+    assert exit_info.value.code == 0
+    assert "--num_unseen_personas" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    assert "evaluate" in capsys.readouterr().out

@@ -683,6 +683,7 @@ def _usage() -> str:
     lines = ["usage: personamux <command> [--help] [options]", "", "commands:"]
     for name, (fn, _) in COMMANDS.items():
         lines.append(f"  {name:<12} {fn.__doc__.splitlines()[0]}")
+    lines.append(f"  {'evaluate':<12} Reproduce the paper's comparison (Base, ICL, LoRA, SP, Persona-Mux, random W).")
     lines.append("\n`personamux <command> --help` lists the options of a command.")
     return "\n".join(lines)
 
@@ -701,6 +702,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"personamux {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "evaluate":  # configured by a JSON file; its own parser (see docs/evaluation.md)
+        from .evaluation import main as evaluate
+
+        return evaluate(rest)
     if name not in COMMANDS:
         print(f"personamux: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
