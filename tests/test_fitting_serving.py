@@ -25,7 +25,7 @@ def fit_batch(model, names, per_persona=8, length=10, seed=0):
     """Each persona speaks a fixed token pattern, so its mixture has something to learn."""
     g = torch.Generator().manual_seed(seed)
     ids, rows = [], []
-    for k, name in enumerate(names):
+    for name in names:
         pattern = torch.randint(3, 100, (length,), generator=g)
         for _ in range(per_persona):
             noisy = pattern.clone()

@@ -14,12 +14,11 @@ from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file, save_file
+from tiny_models import ARCHS, DTYPES, VOCAB, make_model
 
 import peft_personamux
 from peft_personamux import PersonaFileError, PersonaMuxConfig, PersonaMuxModel
 from peft_personamux.registration import _extend_peft_type
-
-from tiny_models import ARCHS, DTYPES, VOCAB, make_model
 
 SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
 N_VIRTUAL = 7
