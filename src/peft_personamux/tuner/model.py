@@ -293,6 +293,8 @@ class PersonaMuxModel(BaseTuner):
         return list_persona_files(self.persona_dir) if self.persona_dir else {}
 
     def codebook_fingerprint(self, adapter_name: str | None = None) -> str:
+        """Hash of W and b that persona files record (recomputed each call: fused optimizers and ``.data`` writes
+        change the tensors without bumping their version counters, so no cache can be trusted)."""
         adapter = adapter_name or self._adapter
         return codebook_fingerprint(self._layer.personamux_codebook[adapter], self._layer.personamux_bias[adapter])
 
