@@ -41,12 +41,19 @@ def _tuner(model):
 
 
 def _row_losses(
-    tuner, batch: dict, mixtures: torch.Tensor, bias_scale: float, chunk_size: int, index: torch.Tensor | None = None
+    tuner,
+    batch: dict,
+    mixtures: torch.Tensor,
+    bias_scale: float,
+    chunk_size: int,
+    index: torch.Tensor | None = None,
+    copies: bool = False,
 ):
-    """Yield (row slice, summed token NLL per row (rows,), token counts (rows,)) chunk by chunk.
+    """Yield (row slice, summed token NLL per row (rows,), token counts (rows,), row mixtures) chunk by chunk.
 
     ``mixtures`` is per row (rows, num_codes), or per persona when ``index`` maps rows to personas; indexing per
-    chunk keeps each chunk's graph separate, so chunks can be backpropagated one by one.
+    chunk keeps each chunk's graph separate, so chunks can be backpropagated one by one. ``copies=True`` gives each
+    row its own leaf copy of its mixture, whose ``.grad`` after backward is that example's gradient.
     """
     n = batch["input_ids"].shape[0]
     for start in range(0, n, chunk_size):
@@ -59,14 +66,16 @@ def _row_losses(
             bias_scale,
             "right",
         )
-        rows_mix = mixtures[sl] if index is None else mixtures[index[sl]]
+        rows_mix = mixtures[sl] if index is None else mixtures[index[sl]]  # (rows, num_codes)
+        if copies:
+            rows_mix = rows_mix.detach().clone().requires_grad_(True)
         with tuner._request(ids, scale, rows_mix):
             logits = tuner.model(input_ids=ex.input_ids, attention_mask=ex.attention_mask).logits
         labels = ex.labels[:, 1:]  # (rows, seq-1)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
         )  # (rows, seq-1)
-        yield sl, nll.sum(-1), (labels != -100).sum(-1)
+        yield sl, nll.sum(-1), (labels != -100).sum(-1), rows_mix
 
 
 def mean_token_loss(model, batch: dict, bias_scale: float | None = None, chunk_size: int = 16) -> float:
@@ -77,7 +86,7 @@ def mean_token_loss(model, batch: dict, bias_scale: float | None = None, chunk_s
     with torch.no_grad():
         mixtures = table[batch["persona_ids"]]
         total, tokens = 0.0, 0
-        for _, nll, count in _row_losses(tuner, batch, mixtures, scale, chunk_size):
+        for _, nll, count, _ in _row_losses(tuner, batch, mixtures, scale, chunk_size):
             total, tokens = total + float(nll.sum()), tokens + int(count.sum())
     return total / max(tokens, 1)
 
@@ -140,7 +149,7 @@ def fit_mixtures(
         for _ in tqdm(range(steps), desc="fit (adam)", disable=not progress):
             optimizer.zero_grad()
             loss_value = 0.0
-            for _, nll, _ in _row_losses(tuner, batch, params, scale, chunk_size, index):
+            for _, nll, _, _ in _row_losses(tuner, batch, params, scale, chunk_size, index):
                 loss = nll.sum() / num_tokens
                 loss.backward()
                 loss_value += loss.item()
@@ -190,24 +199,7 @@ def fit_mixtures(
 
 def _grad_chunks(tuner, batch, params, index, scale, chunk_size, per_example, num_tokens):
     """Like ``_row_losses`` but also fills ``per_example`` with each row's gradient of the mean loss."""
-    n = batch["input_ids"].shape[0]
-    for start in range(0, n, chunk_size):
-        sl = slice(start, min(n, start + chunk_size))
-        rows_mix = params[index[sl]].detach().clone().requires_grad_(True)  # (rows, num_codes): one copy per row
-        ex, ids, sc = tuner._prepare(
-            batch["input_ids"][sl],
-            batch["attention_mask"][sl],
-            batch["labels"][sl],
-            batch["persona_ids"][sl],
-            scale,
-            "right",
-        )
-        with tuner._request(ids, sc, rows_mix):
-            logits = tuner.model(input_ids=ex.input_ids, attention_mask=ex.attention_mask).logits
-        labels = ex.labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        ).sum(-1)  # (rows,)
+    for sl, nll, counts, rows_mix in _row_losses(tuner, batch, params, scale, chunk_size, index, copies=True):
         (nll.sum() / num_tokens).backward()
         per_example[sl] = rows_mix.grad
-        yield sl, nll.detach(), (labels != -100).sum(-1)
+        yield sl, nll.detach(), counts
