@@ -287,7 +287,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # 25-30 s alone on 2 cores (two interpreters import torch), over a minute on a busy machine
+# 25-30 s alone on 2 cores (two interpreters import torch): part of the default run, as the issue asks
 def test_two_process_cpu_run(tmp_path):
     """Both stages in 2 CPU processes (DDP over gloo), unchanged code.
 
