@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from peft_personamux.evaluation.report import cpu_name
+
 logger = logging.getLogger("benchmarks")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -215,7 +217,7 @@ def hardware(device: torch.device, dtype: str) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "device": str(device),
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -230,17 +232,6 @@ def hardware(device: torch.device, dtype: str) -> dict[str, Any]:
     if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         info["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs were running: CPU timings are noisy
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -33,7 +33,8 @@ def _mean(values) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what `platform` knows), for hardware lines in reports."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -50,7 +51,7 @@ def hardware() -> dict[str, Any]:
 
     info = {
         "platform": platform.platform(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
