@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .tuner.model import as_tuner
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,10 +36,6 @@ class FitResult:
     losses: list[float] = field(default_factory=list)
     example_passes: int = 0
     seconds: float = 0.0
-
-
-def _tuner(model):
-    return model.base_model if hasattr(model.base_model, "_prepare") else model
 
 
 def _row_losses(
@@ -80,7 +78,7 @@ def _row_losses(
 
 def mean_token_loss(model, batch: dict, bias_scale: float | None = None, chunk_size: int = 16) -> float:
     """Mean token loss of ``batch`` with the personas' current mixtures (no gradients)."""
-    tuner = _tuner(model)
+    tuner = as_tuner(model)
     scale = tuner.bias_scale if bias_scale is None else bias_scale
     table = tuner._layer.mixture[tuner._adapter]
     with torch.no_grad():
@@ -109,7 +107,7 @@ def fit_mixtures(
     (rows of the persona table) for *all* training examples (full batch). Several personas fit at once; each row
     of the table only sees its own examples. Results are written into the persona table.
     """
-    tuner = _tuner(model)
+    tuner = as_tuner(model)
     scale = tuner.bias_scale if bias_scale is None else bias_scale
     if method not in ("adam", "fisher"):
         raise ValueError(f"`method` must be 'adam' or 'fisher', got {method!r}.")

@@ -19,7 +19,9 @@ def export_prompt_embeds(
     the form vLLM accepts as ``{"prompt_embeds": tensor}`` when started with ``enable_prompt_embeds=True``.
     ``seq_len_i`` is the row's real length plus the virtual tokens (minus the placeholder, when there is one).
     """
-    tuner = model.base_model if hasattr(model, "base_model") and hasattr(model.base_model, "_prepare") else model
+    from .tuner.model import as_tuner
+
+    tuner = as_tuner(model)
     expanded, ids, scale = tuner._prepare(input_ids, attention_mask, None, persona_ids, bias_scale, "left")
     layer = tuner.model.get_input_embeddings()
     if ids is None:

@@ -117,11 +117,8 @@ class PersonaMuxModel(BaseTuner):
                     f"{config.placeholder_token_id} and {layer.placeholder_token_id}."
                 )
         else:
-            name = next(n for n, m in model.named_modules() if m is embedding)
             layer = PersonaMuxLayer(embedding, config.placeholder_token_id)
-            parent, _, child_name = _get_submodules(model, name)
-            setattr(parent, child_name, layer)
-            self.targeted_module_names.append(name)
+            self.targeted_module_names.append(_swap_module(model, embedding, layer))
         base = layer.base_layer
         codebook = _init_rows(config.codebook_init, config.num_codes * config.tokens_per_code, base, config)
         bias = _init_rows(config.bias_init, config.num_bias_tokens, base, config)
@@ -613,10 +610,21 @@ class PersonaMuxModel(BaseTuner):
         """Remove the Persona-Mux layer and return the base model."""
         layer = self.model.get_input_embeddings()
         if isinstance(layer, PersonaMuxLayer):
-            name = next(n for n, m in self.model.named_modules() if m is layer)
-            parent, _, child_name = _get_submodules(self.model, name)
-            setattr(parent, child_name, layer.base_layer)
+            _swap_module(self.model, layer, layer.base_layer)
         return self.model
+
+
+def as_tuner(model) -> PersonaMuxModel:
+    """The ``PersonaMuxModel`` of a Persona-Mux ``PeftModel`` (or the tuner itself)."""
+    return model if isinstance(model, PersonaMuxModel) else model.base_model
+
+
+def _swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> str:
+    """Put ``new`` where ``old`` sits in ``model``; returns the module's name."""
+    name = next(n for n, m in model.named_modules() if m is old)
+    parent, _, child_name = _get_submodules(model, name)
+    setattr(parent, child_name, new)
+    return name
 
 
 def _check_bias_scale(scale: float) -> float:
