@@ -80,8 +80,9 @@ def codebook_fingerprint(codebook: torch.Tensor, bias: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
     """Write a safetensors file to a temporary file in the same folder, then rename it over ``path``."""
+    path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=PERSONA_SUFFIX)
     os.close(fd)
@@ -108,7 +109,7 @@ def write_persona_file(path: str, name: str, mixture: torch.Tensor, fingerprint:
         "dtype": "float32",
         "codebook_fingerprint": fingerprint,
     }
-    _atomic_save({MIXTURE_KEY: vector}, metadata, path)
+    atomic_save({MIXTURE_KEY: vector}, metadata, path)
     return path
 
 

@@ -592,6 +592,18 @@ class PersonaMuxModel(BaseTuner):
 
         return persona_map(self, path, None if names is None else list(names))
 
+    def fit_embedding_map(self, embeddings: dict[str, torch.Tensor], alphas: Sequence[float] | None = None):
+        """Ridge map from ``{persona: external embedding}`` to those personas' mixtures (`EmbeddingMap`)."""
+        from ..persona_embedding import fit_embedding_map
+
+        return fit_embedding_map(self, embeddings, alphas)
+
+    def persona_from_embedding(self, name: str, embedding: torch.Tensor, embedding_map, exist_ok: bool = False) -> str:
+        """Register a zero-shot persona whose mixture ``embedding_map`` predicts from ``embedding``."""
+        from ..persona_embedding import persona_from_embedding
+
+        return persona_from_embedding(self, name, embedding, embedding_map, exist_ok)
+
     # -- no merging for soft prompts -----------------------------------------------------------------------------
 
     def _check_merge_allowed(self) -> None:
