@@ -295,6 +295,13 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     assert fitting["personamux_adam"]["example_passes"] == config.fit_steps * config.num_train * len(personas)
     assert len(fitting["personamux_adam"]["curve"]) == config.fit_steps
     assert fitting["personamux_fisher"]["seconds"] > 0 and "codebook_pretraining" in fitting
+    zero_shot = results["zero_shot"]
+    assert list(zero_shot["rows"]) == ["zero", "mean_mixture", "embedding", "personamux_fisher", "personamux_adam"]
+    assert all(row["heldout_loss"]["n"] == len(personas) for row in zero_shot["rows"].values())
+    assert zero_shot["rows"]["embedding"]["distance_to_fitted"]["n"] == len(personas)
+    assert zero_shot["map"]["personas"] >= 3 and zero_shot["map"]["embedding_dim"] == 32
+    assert (out / "artifacts" / "embedding_map.safetensors").is_file()
+    assert "| Embedding map, zero-shot (no gradient step) |" in (out / "results.md").read_text()
 
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
     main = table[: len(METHOD_ROWS) + 1]  # header + one row per method

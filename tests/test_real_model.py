@@ -54,3 +54,17 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     assert (tmp_path / "out" / "shakespeare-mux" / "personas" / "hamlet" / "hamlet.safetensors").is_file()
     assert namespace["out"].shape[1] > namespace["input_ids"].shape[1]
+
+
+def test_persona_embedding_doc_snippet_runs(tmp_path, monkeypatch):
+    """docs/persona_embedding.md's Python block, as written: a zero-shot persona on the shipped codebook."""
+    doc = (ROOT / "docs" / "persona_embedding.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "persona_embedding.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    embedding_map = namespace["embedding_map"]
+    assert embedding_map.embedding_dim == 576 and len(embedding_map.names) == 64
+    assert (tmp_path / "out" / "zero-shot" / "personas" / "as_you_like_it" / "rosalind.safetensors").is_file()
+    model = namespace["model"]
+    assert not torch.equal(model.get_mixture("as_you_like_it/rosalind"), torch.zeros(64))

