@@ -92,6 +92,11 @@ def test_argument_defaults_and_validation(tmp_path):
         CodebookTrainingArguments(output_dir=str(tmp_path), max_prompt_tokens=0)
     with pytest.raises(ValueError, match="`max_micro_batch_size`"):
         PersonaFitArguments(output_dir=str(tmp_path), max_micro_batch_size=0)
+    assert (fit.fit_method, fit.fisher_steps) == ("adam", 6)
+    with pytest.raises(ValueError, match="`fit_method` must be 'adam' or 'fisher', got 'lbfgs'"):
+        PersonaFitArguments(output_dir=str(tmp_path), fit_method="lbfgs")
+    with pytest.raises(ValueError, match="`fisher_steps`"):
+        PersonaFitArguments(output_dir=str(tmp_path), fisher_steps=0)
 
 
 def test_persona_columns_survive_remove_unused_columns(tokenizer, tmp_path):
@@ -222,12 +227,16 @@ def test_full_batch_arguments_split_with_accumulation(tmp_path):
         full_batch_arguments(args, 0)
 
 
-def test_fit_personas_reports_heldout_loss_and_writes_files(tokenizer, tmp_path):
+@pytest.mark.parametrize("fit_method", ["adam", "fisher"])
+def test_fit_personas_reports_heldout_loss_and_writes_files(tokenizer, tmp_path, fit_method):
     model = make_model(tokenizer)
     model.add_personas(["play/a"], mixtures=torch.randn(1, 4))
+    kept = model.get_mixture("play/a")
     train = Dataset.from_list(make_rows(personas=("other/c", "other/d"), per_persona=3))
     heldout = Dataset.from_list(make_rows(personas=("other/c", "other/d"), per_persona=2))
-    results = fit_personas(model, tokenizer, train, fit_args(tmp_path, max_steps=8), heldout, save_dir=tmp_path / "cb")
+    args = fit_args(tmp_path, max_steps=8, fit_method=fit_method, fisher_steps=3)
+    results = fit_personas(model, tokenizer, train, args, heldout, save_dir=tmp_path / "cb")
+    assert torch.equal(model.get_mixture("play/a"), kept)
     assert sorted(results) == ["other/c", "other/d"]
     for result in results.values():
         assert result["train_examples"] == 3 and result["eval_examples"] == 2
