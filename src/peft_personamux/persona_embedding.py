@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from .persona_files import PersonaFileError, atomic_save
 
@@ -205,7 +206,9 @@ def persona_from_embedding(
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> torch.Tensor:
+def embed_texts(
+    model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128, progress: bool = False
+) -> torch.Tensor:
     """Mean-pooled last hidden states of the frozen base model, (len(texts), hidden) in float32 on CPU.
 
     A sentence embedding that needs no extra model: e.g. ``embed_texts(model, tok, lines).mean(0)`` embeds a persona
@@ -218,7 +221,8 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 16, ma
     device = next(backbone.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     out = []
-    for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="embed texts", disable=not progress or len(starts) < 2):
         ids = [
             tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] or [pad]
             for t in texts[start : start + batch_size]

@@ -144,7 +144,7 @@ def _zero_shot(stages: dict, personas: list[str]) -> dict:
     if "heldout_loss" not in stage:
         return {"skipped": stage.get("skipped", "no pm_embedding stage"), "rows": {}}
     sources = {
-        "zero": ("Zero mixture (bias tokens only)", stages["pm_zero"]["test"], None),
+        "zero": ("Zero mixture (bias tokens only)", stages["pm_zero"]["test"], stage["distance_to_fitted"]["zero"]),
         "mean_mixture": (
             "Mean of the pretraining mixtures",
             stage["heldout_loss"]["mean_mixture"],
@@ -361,9 +361,10 @@ def _zero_shot_markdown(zero_shot: dict) -> list[str]:
         f"states of {info['lines_per_persona']} of its lines, {info['embedding_dim']} dims) to its mixture, fitted on "
         f"the codebook's {info['personas']} pretraining personas; penalty {info['alpha']:.3g} chosen by exact "
         f"leave-one-out error: {info['loo_error']:.4f} vs {info['mean_loo_error']:.4f} for the mean mixture (no "
-        "embedding). Held-out loss at bias 1; distance = ||m - m_fisher|| / ||m_fisher||.",
+        "embedding). Held-out loss at bias 1; distance = ||m - m_fisher|| (L2) to the fisher-fitted mixture (the "
+        f"pretraining mixtures have a mean norm of {info['pretraining_mixture_norm']:.3f}).",
         "",
-        "| Mixture | Held-out loss ↓ | Distance to fitted (fisher) |",
+        "| Mixture | Held-out loss ↓ | L2 distance to fitted (fisher) |",
         "|---|---|---|",
     ]
     lines += [

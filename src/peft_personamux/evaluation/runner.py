@@ -635,7 +635,7 @@ class Evaluation:
         base, tokenizer = self.base()
         order = names + list(self.personas)
         flat = [line for p in order for line in texts[p]]
-        vectors = iter(embed_texts(base, tokenizer, flat, batch_size=config.eval_batch_size))
+        vectors = iter(embed_texts(base, tokenizer, flat, batch_size=config.eval_batch_size, progress=True))
         embedded = {p: torch.stack([next(vectors) for _ in texts[p]]).mean(0) for p in order}  # (hidden,) each
         embedding_map = EmbeddingMap.fit(
             torch.stack([embedded[p] for p in names]),
@@ -646,23 +646,21 @@ class Evaluation:
         embedding_map.save(self.out / "artifacts" / "embedding_map.safetensors")
         predicted = {p: embedding_map(embedded[p]) for p in self.personas}
         mean = torch.stack([known[p] for p in names]).mean(0)  # (codes,)
-        heldout, distance = {}, {}
+        fitted = {p: torch.tensor(m) for p, m in fitted.items()}
+        heldout = {}
+        distance = {"zero": {p: float(fitted[p].norm()) for p in self.personas}}  # L2 distance to the fisher fit
         for key, mixtures in (("embedding", predicted), ("mean_mixture", dict.fromkeys(self.personas, mean))):
             for p in self.personas:
                 model.set_mixture(p, mixtures[p])
             heldout[key] = self._pm_losses(self.split.test, 1.0)
-            # how far the zero-shot mixture lands from the fitted one, relative to the fitted one's norm
-            distance[key] = {
-                p: float(
-                    (mixtures[p] - torch.tensor(fitted[p])).norm() / torch.tensor(fitted[p]).norm().clamp_min(1e-8)
-                )
-                for p in self.personas
-            }
+            distance[key] = {p: float((mixtures[p] - fitted[p]).norm()) for p in self.personas}
         zero_mixtures(model, self.personas)
         return {
             "heldout_loss": heldout,
             "distance_to_fitted": distance,
+            "mixtures": {"embedding": {p: m.tolist() for p, m in predicted.items()}, "mean_mixture": mean.tolist()},
             "map": {
+                "pretraining_mixture_norm": float(torch.stack([known[p] for p in names]).norm(dim=1).mean()),
                 "personas": len(names),
                 "embedding_dim": embedding_map.embedding_dim,
                 "lines_per_persona": config.num_train,
