@@ -10,7 +10,7 @@ import torch
 from test_collator import make_base, make_rows, make_tokenizer
 
 from peft_personamux import cli
-from peft_personamux.persona_files import list_persona_files, write_persona_file
+from peft_personamux.persona_files import list_persona_files, read_persona_file, write_persona_file
 
 QUIET = ["--disable_tqdm", "True", "--report_to", "none"]
 
@@ -91,10 +91,13 @@ def test_pretrain_add_persona_generate_personas(workspace, tmp_path, capsys):
     code = cli.main(
         ["add-persona", *model, "--codebook", str(codebook), "--dataset", str(workspace / "data.jsonl")]
         + ["--persona", unseen, "--num_train", "4", "--num_eval", "2", "--save_dir", str(tmp_path / "mine"), *fit]
-        + ["--output_dir", str(tmp_path / "logs2")]
+        + ["--output_dir", str(tmp_path / "logs2"), "--fit_method", "fisher", "--fisher_steps", "6"]
     )
     assert code == 0 and list(list_persona_files(tmp_path / "mine")) == [unseen]
     assert "Held-out loss (2 examples)" in capsys.readouterr().out
+    assert not torch.equal(
+        read_persona_file(list_persona_files(tmp_path / "mine")[unseen], 4, None)[1], torch.zeros(4)
+    )
 
     code = cli.main(
         ["generate", *model, "--codebook", str(codebook), "--persona", "me/narrator", "--prompt", "Who?", "Where?"]
