@@ -400,6 +400,16 @@ def full_batch_arguments(args: PersonaFitArguments, num_examples: int) -> Person
     )
 
 
+def _register_for_fit(model, dataset, args: PersonaFitArguments) -> list[str]:
+    """Register the personas of ``dataset`` (zeroed when ``args.reset_mixtures``); returns their names."""
+    names = personas_in(dataset)
+    model.add_personas(names, exist_ok=True)
+    if args.reset_mixtures:
+        for name in names:
+            model.set_mixture(name, torch.zeros_like(model.get_mixture(name)))
+    return names
+
+
 def build_fit_trainer(
     model,
     tokenizer,
@@ -409,11 +419,7 @@ def build_fit_trainer(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> PersonaMuxTrainer:
     """A stage 2 trainer for the personas of ``dataset``: registered (from zero), only their rows train."""
-    names = personas_in(dataset)
-    model.add_personas(names, exist_ok=True)
-    if args.reset_mixtures:
-        for name in names:
-            model.set_mixture(name, torch.zeros_like(model.get_mixture(name)))
+    names = _register_for_fit(model, dataset, args)
     model.train_personas(names)  # W and b frozen: the optimizer holds only the mixture table
     extra = [LossLogCallback(title="Persona-Mux persona fitting")] if args.loss_log else []
     return PersonaMuxTrainer(
@@ -443,7 +449,6 @@ def fit_personas(
     ``loss_before``/``loss_after`` and ``eval_examples``.
     """
     names = personas_in(dataset)
-    trainer = build_fit_trainer(model, tokenizer, dataset, args, text_personas, callbacks)  # registers, resets
     eval_kwargs = {
         "text_personas": text_personas,
         "instruction": args.instruction,
@@ -453,6 +458,10 @@ def fit_personas(
     }
     heldout = set(eval_dataset["persona"]) if eval_dataset is not None else set()
     eval_names = [n for n in names if n in heldout]
+    if args.fit_method == "fisher":
+        _register_for_fit(model, dataset, args)
+    else:
+        trainer = build_fit_trainer(model, tokenizer, dataset, args, text_personas, callbacks)
     before = evaluate_loss(model, tokenizer, eval_dataset, eval_names, **eval_kwargs) if eval_names else {}
     if args.fit_method == "fisher":
         _fit_fisher(model, tokenizer, dataset, args, text_personas)
