@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .persona_files import PersonaFileError, atomic_save
+from .tuner.model import PersonaMuxModel, as_tuner
 
 FORMAT = "personamux-embedding-map/1"
 
@@ -173,7 +174,7 @@ def fit_embedding_map(
     """`EmbeddingMap` from ``{persona: embedding}`` of personas registered on ``model`` (their current mixtures)."""
     if not embeddings:
         raise ValueError("`embeddings` must map at least 3 registered personas to vectors, got an empty mapping.")
-    tuner = _tuner(model)
+    tuner = as_tuner(model)
     names = list(embeddings)
     unknown = [n for n in names if n not in tuner.personas]
     if unknown:
@@ -187,11 +188,11 @@ def persona_from_embedding(
     model, name: str, embedding: torch.Tensor, embedding_map: EmbeddingMap, exist_ok: bool = False
 ) -> str:
     """Register persona ``name`` with the mixture the map predicts for ``embedding`` (no fitting). Returns name."""
-    tuner = _tuner(model)
-    if embedding_map.num_codes != tuner._layer.mixture[tuner._adapter].shape[1]:
+    tuner = as_tuner(model)
+    num_codes = tuner._config().num_codes
+    if embedding_map.num_codes != num_codes:
         raise ValueError(
-            f"The embedding map predicts {embedding_map.num_codes} weights; this codebook has "
-            f"{tuner._layer.mixture[tuner._adapter].shape[1]} codes."
+            f"The embedding map predicts {embedding_map.num_codes} weights; this codebook has {num_codes} codes."
         )
     fingerprint = embedding_map.codebook_fingerprint
     if fingerprint and fingerprint != tuner.codebook_fingerprint():
@@ -200,8 +201,7 @@ def persona_from_embedding(
             f"({tuner.codebook_fingerprint()}): refit it on this codebook's personas."
         )
     mixture = embedding_map(torch.as_tensor(embedding).reshape(-1))  # (num_codes,)
-    tuner.add_persona(name, mixture=mixture, exist_ok=exist_ok)
-    tuner.set_mixture(name, mixture)
+    tuner.add_persona(name, mixture=mixture, exist_ok=exist_ok)  # writes the mixture, also over an existing one
     return name
 
 
@@ -236,16 +236,8 @@ def embed_texts(
     return torch.cat(out)
 
 
-def _tuner(model):
-    from .tuner.model import as_tuner
-
-    return as_tuner(model)
-
-
 def _base_model(model):
     """The transformers model under a PeftModel / PersonaMuxModel (or ``model`` itself)."""
-    from .tuner.model import PersonaMuxModel
-
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     if isinstance(model, PersonaMuxModel):

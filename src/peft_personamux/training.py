@@ -460,13 +460,11 @@ def fit_personas(
     eval_names = [n for n in names if n in heldout]
     if args.fit_method == "fisher":
         _register_for_fit(model, dataset, args)
+        fit = lambda: _fit_fisher(model, tokenizer, dataset, args, text_personas)  # noqa: E731
     else:
-        trainer = build_fit_trainer(model, tokenizer, dataset, args, text_personas, callbacks)
+        fit = build_fit_trainer(model, tokenizer, dataset, args, text_personas, callbacks).train
     before = evaluate_loss(model, tokenizer, eval_dataset, eval_names, **eval_kwargs) if eval_names else {}
-    if args.fit_method == "fisher":
-        _fit_fisher(model, tokenizer, dataset, args, text_personas)
-    else:
-        trainer.train()
+    fit()
     model.freeze()
     after = evaluate_loss(model, tokenizer, eval_dataset, eval_names, **eval_kwargs) if eval_names else {}
     directory = os.fspath(save_dir if save_dir is not None else args.output_dir)
