@@ -106,7 +106,8 @@ def test_parameters_shapes_and_init(arch, dtype):
     fresh.add_persona("new")
     assert torch.count_nonzero(fresh.get_mixture("new")) == 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(("personamux_" in n or ".mixture." in n) for n in trainable) and len(trainable) == 3
+    assert all("personamux_" in n for n in trainable) and len(trainable) == 3
+    assert layer.mixture is layer.personamux_mixture  # the former name stays readable
 
 
 def test_adapter_state_dict_holds_codebook_and_bias_only():
@@ -199,10 +200,25 @@ def test_persona_changes_output_and_active_persona_is_default():
     a = model(input_ids=ids, persona_ids="a").logits
     b = model(input_ids=ids, persona_ids="b").logits
     assert not torch.allclose(a, b)
-    with pytest.raises(ValueError, match="No persona given"):
-        model(input_ids=ids)
     model.set_persona("b")
     torch.testing.assert_close(model(input_ids=ids).logits, b)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_persona_is_the_zero_mixture(arch, dtype):
+    """No persona given and none active: the zero mixture, also with no persona registered at all."""
+    model = mux(arch, dtype, personas=())
+    ids = ids_batch(2, 6)
+    fresh = model(input_ids=ids).logits
+    model.add_persona("zero")
+    torch.testing.assert_close(fresh, model(input_ids=ids, persona_ids="zero").logits, atol=0, rtol=0)
+    model.add_persona("a", mixture=torch.ones(6))
+    torch.testing.assert_close(fresh, model(input_ids=ids).logits, atol=0, rtol=0)  # still none active
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 9) and torch.equal(out[:, :6], ids)
+    with pytest.raises(ValueError, match="out of range"):
+        model(input_ids=ids, persona_ids=torch.tensor([-1, 0]))  # the default row is not a user-facing id
 
 
 def test_bias_scale_full_half_none():
@@ -294,7 +310,7 @@ def test_stage_gradients():
     w, b, m = _grads(model)
     assert w is None and b is None
     assert m[1].abs().sum() > 0 and m[0].abs().sum() == 0 and m[2].abs().sum() == 0
-    base_grads = [p.grad for n, p in model.named_parameters() if "personamux_" not in n and ".mixture." not in n]
+    base_grads = [p.grad for n, p in model.named_parameters() if "personamux_" not in n]
     assert all(g is None for g in base_grads)
 
 
@@ -358,7 +374,9 @@ def test_save_persona_and_grouped_names(tmp_path):
     model.save_persona("hamlet/ophelia", other)
     fresh = mux(personas=())
     shared = {
-        k: v for k, v in model.get_base_model().get_input_embeddings().state_dict().items() if "mixture" not in k
+        k: v
+        for k, v in model.get_base_model().get_input_embeddings().state_dict().items()
+        if "personamux_mixture" not in k
     }
     fresh.get_base_model().get_input_embeddings().load_state_dict(shared, strict=False)
     assert fresh.load_persona(str(other / "personas" / "hamlet" / "ophelia.safetensors")) == "hamlet/ophelia"

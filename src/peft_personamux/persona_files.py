@@ -1,26 +1,39 @@
 """Persona files: one mixture vector per ``personas/<name>.safetensors``, written atomically, read strictly.
 
 A persona file holds one tensor, ``mixture`` (``num_codes`` float32 values), and string metadata: the persona
-name, ``num_codes``, the stored dtype and the fingerprint of the codebook it was fitted to. Only safetensors is
-read or written (no pickle). About 1 KiB per persona.
+name, ``num_codes``, the stored dtype, the fingerprint of the codebook it was fitted to and (format 2) a digest of
+the content. Only safetensors is read or written (no pickle). About 600 bytes per persona.
+
+The digest (sha256 of the mixture bytes, the name and the codebook fingerprint) catches what shape, dtype and
+finiteness checks cannot: a bad copy or a tampered download whose flipped bytes still decode as 64 finite floats
+would otherwise load as another persona. Format 1 files (no digest) still load, with a one-time warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 PERSONAS_DIRNAME = "personas"
 PERSONA_SUFFIX = ".safetensors"
-FORMAT_VERSION = "1"
+FORMAT_NAME = "peft-personamux/persona"
+FORMAT_VERSION = "2"
 MIXTURE_KEY = "mixture"
+# metadata of format 1 (released 0.1.0), which has no digest
+_V1_KEYS = frozenset({"format", "format_version", "name", "num_codes", "dtype", "codebook_fingerprint"})
+_V2_KEYS = _V1_KEYS | {"digest"}
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # floating point dtypes a mixture may be stored in
+_warned_no_digest = False
 
 # A name is one or two segments ("hamlet" or "hamlet/ophelia"); the optional group segment becomes a sub-folder.
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}"
@@ -28,7 +41,7 @@ _NAME_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})?$")
 
 
 class PersonaFileError(ValueError):
-    """A persona file is missing, malformed, or belongs to another codebook."""
+    """A persona file is missing, malformed, damaged (digest mismatch), or belongs to another codebook."""
 
 
 def validate_persona_name(name: str) -> str:
@@ -95,22 +108,81 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
         raise
 
 
+def persona_digest(name: str, mixture: torch.Tensor, fingerprint: str) -> str:
+    """sha256 (hex) of a persona's content: its name, its codebook fingerprint and its float32 mixture bytes."""
+    vector = mixture.detach().to("cpu", torch.float32).reshape(-1).contiguous()
+    digest = hashlib.sha256(f"{FORMAT_NAME}\0{name}\0{fingerprint}\0{vector.numel()}\0".encode())
+    digest.update(vector.numpy().astype("<f4").tobytes())
+    return digest.hexdigest()
+
+
 def write_persona_file(path: str, name: str, mixture: torch.Tensor, fingerprint: str) -> str:
-    """Save one persona's mixture vector (float32) with its metadata. Returns ``path``."""
+    """Save one persona's mixture vector (float32) with its metadata and digest. Returns ``path``."""
     validate_persona_name(name)
     vector = mixture.detach().to("cpu", torch.float32).reshape(-1).contiguous().clone()
     if not torch.isfinite(vector).all():
         raise ValueError(f"Persona {name!r} has non-finite mixture weights; refusing to save it.")
     metadata = {
-        "format": "peft-personamux/persona",
+        "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "name": name,
         "num_codes": str(vector.numel()),
         "dtype": "float32",
         "codebook_fingerprint": fingerprint,
+        "digest": persona_digest(name, vector, fingerprint),
     }
     atomic_save({MIXTURE_KEY: vector}, metadata, path)
     return path
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+    return dict(pairs)
+
+
+def _read_header(path: str, data: bytes) -> dict[str, str]:
+    """Parse and check the safetensors header by hand, so that no malformed file reaches the Rust reader."""
+    if len(data) < 8:
+        raise PersonaFileError(f"{path} is not a readable safetensors persona file: only {len(data)} bytes.")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise PersonaFileError(
+            f"{path} is not a readable safetensors persona file: the header claims {size} bytes, the file has "
+            f"{len(data) - 8} after the length (truncated?)."
+        )
+    try:
+        header = json.loads(data[8 : 8 + size].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise PersonaFileError(f"{path} is not a readable safetensors persona file: bad header ({err}).") from None
+    if not isinstance(header, dict):
+        raise PersonaFileError(f"{path} is not a readable safetensors persona file: the header is not an object.")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PersonaFileError(f"{path}: the metadata must map names to strings.")
+    if list(header) != [MIXTURE_KEY]:
+        raise PersonaFileError(f"{path}: expected one tensor {MIXTURE_KEY!r}, found {sorted(header)}.")
+    info = header[MIXTURE_KEY]
+    shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise PersonaFileError(f"{path}: malformed entry for tensor {MIXTURE_KEY!r}: {info!r}.")
+    dtype = info.get("dtype")
+    if dtype not in _ITEMSIZE:
+        raise PersonaFileError(f"{path}: mixture must be floating point, got dtype {dtype!r}.")
+    expected = math.prod(shape) * _ITEMSIZE[dtype]
+    if offsets != [0, expected] or 8 + size + expected != len(data):
+        raise PersonaFileError(
+            f"{path}: the data of {MIXTURE_KEY!r} ({dtype}, shape {shape}) must be {expected} bytes, but the header "
+            f"gives offsets {offsets} and the file has {len(data) - 8 - size} (truncated or damaged?)."
+        )
+    return metadata
 
 
 def read_persona_file(
@@ -118,40 +190,101 @@ def read_persona_file(
 ) -> tuple[str, torch.Tensor]:
     """Read and validate a persona file. Returns ``(name, mixture)`` with ``mixture`` of shape ``(num_codes,)``.
 
-    ``fingerprint`` is the current codebook's; a file fitted to another codebook raises ``PersonaFileError``
-    unless ``strict=False``.
+    Checked, in order: the safetensors header (one floating point tensor, sizes that add up), the shape against
+    ``num_codes``, finite values, metadata that agrees with the tensor, the content digest (a mismatch means the file
+    is damaged; format 1 files have none and load with a one-time warning), and the codebook: ``fingerprint`` is the
+    current codebook's, and a file fitted to another raises ``PersonaFileError`` unless ``strict=False``. Every
+    failure raises ``PersonaFileError`` (a ``ValueError``).
     """
+    global _warned_no_digest
+    name, mixture, metadata = _read_persona(path, num_codes, fingerprint, strict)
+    if "digest" not in metadata and not _warned_no_digest:
+        _warned_no_digest = True
+        warnings.warn(
+            f"{path} has no content digest (written by peft-personamux 0.1), so damage to it cannot be detected. "
+            "Save the persona again to add one. (Shown once.)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return name, mixture
+
+
+def verify_persona_files(directory: str | os.PathLike, fingerprint: str | None = None) -> dict[str, str | None]:
+    """Check every persona file under ``directory/personas/``: name -> None when it is sound, else what is wrong.
+
+    ``fingerprint`` (the codebook's) also checks that each file belongs to that codebook. A file without a digest
+    (format 1) is reported as such, since damage to it cannot be detected.
+    """
+    results: dict[str, str | None] = {}
+    for name, path in list_persona_files(directory).items():
+        try:
+            stored, _, metadata = _read_persona(path, None, fingerprint, strict=True)
+            if stored != name:
+                raise PersonaFileError(f"{path} holds persona {stored!r}, not {name!r}.")
+            results[name] = None if "digest" in metadata else "no digest (format 1): damage cannot be detected"
+        except PersonaFileError as err:
+            results[name] = str(err)
+    return results
+
+
+def _read_persona(
+    path: str, num_codes: int | None, fingerprint: str | None, strict: bool
+) -> tuple[str, torch.Tensor, dict[str, str]]:
     if not os.path.isfile(path):
         raise PersonaFileError(f"Persona file not found: {path}")
     if not path.endswith(PERSONA_SUFFIX):
         raise PersonaFileError(f"Persona files are safetensors files ending in {PERSONA_SUFFIX!r}, got {path}.")
+    with open(path, "rb") as f:
+        data = f.read()  # one read: what is checked is what is loaded
+    metadata = _read_header(path, data)
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            keys = list(f.keys())
-            if keys != [MIXTURE_KEY]:
-                raise PersonaFileError(f"{path}: expected one tensor {MIXTURE_KEY!r}, found {keys}.")
-            mixture = f.get_tensor(MIXTURE_KEY)
-    except PersonaFileError:
-        raise
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        mixture = load_safetensors(data)[MIXTURE_KEY]
+    except Exception as err:  # safetensors raises its own error types
         raise PersonaFileError(f"{path} is not a readable safetensors persona file: {err}") from err
+    except BaseException as err:  # a Rust panic arrives as pyo3's PanicException, a BaseException
+        if type(err).__name__ != "PanicException":
+            raise
+        raise PersonaFileError(f"{path} is not a readable safetensors persona file: {err}") from None
     name = metadata.get("name") or os.path.basename(path)[: -len(PERSONA_SUFFIX)]
-    if not mixture.is_floating_point():
-        raise PersonaFileError(f"{path}: mixture must be floating point, got dtype {mixture.dtype}.")
-    if tuple(mixture.shape) != (num_codes,):
+    expected = (mixture.numel(),) if num_codes is None else (num_codes,)
+    if tuple(mixture.shape) != expected:
         raise PersonaFileError(
-            f"{path}: mixture has shape {tuple(mixture.shape)}, but this codebook has num_codes={num_codes}."
+            f"{path}: mixture has shape {tuple(mixture.shape)}, but this codebook has num_codes={expected[0]}."
         )
     if not torch.isfinite(mixture).all():
         raise PersonaFileError(f"{path}: mixture contains NaN or infinite values.")
+    mixture = mixture.to(torch.float32)
     stored = metadata.get("codebook_fingerprint")
+    _check_metadata(path, metadata, mixture, name, stored)
     if strict and fingerprint is not None and stored != fingerprint:
         raise PersonaFileError(
             f"{path}: persona {name!r} was fitted to codebook {stored!r}, but the loaded codebook is {fingerprint!r}. "
             "Fit the persona again on this codebook, or pass strict=False to load it anyway."
         )
-    return validate_persona_name(name), mixture.to(torch.float32)
+    try:
+        return validate_persona_name(name), mixture, metadata
+    except ValueError as err:
+        raise PersonaFileError(f"{path}: {err}") from None
+
+
+def _check_metadata(path: str, metadata: dict[str, str], mixture: torch.Tensor, name: str, stored) -> None:
+    """The metadata must be one of the two formats and agree with the tensor; format 2 must match its digest."""
+    keys = set(metadata)
+    if "digest" in metadata:
+        if keys != _V2_KEYS or metadata["format_version"] != FORMAT_VERSION or metadata["format"] != FORMAT_NAME:
+            raise PersonaFileError(f"{path}: unexpected metadata {sorted(metadata)}: the file is damaged.")
+        if metadata["digest"] != persona_digest(name, mixture, stored or ""):
+            raise PersonaFileError(
+                f"{path}: the content digest does not match: the file is damaged (a bad copy or an edited file). "
+                "Copy or download it again, or save the persona again from a model that holds it."
+            )
+    elif not keys <= _V1_KEYS or (keys == _V1_KEYS and metadata["format_version"] != "1"):
+        # a format 2 file that lost its digest, or format 1 metadata with edited keys
+        raise PersonaFileError(f"{path}: unexpected metadata {sorted(metadata)} and no digest: the file is damaged.")
+    if "num_codes" in metadata and metadata["num_codes"] != str(mixture.numel()):
+        raise PersonaFileError(
+            f"{path}: metadata says num_codes={metadata['num_codes']}, the tensor has {mixture.numel()} values."
+        )
 
 
 def iter_names(names: str | list[str] | tuple[str, ...]) -> Iterator[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,10 @@ class PersonaMuxConfig(PeftConfig):
     )
     tokenizer_kwargs: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Keyword arguments for `AutoTokenizer.from_pretrained` when tokenising `init_text`."},
+        metadata={
+            "help": "Keyword arguments for `AutoTokenizer.from_pretrained` when tokenising `init_text`. "
+            "`trust_remote_code` is dropped with a warning: an adapter_config.json must not run code."
+        },
     )
     init_std_scale: float = field(
         default=1.0,
@@ -103,6 +107,10 @@ class PersonaMuxConfig(PeftConfig):
                     f"`{name}='text'` needs `init_text` and `tokenizer_name_or_path`, got init_text={self.init_text!r}"
                     f" and tokenizer_name_or_path={self.tokenizer_name_or_path!r}."
                 )
+        if self.tokenizer_kwargs is not None:
+            if not isinstance(self.tokenizer_kwargs, dict):
+                raise ValueError(f"`tokenizer_kwargs` must be a dict, got {self.tokenizer_kwargs!r}.")
+            self.tokenizer_kwargs = safe_tokenizer_kwargs(self.tokenizer_kwargs)
         if not self.init_std_scale > 0:
             raise ValueError(f"`init_std_scale` must be positive, got {self.init_std_scale!r}.")
         if self.placeholder_token_id is not None and self.placeholder_token_id < 0:
@@ -141,3 +149,18 @@ class PersonaMuxConfig(PeftConfig):
         writer = getattr(self, "_persona_writer", None)
         if writer is not None:
             writer(save_directory)
+
+
+def safe_tokenizer_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` without ``trust_remote_code``: a downloaded adapter_config.json must not run a tokenizer repo's code
+    (peft's prompt tuning drops it too). Warns when the key was there."""
+    kwargs = dict(kwargs or {})
+    if "trust_remote_code" in kwargs:
+        value = kwargs.pop("trust_remote_code")
+        warnings.warn(
+            f"Ignoring `tokenizer_kwargs['trust_remote_code']={value!r}`: Persona-Mux never runs a tokenizer "
+            "repository's code. Tokenise `init_text` yourself if the tokenizer needs it.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return kwargs

@@ -13,8 +13,9 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import _get_submodules
 from torch import nn
 
-from ..inputs import insert_virtual_tokens, positions_from_mask
+from ..inputs import Expanded, insert_virtual_tokens, positions_from_mask
 from ..persona_files import (
+    PersonaFileError,
     codebook_fingerprint,
     list_persona_files,
     persona_path,
@@ -22,8 +23,8 @@ from ..persona_files import (
     validate_persona_name,
     write_persona_file,
 )
-from .config import PersonaMuxConfig, PersonaMuxInit
-from .layer import PersonaMuxLayer, PromptRequest
+from .config import PersonaMuxConfig, PersonaMuxInit, safe_tokenizer_kwargs
+from .layer import DEFAULT_PERSONA_ROW, PersonaMuxLayer, PromptRequest
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +131,6 @@ class PersonaMuxModel(BaseTuner):
             codebook.reshape(config.num_codes, config.tokens_per_code, hidden),
             bias,
         )
-        if autocast_adapter_dtype and base.weight.dtype in (torch.float16, torch.bfloat16):
-            # as peft does for its own adapters: train the few adapter weights in float32
-            for dict_name in layer.adapter_layer_names:
-                param = getattr(layer, dict_name)[adapter_name]
-                param.data = param.data.float()
         self._persona_names[adapter_name] = []
         self._active_persona[adapter_name] = None
         self._trainable_rows[adapter_name] = None
@@ -148,6 +144,18 @@ class PersonaMuxModel(BaseTuner):
             for p in self._layer.parameters():
                 p.requires_grad_(False)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """As peft does for its own adapters: keep W, b and the table in float32 over a half precision base model,
+        unless ``autocast_adapter_dtype=False`` (then they take the base model's dtype)."""
+        if not autocast_adapter_dtype or adapter_name not in self.peft_config:
+            return
+        layer = self._layer
+        for dict_name in layer.adapter_layer_names:
+            param = getattr(layer, dict_name).get(adapter_name)
+            if param is not None and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()  # in place: the parameter (and any optimizer's hold on it) stays
+        self._apply_row_mask(adapter_name)
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -158,7 +166,7 @@ class PersonaMuxModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """The adapter file holds the codebook and the bias only; each persona has its own file."""
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return {k: v for k, v in out.items() if ".mixture." not in k and not k.endswith(".mixture")}
+        return {k: v for k, v in out.items() if ".personamux_mixture" not in k}
 
     @property
     def _layer(self) -> PersonaMuxLayer:
@@ -169,7 +177,13 @@ class PersonaMuxModel(BaseTuner):
 
     @property
     def _adapter(self) -> str:
-        return self.active_adapters[0]
+        active = [a for a in self.active_adapters if a in self.peft_config]
+        if not active:
+            raise ValueError(
+                "This model has no active Persona-Mux adapter (was it deleted?). Add one with `add_adapter` or "
+                "`load_adapter`, then `set_adapter`."
+            )
+        return active[0]
 
     def _config(self, adapter_name: str | None = None) -> PersonaMuxConfig:
         return self.peft_config[adapter_name or self._adapter]
@@ -220,7 +234,7 @@ class PersonaMuxModel(BaseTuner):
         if existing and not exist_ok:
             raise ValueError(f"Personas already registered: {existing}. Pass exist_ok=True, or use set_mixture().")
         new = [n for n in names if n not in registry]
-        table = self._layer.mixture[adapter]
+        table = self._layer.personamux_mixture[adapter]
         num_codes = table.shape[1]
         if mixtures is not None:
             mixtures = torch.as_tensor(mixtures)
@@ -229,13 +243,13 @@ class PersonaMuxModel(BaseTuner):
         if new:
             grown = torch.zeros(len(registry) + len(new), num_codes, device=table.device, dtype=table.dtype)
             grown[: len(registry)] = table.data
-            self._layer.mixture[adapter] = nn.Parameter(grown, requires_grad=table.requires_grad)
+            self._layer.personamux_mixture[adapter] = nn.Parameter(grown, requires_grad=table.requires_grad)
             registry.extend(new)
             self._apply_row_mask(adapter)
         rows = [registry.index(n) for n in names]
         if mixtures is not None:
             with torch.no_grad():
-                self._layer.mixture[adapter][rows] = mixtures.to(table.device, table.dtype)
+                self._layer.personamux_mixture[adapter][rows] = mixtures.to(table.device, table.dtype)
         return rows
 
     def add_persona(self, name: str, mixture: torch.Tensor | None = None, exist_ok: bool = False) -> int:
@@ -246,9 +260,10 @@ class PersonaMuxModel(BaseTuner):
         """Drop a persona from the table (later rows move up by one)."""
         adapter = self._adapter
         row = self.persona_index(name)
-        table = self._layer.mixture[adapter]
+        table = self._layer.personamux_mixture[adapter]
         keep = [i for i in range(table.shape[0]) if i != row]
-        self._layer.mixture[adapter] = nn.Parameter(table.data[keep].clone(), requires_grad=table.requires_grad)
+        kept = nn.Parameter(table.data[keep].clone(), requires_grad=table.requires_grad)
+        self._layer.personamux_mixture[adapter] = kept
         self._persona_names[adapter].pop(row)
         if self._active_persona[adapter] == name:
             self._active_persona[adapter] = None
@@ -259,12 +274,12 @@ class PersonaMuxModel(BaseTuner):
 
     def get_mixture(self, name: str) -> torch.Tensor:
         """A copy of persona ``name``'s mixture vector, shape (num_codes,)."""
-        return self._layer.mixture[self._adapter][self.persona_index(name)].detach().clone()
+        return self._layer.personamux_mixture[self._adapter][self.persona_index(name)].detach().clone()
 
     def set_mixture(self, name: str, mixture: torch.Tensor) -> None:
         """Overwrite persona ``name``'s mixture vector."""
         mixture = torch.as_tensor(mixture)
-        table = self._layer.mixture[self._adapter]
+        table = self._layer.personamux_mixture[self._adapter]
         if mixture.shape != (table.shape[1],) or not torch.isfinite(mixture).all():
             raise ValueError(f"mixture must be {table.shape[1]} finite floats, got shape {tuple(mixture.shape)}.")
         with torch.no_grad():
@@ -301,7 +316,7 @@ class PersonaMuxModel(BaseTuner):
         if directory is None:
             raise ValueError("No folder to save to: pass `directory`, or call save_pretrained(...) first.")
         row = self.persona_index(name)
-        mixture = self._layer.mixture[self._adapter][row]
+        mixture = self._layer.personamux_mixture[self._adapter][row]
         return write_persona_file(persona_path(directory, name), name, mixture, self.codebook_fingerprint())
 
     def save_personas(
@@ -309,7 +324,7 @@ class PersonaMuxModel(BaseTuner):
     ) -> list[str]:
         """Write persona files for ``names`` (default: every registered persona). Returns the paths."""
         adapter = adapter_name or self._adapter
-        table = self._layer.mixture[adapter].detach()
+        table = self._layer.personamux_mixture[adapter].detach()
         registry = self._persona_names[adapter]
         fingerprint = self.codebook_fingerprint(adapter)
         paths = [
@@ -319,28 +334,51 @@ class PersonaMuxModel(BaseTuner):
         self._persona_dir[adapter] = os.fspath(directory)
         return paths
 
-    def load_persona(self, name_or_path: str | os.PathLike, strict: bool = True, activate: bool = True) -> str:
+    def load_persona(
+        self,
+        name_or_path: str | os.PathLike,
+        strict: bool = True,
+        activate: bool = True,
+        overwrite: bool = False,
+        name: str | None = None,
+    ) -> str:
         """Load a persona by name (from ``persona_dir``, or already registered) or from a ``.safetensors`` file.
 
-        The persona becomes the active one unless ``activate=False``. Returns its name.
+        The file is checked first (digest, shape, dtype, finite values, codebook fingerprint; see
+        ``persona_files.read_persona_file``). It registers under ``name`` if given, else under the name the file
+        records. That name must be free or hold the same values: replacing another mixture needs ``overwrite=True``.
+        A load that fails leaves the registry as it was. The persona becomes the active one unless
+        ``activate=False``. Returns its name.
         """
         target = os.fspath(name_or_path)
         adapter = self._adapter
-        num_codes = self._config().num_codes
+        if name is not None:
+            validate_persona_name(name)
         if target.endswith(".safetensors") or os.path.isfile(target):
             path = target
         else:
             validate_persona_name(target)
             path = persona_path(self.persona_dir, target) if self.persona_dir else None
             if path is None or not os.path.isfile(path):
-                if target in self._persona_names[adapter]:
+                if target in self._persona_names[adapter] and name in (None, target):
                     if activate:
                         self.set_persona(target)
                     return target
                 raise KeyError(self._unknown_persona_message(target))
-        name, mixture = read_persona_file(path, num_codes, self.codebook_fingerprint(), strict=strict)
-        self.add_persona(name, exist_ok=True)
-        self.set_mixture(name, mixture)
+        stored, mixture = read_persona_file(path, self._config().num_codes, self.codebook_fingerprint(), strict=strict)
+        name = stored if name is None else name
+        table = self._layer.personamux_mixture[adapter]
+        values = mixture.to(table.device, table.dtype)
+        if not bool(torch.isfinite(values).all()):
+            raise PersonaFileError(f"{path}: persona {stored!r} has values that overflow this model's {table.dtype}.")
+        registry = self._persona_names[adapter]
+        if name in registry and not overwrite and not torch.equal(table[registry.index(name)].detach(), values):
+            source = f"persona {stored!r} of {path}" if stored == name else f"{path} (persona {stored!r})"
+            raise ValueError(
+                f"Persona {name!r} is already registered with other values than {source}. Pass overwrite=True to "
+                f"replace it, or name='...' to register the file under another name."
+            )
+        self.add_personas([name], mixtures=values[None], exist_ok=True)
         if activate:
             self.set_persona(name)
         return name
@@ -363,7 +401,7 @@ class PersonaMuxModel(BaseTuner):
         layer = self._layer
         layer.personamux_codebook[adapter].requires_grad_(codebook)
         layer.personamux_bias[adapter].requires_grad_(bias)
-        layer.mixture[adapter].requires_grad_(rows is not None)
+        layer.personamux_mixture[adapter].requires_grad_(rows is not None)
         self._trainable_rows[adapter] = None if rows in (None, "all") else list(rows)
         self._apply_row_mask(adapter)
 
@@ -372,7 +410,7 @@ class PersonaMuxModel(BaseTuner):
         if handle is not None:
             handle.remove()
         rows = self._trainable_rows[adapter]
-        table = self._layer.mixture[adapter]
+        table = self._layer.personamux_mixture[adapter]
         if rows is None or not table.requires_grad:
             return
         mask = torch.zeros(table.shape[0], 1, device=table.device, dtype=table.dtype)
@@ -400,14 +438,15 @@ class PersonaMuxModel(BaseTuner):
     # -- forward and generate ------------------------------------------------------------------------------------
 
     def _resolve_persona_ids(self, persona_ids: PersonaSpec, batch: int, device: torch.device) -> torch.Tensor:
-        """Turn names, rows or None (= the active persona) into a (batch,) tensor of rows."""
+        """Turn names, rows or None into a (batch,) tensor of rows.
+
+        None means the active persona, or when none is active the default persona: the zero mixture (the bias
+        tokens followed by zero vectors, the dataset's "average character"), row ``DEFAULT_PERSONA_ROW``.
+        """
         if persona_ids is None:
             active = self.active_persona
             if active is None:
-                raise ValueError(
-                    "No persona given: pass `persona_ids=` (tensor of rows, or names) or call "
-                    "load_persona()/set_persona() first."
-                )
+                return torch.full((batch,), DEFAULT_PERSONA_ROW, dtype=torch.long, device=device)
             persona_ids = active
         if isinstance(persona_ids, str):
             persona_ids = [persona_ids] * batch
@@ -440,7 +479,11 @@ class PersonaMuxModel(BaseTuner):
         return config.tokens_per_code + (config.num_bias_tokens if bias_scale > 0 else 0)
 
     def _prompt_enabled(self) -> bool:
-        return not self._layer.disable_adapters
+        """False under ``disable_adapter()`` and once every adapter is deleted: then calls go to the base model."""
+        if not any(a in self.peft_config for a in self.active_adapters):
+            return False
+        layer = self.model.get_input_embeddings()
+        return isinstance(layer, PersonaMuxLayer) and not layer.disable_adapters
 
     @contextlib.contextmanager
     def _request(
@@ -454,13 +497,11 @@ class PersonaMuxModel(BaseTuner):
             layer.request = None
 
     def _prepare(self, input_ids, attention_mask, labels, persona_ids, bias_scale, padding_side: str):
+        if not self._prompt_enabled():  # the base model's inputs, exactly as given
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            return Expanded(input_ids, mask, labels, padding_side == "left"), None, 0.0
         config = self._config()
         pad_id = getattr(self.model.config, "pad_token_id", None)
-        if not self._prompt_enabled():
-            expanded = insert_virtual_tokens(
-                input_ids, attention_mask, labels, config.placeholder_token_id, 0, padding_side, pad_id
-            )
-            return expanded, None, 0.0
         scale = self._bias_scale if bias_scale is None else _check_bias_scale(bias_scale)
         ids = self._resolve_persona_ids(persona_ids, input_ids.shape[0], input_ids.device)
         expanded = insert_virtual_tokens(
@@ -489,29 +530,24 @@ class PersonaMuxModel(BaseTuner):
 
         Outputs (logits, hidden states) include the virtual-token positions; labels there are -100.
         """
-        if inputs_embeds is not None:
-            if self._prompt_enabled():
-                raise ValueError(
-                    "Persona-Mux writes the soft prompt through the embedding layer, so `inputs_embeds` "
-                    "would silently skip it. Pass `input_ids`, or build embeddings with the prompt in "
-                    "place with `export_prompt_embeds`."
-                )
+        if not self._prompt_enabled():  # disable_adapter() or no adapter left: exactly the base model
             return self.model(
-                inputs_embeds=inputs_embeds,
+                input_ids=input_ids,
                 attention_mask=attention_mask,
                 labels=labels,
                 position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
                 **kwargs,
+            )
+        if inputs_embeds is not None:
+            raise ValueError(
+                "Persona-Mux writes the soft prompt through the embedding layer, so `inputs_embeds` "
+                "would silently skip it. Pass `input_ids`, or build embeddings with the prompt in "
+                "place with `export_prompt_embeds`."
             )
         if input_ids is None:
             raise ValueError("Persona-Mux needs `input_ids`.")
-        if (
-            self.training
-            and labels is not None
-            and persona_ids is None
-            and self._prompt_enabled()
-            and self.num_personas > 1
-        ):
+        if self.training and labels is not None and persona_ids is None and self.num_personas > 1:
             raise ValueError(
                 "Training batch without `persona_ids` while several personas are registered: the active persona would "
                 "train on every row. transformers.Trainer drops columns that the base model's forward does not name: "
@@ -520,8 +556,7 @@ class PersonaMuxModel(BaseTuner):
         expanded, ids, scale = self._prepare(input_ids, attention_mask, labels, persona_ids, bias_scale, "right")
         if position_ids is not None:
             position_ids = positions_from_mask(expanded.attention_mask)
-        context = self._request(ids, scale) if ids is not None else contextlib.nullcontext()
-        with context:
+        with self._request(ids, scale):
             return self.model(
                 input_ids=expanded.input_ids,
                 attention_mask=expanded.attention_mask,
@@ -532,6 +567,8 @@ class PersonaMuxModel(BaseTuner):
 
     def generate(self, *args, persona_ids: PersonaSpec = None, bias_scale: float | None = None, **kwargs):
         """``generate`` with per-row personas. Returned sequences start with the caller's ``input_ids``."""
+        if not self._prompt_enabled():  # disable_adapter() or no adapter left: exactly the base model
+            return self.model.generate(*args, **kwargs)
         input_ids = kwargs.pop("input_ids", None)
         if input_ids is None and args:
             input_ids, args = args[0], args[1:]
@@ -539,7 +576,7 @@ class PersonaMuxModel(BaseTuner):
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:
             raise ValueError("Persona-Mux generate needs `input_ids` (soft prompts go through the embedding layer).")
-        if kwargs.get("inputs_embeds") is not None and self._prompt_enabled():
+        if kwargs.get("inputs_embeds") is not None:
             raise ValueError("`inputs_embeds` would skip the soft prompt; pass `input_ids` instead.")
         expanded, ids, scale = self._prepare(
             input_ids, kwargs.pop("attention_mask", None), None, persona_ids, bias_scale, "left"
@@ -552,8 +589,7 @@ class PersonaMuxModel(BaseTuner):
             kwargs.pop("suppress_tokens", None) or getattr(self.model.generation_config, "suppress_tokens", None) or []
         )
         kwargs["suppress_tokens"] = sorted(set(suppress) | {self._config().placeholder_token_id})
-        context = self._request(ids, scale) if ids is not None else contextlib.nullcontext()
-        with context:
+        with self._request(ids, scale):
             out = self.model.generate(
                 *args, input_ids=expanded.input_ids, attention_mask=expanded.attention_mask, **kwargs
             )
@@ -619,11 +655,26 @@ class PersonaMuxModel(BaseTuner):
         self._check_merge_allowed()
 
     def unload(self) -> nn.Module:
-        """Remove the Persona-Mux layer and return the base model."""
+        """Remove the Persona-Mux layer and return the base model, as it was before ``get_peft_model``."""
         layer = self.model.get_input_embeddings()
         if isinstance(layer, PersonaMuxLayer):
             _swap_module(self.model, layer, layer.base_layer)
+        # as peft's own unload does: a left-over config would make the next get_peft_model hold two adapters
+        if "peft_config" in self.model.__dict__:
+            del self.model.peft_config
+        for handle in self._grad_hooks.values():
+            handle.remove()
+        self._grad_hooks.clear()
         return self.model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter with its personas; with none left, forward and generate are the base model's."""
+        super().delete_adapter(adapter_name)
+        handle = self._grad_hooks.pop(adapter_name, None)
+        if handle is not None:
+            handle.remove()
+        for state in (self._persona_names, self._active_persona, self._persona_dir, self._trainable_rows):
+            state.pop(adapter_name, None)
 
 
 def as_tuner(model) -> PersonaMuxModel:
@@ -667,7 +718,8 @@ def _init_rows(init: PersonaMuxInit, rows: int, embedding: nn.Module, config: Pe
         if init is PersonaMuxInit.TEXT:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+            kwargs = safe_tokenizer_kwargs(config.tokenizer_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
             ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise ValueError(f"`init_text` {config.init_text!r} has no tokens.")
