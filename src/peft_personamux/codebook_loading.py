@@ -1,0 +1,66 @@
+"""A served codebook: the base model with a Persona-Mux adapter, its persona files and how it was prompted.
+
+``personamux chat`` and ``personamux serve`` load a codebook folder written by ``personamux pretrain`` (or the
+shipped Shakespeare one) the same way: the base model, the adapter, every persona file, and the instruction and
+text personas recorded beside them, so that prompts are formatted as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .models import load_base_model, shakespeare_codebook_dir
+from .persona_files import list_persona_files
+from .prompting import DEFAULT_INSTRUCTION
+
+logger = logging.getLogger(__name__)
+
+# the names `personamux pretrain` writes (see cli.py)
+PRETRAIN_INFO_NAME = "personamux_pretrain.json"
+TEXT_PERSONAS_NAME = "text_personas.json"
+
+
+@dataclass
+class CodebookInfo:
+    """How the codebook's personas were prompted in training."""
+
+    directory: Path
+    instruction: str = DEFAULT_INSTRUCTION
+    text_personas: dict[str, str] = field(default_factory=dict)  # persona -> description
+
+
+def resolve_codebook_dir(path: str | None) -> Path:
+    """``path``, or the shipped Shakespeare codebook; raises ``FileNotFoundError`` that says what to pass."""
+    directory = Path(path) if path else shakespeare_codebook_dir()
+    if not (directory / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"No Persona-Mux codebook in {directory}: pass --codebook with a folder written by `personamux "
+            "pretrain` (adapter_config.json, adapter_model.safetensors, personas/)."
+        )
+    return directory
+
+
+def read_codebook_info(directory: str | Path) -> CodebookInfo:
+    directory = Path(directory)
+    info_path, texts_path = directory / PRETRAIN_INFO_NAME, directory / TEXT_PERSONAS_NAME
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    texts = json.loads(texts_path.read_text(encoding="utf-8")) if texts_path.is_file() else {}
+    return CodebookInfo(directory, info.get("instruction") or DEFAULT_INSTRUCTION, dict(texts))
+
+
+def load_codebook_model(directory: str | Path, model_name_or_path: str | None = None, dtype: str = "auto"):
+    """``(model, tokenizer)``: the base model with the codebook's adapter and every persona file registered."""
+    from peft import PeftModel
+
+    import peft_personamux  # noqa: F401  (registers the method with peft)
+
+    base, tokenizer = load_base_model(model_name_or_path, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(directory))
+    model.eval()
+    for name in list_persona_files(directory):
+        model.load_persona(name, activate=False)
+    logger.info("Codebook %s: %d personas.", directory, len(model.personas))
+    return model, tokenizer
