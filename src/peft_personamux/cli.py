@@ -118,6 +118,21 @@ class AddPersonaArguments:
         default="Say something.", metadata={"help": "Prompt of lines in --lines_file that have no tab."}
     )
     text_persona: str | None = field(default=None, metadata={"help": "Text description of the persona."})
+    method: str = field(
+        default="mixture",
+        metadata={
+            "help": "'mixture': fit the persona's mixture weights on the codebook (Persona-Mux). 'subnetwork': "
+            "calibrate a mask over the frozen model from the lines, forward passes only (docs/subnetworks.md)."
+        },
+    )
+    sparsity: float = field(
+        default=0.1,
+        metadata={"help": "--method subnetwork: fraction masked of each layer's neurons and heads (channel) or rows."},
+    )
+    granularity: str = field(
+        default="channel",
+        metadata={"help": "--method subnetwork: 'channel' (a few KB, mixes per batch row) or 'weight' (the paper's)."},
+    )
 
 
 @dataclass
@@ -409,6 +424,8 @@ def add_persona(
     from .training import fit_personas
 
     start = time.perf_counter()
+    if args.method != "mixture":
+        return _add_subnetwork_persona(model_args, args, data_args, fit_args.seed)
     codebook = _codebook_dir(args.codebook)
     name, train, heldout = _persona_data(args, data_args, fit_args.seed)
     base, tokenizer = _load_base(model_args)
@@ -429,6 +446,37 @@ def add_persona(
         )
     if result["file"]:
         print(f"Saved {result['file']}")
+    return 0
+
+
+def _add_subnetwork_persona(model_args: ModelArguments, args: AddPersonaArguments, data_args, seed: int) -> int:
+    """add-persona --method subnetwork: a mask calibrated from the persona's lines (no training, no codebook)."""
+    from .subnetwork import SubnetworkConfig
+    from .subnetwork.command import calibrate_and_save
+
+    if args.method != "subnetwork":
+        raise SystemExit(f"--method must be 'mixture' or 'subnetwork', got {args.method!r}.")
+    try:
+        config = SubnetworkConfig(sparsity=args.sparsity, granularity=args.granularity)
+    except ValueError as err:  # sparsity outside (0, 1), unknown granularity: said before loading the model
+        raise SystemExit(str(err).replace("`", "--", 1).replace("`", "", 1)) from None
+    name, train, heldout = _persona_data(args, data_args, seed)
+    save_dir = Path(args.save_dir) if args.save_dir else _codebook_dir(args.codebook)
+    base, tokenizer = _load_base(model_args)
+    try:
+        result = calibrate_and_save(base, tokenizer, name, list(train), list(heldout or []), save_dir, config)
+    except ValueError as err:  # no usable lines
+        raise SystemExit(str(err)) from None
+    print(
+        f"Calibrated the {args.granularity} subnetwork of {name!r} (sparsity {args.sparsity:g}) on "
+        f"{result['examples']} examples in {result['seconds']:.1f} s."
+    )
+    if "loss_masked" in result:
+        print(
+            f"Held-out loss ({result['eval_examples']} examples): {result['loss_base']:.3f} base model, "
+            f"{result['loss_masked']:.3f} with the mask."
+        )
+    print(f"Saved {result['file']} ({result['bytes']} bytes)")
     return 0
 
 
