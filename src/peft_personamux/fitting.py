@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .loss import FAST, LossOptions, PrefixCache, response_nll
 from .tuner.model import as_tuner
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def _row_losses(
     chunk_size: int,
     index: torch.Tensor | None = None,
     copies: bool = False,
+    options: LossOptions = FAST,
+    prefix_cache: PrefixCache | None = None,
 ):
     """Yield (row slice, summed token NLL per row (rows,), token counts (rows,), row mixtures) chunk by chunk.
 
@@ -56,24 +59,12 @@ def _row_losses(
     n = batch["input_ids"].shape[0]
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
-        ex, ids, scale = tuner._prepare(
-            batch["input_ids"][sl],
-            batch["attention_mask"][sl],
-            batch["labels"][sl],
-            batch["persona_ids"][sl],
-            bias_scale,
-            "right",
-        )
+        chunk = {k: batch[k][sl] for k in ("input_ids", "attention_mask", "labels", "persona_ids")}
         rows_mix = mixtures[sl] if index is None else mixtures[index[sl]]  # (rows, num_codes)
         if copies:
             rows_mix = rows_mix.detach().clone().requires_grad_(True)
-        with tuner._request(ids, scale, rows_mix):
-            logits = tuner.model(input_ids=ex.input_ids, attention_mask=ex.attention_mask).logits
-        labels = ex.labels[:, 1:]  # (rows, seq-1)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )  # (rows, seq-1)
-        yield sl, nll.sum(-1), (labels != -100).sum(-1), rows_mix
+        nll, tokens = response_nll(tuner, chunk, bias_scale, rows_mix, options, prefix_cache)  # (rows,), (rows,)
+        yield sl, nll, tokens, rows_mix
 
 
 def mean_token_loss(model, batch: dict, bias_scale: float | None = None, chunk_size: int = 16) -> float:
@@ -100,12 +91,14 @@ def fit_mixtures(
     chunk_size: int = 16,
     bias_scale: float | None = None,
     progress: bool = True,
+    options: LossOptions = FAST,
 ) -> FitResult:
     """Fit the mixture vectors of the personas in ``batch["persona_ids"]`` (W and b stay frozen).
 
     ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` (-100 outside responses) and ``persona_ids``
     (rows of the persona table) for *all* training examples (full batch). Several personas fit at once; each row
-    of the table only sees its own examples. Results are written into the persona table.
+    of the table only sees its own examples. Results are written into the persona table. ``options`` picks the
+    loss shortcuts (`loss.LossOptions`; the text before the soft prompt is computed once for all steps).
     """
     tuner = as_tuner(model)
     scale = tuner.bias_scale if bias_scale is None else bias_scale
@@ -120,6 +113,7 @@ def fit_mixtures(
     params = table.detach()[rows].clone().float().requires_grad_(method == "adam")  # (personas, num_codes)
     index = torch.tensor([rows.index(r) for r in persona_rows.tolist()], device=table.device)  # example -> persona
     result = FitResult(method)
+    cache = PrefixCache()
     start = time.perf_counter()
     n = batch["input_ids"].shape[0]
     was_training = tuner.training
@@ -135,7 +129,9 @@ def fit_mixtures(
         result.example_passes += n
         per_example = torch.zeros(n, p.shape[1], device=table.device)
         nll = torch.zeros(n, device=table.device)
-        for sl, row_nll, _ in _grad_chunks(tuner, batch, p, index, scale, chunk_size, per_example, num_tokens):
+        for sl, row_nll, _ in _grad_chunks(
+            tuner, batch, p, index, scale, chunk_size, per_example, num_tokens, options, cache
+        ):
             nll[sl] = row_nll
         return nll, per_example
 
@@ -147,7 +143,7 @@ def fit_mixtures(
         for _ in tqdm(range(steps), desc="fit (adam)", disable=not progress):
             optimizer.zero_grad()
             loss_value = 0.0
-            for _, nll, _, _ in _row_losses(tuner, batch, params, scale, chunk_size, index):
+            for _, nll, _, _ in _row_losses(tuner, batch, params, scale, chunk_size, index, False, options, cache):
                 loss = nll.sum() / num_tokens
                 loss.backward()
                 loss_value += loss.item()
@@ -195,9 +191,10 @@ def fit_mixtures(
     return result
 
 
-def _grad_chunks(tuner, batch, params, index, scale, chunk_size, per_example, num_tokens):
+def _grad_chunks(tuner, batch, params, index, scale, chunk_size, per_example, num_tokens, options, cache):
     """Like ``_row_losses`` but also fills ``per_example`` with each row's gradient of the mean loss."""
-    for sl, nll, counts, rows_mix in _row_losses(tuner, batch, params, scale, chunk_size, index, copies=True):
+    chunks = _row_losses(tuner, batch, params, scale, chunk_size, index, True, options, cache)
+    for sl, nll, counts, rows_mix in chunks:
         (nll.sum() / num_tokens).backward()
         per_example[sl] = rows_mix.grad
         yield sl, nll.detach(), counts

@@ -1,0 +1,292 @@
+"""Response loss: summed token NLL per row, computed only where it is needed.
+
+The plain path (`PersonaMuxModel.forward` with labels) runs the causal LM's 49k-vocabulary head at every position
+and the whole prompt with gradient. Training a soft prompt needs neither:
+
+* **logits only where there are labels**: the decoder body runs once, and the output head only at the positions
+  that predict a response token;
+* **prefix reuse**: the tokens before the soft prompt (the chat template's system turn, the text persona) do not
+  depend on any trained weight, so their key/value states are computed once without gradient (`PrefixCache`) and
+  the rest of each row runs on top of them;
+* **bf16 autocast** where the processor has bf16 matrix units (`choose_autocast` measures it).
+
+`response_nll` returns the same numbers as the plain path (see tests/test_loss.py) and is what the Trainer stages,
+persona fitting and loss evaluation call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tuner.model import as_tuner
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# config attributes of heads that do more than a linear map (soft-capping, scaling): those models use the plain path
+_SPECIAL_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of next-token prediction, 0 where the label is ``IGNORE_INDEX``.
+
+    ``logits`` (batch, seq, vocab) and ``labels`` (batch, seq) are aligned (position t's label is the token at t);
+    the result (batch, seq - 1) is the loss of predicting token t + 1 from position t, in float32.
+    """
+    return F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Which shortcuts `response_nll` takes; every combination gives the plain path's numbers within tolerance."""
+
+    labels_only: bool = True  # output head only at positions that predict a label
+    prefix_cache: bool = True  # reuse the key/value states of the text before the soft prompt
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None runs in the weights' dtype
+
+
+FAST = LossOptions()  # every exact shortcut, in the weights' dtype
+PLAIN = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=None)
+
+
+class PrefixCache:
+    """Key/value states of prompt prefixes (the tokens before the soft prompt), computed once without gradient.
+
+    Entries are per token sequence and dtype, at most ``max_entries`` (least recently used dropped). Valid only
+    while the base model's weights do not change, which is the case for Persona-Mux (they are frozen).
+    """
+
+    def __init__(self, max_entries: int = 256) -> None:
+        if max_entries < 1:
+            raise ValueError(f"`max_entries` must be a positive integer, got {max_entries!r}.")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, body: nn.Module, ids: tuple[int, ...], device, autocast_dtype) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer (key, value), each (1, kv_heads, len(ids), head_dim), of ``ids`` run through ``body``."""
+        key = (ids, str(device), str(autocast_dtype))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return entry
+        self.misses += 1
+        with torch.no_grad(), _autocast(device, autocast_dtype):
+            out = body(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        entry = _cache_tensors(_output_cache(out))
+        self._entries[key] = entry
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return entry
+
+
+def response_nll(
+    model,
+    batch: Mapping[str, torch.Tensor],
+    bias_scale: float | None = None,
+    mixtures: torch.Tensor | None = None,
+    options: LossOptions = FAST,
+    prefix_cache: PrefixCache | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response NLL per row (rows,) and label tokens per row (rows,) of a Persona-Mux model.
+
+    ``batch`` holds collator output: ``input_ids``, ``attention_mask``, ``labels`` (-100 outside responses,
+    aligned with ``input_ids``) and ``persona_ids``, right padded, one placeholder per row (or none: the soft prompt
+    then goes first). ``mixtures`` (rows, num_codes) overrides the persona table row by row (fitting). Gradients
+    flow to whatever requires them (codebook, bias, mixtures). With ``options.prefix_cache`` and no
+    ``prefix_cache`` given, prefixes are computed for this call only.
+    """
+    tuner = as_tuner(model)
+    device = batch["input_ids"].device
+    expanded, ids, scale = tuner._prepare(
+        batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("persona_ids"), bias_scale, "right"
+    )
+    request = tuner._request(ids, scale, mixtures) if ids is not None else contextlib.nullcontext()
+    base = tuner.model
+    body = _decoder_body(base)
+    labels_only = options.labels_only and body is not None and _plain_head(base)
+    input_ids, attention_mask, labels = expanded.input_ids, expanded.attention_mask, expanded.labels
+    starts = _prompt_starts(input_ids, tuner._config().placeholder_token_id) if ids is not None else None
+    use_prefix = options.prefix_cache and body is not None and starts is not None and bool((starts > 0).any())
+    kwargs: dict = {}
+    if use_prefix:
+        cache = prefix_cache if prefix_cache is not None else PrefixCache()
+        input_ids, attention_mask, labels, kwargs = _split_prefix(
+            body, cache, input_ids, attention_mask, labels, starts, options.autocast_dtype
+        )
+    with request, _autocast(device, options.autocast_dtype):
+        if labels_only:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            return _labels_only_nll(base.get_output_embeddings(), hidden, labels)
+        logits = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    nll = token_nll(logits, labels)  # (rows, seq - 1)
+    return nll.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def mean_response_loss(model, batch, num_items: int | torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Mean token loss of ``batch`` (sum over label tokens / ``num_items``, default the batch's label tokens)."""
+    nll, tokens = response_nll(model, batch, **kwargs)
+    denominator = tokens.sum() if num_items is None else num_items
+    return nll.sum() / torch.as_tensor(denominator, device=nll.device).clamp(min=1)
+
+
+# -- autocast choice -------------------------------------------------------------------------------------------------
+
+
+def choose_autocast(device: torch.device | str, mode: str = "auto", min_speedup: float = 1.25) -> torch.dtype | None:
+    """The autocast dtype for training on ``device``: ``"auto"`` (bf16 when measured faster), ``"bf16"``, ``"no"``.
+
+    On CUDA, ``auto`` takes bf16 when supported. On CPU it times a matmul of the training shapes in float32 and in
+    bf16 and takes bf16 only if it is at least ``min_speedup`` times faster (CPUs without bf16 matrix units run bf16
+    slower than float32).
+    """
+    if mode not in ("auto", "bf16", "no"):
+        raise ValueError(f"`autocast` must be 'auto', 'bf16' or 'no', got {mode!r}.")
+    if mode == "no":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu":
+        return None
+    speedup = bf16_matmul_speedup()
+    logger.info("bf16 matmul on this CPU runs %.2fx float32 (autocast if >= %.2f).", speedup, min_speedup)
+    return torch.bfloat16 if speedup >= min_speedup else None
+
+
+def bf16_matmul_speedup(rows: int = 1024, inner: int = 576, cols: int = 1536, repeats: int = 5) -> float:
+    """How many times faster a (rows, inner) @ (inner, cols) matmul runs in bf16 than in float32 on the CPU."""
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+
+    def timed(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y  # warm-up: the first call picks the kernel
+        start = time.perf_counter()
+        for _ in range(repeats):
+            x @ y
+        return time.perf_counter() - start
+
+    return timed(a, b) / max(timed(a.bfloat16(), b.bfloat16()), 1e-9)
+
+
+# -- internals -------------------------------------------------------------------------------------------------------
+
+
+def _autocast(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _decoder_body(base: nn.Module) -> nn.Module | None:
+    """The transformer body of a causal LM (LlamaModel, GPT2Model, ...), or None when it has no separate body."""
+    body = getattr(base, "base_model", None)
+    return body if isinstance(body, nn.Module) and body is not base else None
+
+
+def _plain_head(base: nn.Module) -> bool:
+    """True when logits are just ``output_embeddings(hidden)`` (no soft-capping or scaling)."""
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return False
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not any(getattr(text_config, key, None) not in (None, 1, 1.0) for key in _SPECIAL_HEAD_KEYS)
+
+
+def _labels_only_nll(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor):
+    targets = labels[:, 1:]  # (rows, seq - 1)
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep])  # (label tokens, vocab): only positions that predict a label
+    nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (label tokens,)
+    rows = keep.nonzero()[:, 0]
+    per_row = torch.zeros(labels.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
+    return per_row, keep.sum(-1)
+
+
+def _prompt_starts(input_ids: torch.Tensor, placeholder_id: int) -> torch.Tensor:
+    """Index of each row's first soft-prompt position (rows,); rows are right padded after insertion."""
+    is_ph = input_ids == placeholder_id
+    return torch.where(is_ph.any(-1), is_ph.int().argmax(-1), torch.zeros_like(is_ph[:, 0], dtype=torch.long))
+
+
+def _split_prefix(body, cache: PrefixCache, input_ids, attention_mask, labels, starts, autocast_dtype):
+    """Cut each row at its soft prompt: the prefix comes from ``cache``, the rest is returned to run.
+
+    Prefixes of different lengths are left padded in the key/value states (masked out), so every row's suffix
+    starts at its own position ``starts[row]``.
+    """
+    rows, device = input_ids.shape[0], input_ids.device
+    lengths = attention_mask.sum(-1)
+    starts_list, lengths_list = starts.tolist(), lengths.tolist()
+    prefixes = [
+        cache.get(body, tuple(input_ids[r, :s].tolist()), device, autocast_dtype) if s > 0 else None
+        for r, s in enumerate(starts_list)
+    ]
+    prefix_len = max(starts_list)
+    suffix_len = max(n - s for n, s in zip(lengths_list, starts_list))
+    pad_id = int(input_ids[0, -1]) if bool((attention_mask[:, -1] == 0).any()) else 0
+    new_ids = torch.full((rows, suffix_len), pad_id, dtype=input_ids.dtype, device=device)  # (rows, suffix)
+    new_labels = torch.full((rows, suffix_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
+    suffix_mask = torch.zeros(rows, suffix_len, dtype=attention_mask.dtype, device=device)
+    prefix_mask = torch.zeros(rows, prefix_len, dtype=attention_mask.dtype, device=device)  # left padded
+    for r, (s, n) in enumerate(zip(starts_list, lengths_list)):
+        new_ids[r, : n - s] = input_ids[r, s:n]
+        new_labels[r, : n - s] = labels[r, s:n]
+        suffix_mask[r, : n - s] = 1
+        prefix_mask[r, prefix_len - s :] = 1
+    positions = starts[:, None] + torch.arange(suffix_len, device=device)  # (rows, suffix)
+    reference = next(p for p in prefixes if p is not None)
+    layers = []
+    for layer, (key_ref, value_ref) in enumerate(reference):
+        shape = (rows, key_ref.shape[1], prefix_len, key_ref.shape[3])  # (rows, kv_heads, prefix, head_dim)
+        keys, values = key_ref.new_zeros(shape), value_ref.new_zeros(shape)
+        for r, (s, entry) in enumerate(zip(starts_list, prefixes)):
+            if entry is not None:
+                keys[r, :, prefix_len - s :], values[r, :, prefix_len - s :] = entry[layer]
+        layers.append((keys, values))
+    kwargs = {_cache_kwarg(body): _make_cache(layers), "position_ids": positions, "use_cache": True}
+    return new_ids, torch.cat([prefix_mask, suffix_mask], dim=1), new_labels, kwargs
+
+
+def _cache_kwarg(body: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever the model's forward takes."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
+
+
+def _make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
