@@ -161,6 +161,13 @@ class PersonasArguments:
     codebook: str | None = field(default=None, metadata={"help": "Codebook folder. Default: the shipped one."})
     persona_dir: str | None = field(default=None, metadata={"help": "Another folder whose personas/ to list too."})
     json: bool = field(default=False, metadata={"help": "Print JSON lines instead of a table."})
+    verify: str | None = field(
+        default=None,
+        metadata={
+            "help": "Check every persona file under VERIFY/personas/ (content digest, shape, values, and the codebook "
+            "of VERIFY's adapter, else of --codebook when given); one line each, exit status 1 if any fails."
+        },
+    )
 
 
 @dataclass
@@ -535,10 +542,36 @@ def _codebook_fingerprint_from_file(codebook: Path) -> str | None:
     return codebook_fingerprint(w[0], b[0]) if len(w) == 1 and len(b) == 1 else None
 
 
+def _verify_personas(args: PersonasArguments) -> int:
+    from .persona_files import verify_persona_files
+
+    directory = Path(args.verify)
+    fingerprint = _codebook_fingerprint_from_file(directory)
+    if fingerprint is None and args.codebook:
+        fingerprint = _codebook_fingerprint_from_file(_codebook_dir(args.codebook))
+    results = verify_persona_files(directory, fingerprint)
+    failed = 0
+    for name, problem in results.items():
+        ok = problem is None or problem.startswith("no digest")
+        failed += not ok
+        if args.json:
+            print(json.dumps({"name": name, "ok": ok, "problem": problem}))
+        else:
+            print(
+                f"{'OK' if problem is None else 'UNCHECKED' if ok else 'FAILED':<9} {name}"
+                + (f": {problem}" if problem else "")
+            )
+    if not args.json:
+        print(f"{len(results)} persona files in {directory / 'personas'}, {failed} failed.")
+    return 1 if failed else 0
+
+
 def personas(args: PersonasArguments) -> int:
-    """List persona files with their size, codebook fingerprint and mixture norm."""
+    """List persona files with their size, codebook fingerprint and mixture norm (or --verify them)."""
     from safetensors import safe_open
 
+    if args.verify:
+        return _verify_personas(args)
     codebook = _codebook_dir(args.codebook)
     current = _codebook_fingerprint_from_file(codebook)
     files = {**list_persona_files(codebook), **(list_persona_files(args.persona_dir) if args.persona_dir else {})}
