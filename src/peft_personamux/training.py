@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .collator import PersonaMuxCollator
+from .diagnostics import IdentityDiagnosticCallback
 from .loss import LossOptions, PrefixCache, choose_autocast, mean_response_loss, response_nll
 from .persona_files import list_persona_files
 from .prompting import DEFAULT_INSTRUCTION
@@ -154,11 +155,36 @@ class CodebookTrainingArguments(PersonaMuxTrainingArguments):
     num_train_epochs: float = field(
         default=3.0, metadata={"help": "Total epochs, warm-up included (warm-up 1 + 2 joint epochs by default)."}
     )
+    gradient_codebook: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of the warm-up, replace the noise codebook by the principal directions of the "
+            "per-persona gradients w.r.t. the mixed tokens (`codebook_init`; one forward+backward pass over "
+            "gradient_codebook_lines lines per persona). Beyond the paper: see docs/results.md for its ablation."
+        },
+    )
+    gradient_codebook_lines: int = field(
+        default=8, metadata={"help": "Lines per persona for the gradient codebook's pass."}
+    )
+    identity_every: int = field(
+        default=0,
+        metadata={
+            "help": "Log the persona-identity diagnostic (`diagnostics`: held-out loss with each persona's own "
+            "mixture vs another's) every this many steps; 0 turns it off. Its lines are held out of training."
+        },
+    )
+    identity_lines: int = field(default=2, metadata={"help": "Held-out lines per persona for the diagnostic."})
+    identity_personas: int = field(default=64, metadata={"help": "Personas the diagnostic uses (at most)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.warmup_epochs >= 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs!r}.")
+        for name in ("gradient_codebook_lines", "identity_lines", "identity_personas"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if self.identity_every < 0:
+            raise ValueError(f"`identity_every` must be >= 0, got {self.identity_every!r}.")
 
 
 @dataclass
@@ -304,13 +330,14 @@ class StageSwitchCallback(TrainerCallback):
     parameters then get no gradient, and Adam skips them until the switch.
     """
 
-    def __init__(self, warmup_epochs: float = 1.0) -> None:
+    def __init__(self, warmup_epochs: float = 1.0, on_switch: Callable[[Any], dict] | None = None) -> None:
         if not warmup_epochs >= 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs!r}.")
         self.warmup_epochs = warmup_epochs
+        self.on_switch = on_switch  # run once when the joint stage starts in this run (not on resume past it)
         self.in_warmup: bool | None = None
 
-    def _apply(self, model, state, warmup: bool) -> None:
+    def _apply(self, model, state, warmup: bool, fresh: bool = True) -> None:
         if warmup == self.in_warmup:
             return
         if warmup:
@@ -321,10 +348,13 @@ class StageSwitchCallback(TrainerCallback):
         stage = "bias_warmup" if warmup else "codebook"
         state.log_history.append({STAGE_KEY: stage, "step": state.global_step, "epoch": state.epoch or 0.0})
         logger.info("Persona-Mux stage 1: %s from step %d.", stage, state.global_step)
+        if not warmup and fresh and self.on_switch is not None:
+            state.log_history.append({"step": state.global_step, **self.on_switch(model)})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.in_warmup = None
-        self._apply(model, state, (state.epoch or 0.0) < self.warmup_epochs)  # on resume, epoch is restored
+        # on resume, epoch is restored; a run resumed inside the joint stage already has its codebook start
+        self._apply(model, state, (state.epoch or 0.0) < self.warmup_epochs, fresh=state.global_step == 0)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.in_warmup and (state.epoch or 0.0) >= self.warmup_epochs:
@@ -428,19 +458,81 @@ def build_codebook_trainer(
     text_personas: Mapping[str, str] | None = None,
     eval_dataset=None,
     callbacks: Sequence[TrainerCallback] = (),
+    identity_dataset=None,
 ) -> PersonaMuxTrainer:
-    """A stage 1 trainer: registers every persona of ``dataset`` (and ``eval_dataset``), all at zero."""
-    model.add_personas(personas_in(dataset, eval_dataset), exist_ok=True)
+    """A stage 1 trainer: registers every persona of ``dataset`` (and ``eval_dataset``), all at zero.
+
+    ``identity_dataset``: held-out lines of those personas for the identity diagnostic (``args.identity_every``).
+    """
+    model.add_personas(personas_in(dataset, eval_dataset, identity_dataset), exist_ok=True)
     model.train_codebook()  # the optimizer is built from what requires grad: W, b and the whole mixture table
-    extra = [LossLogCallback(title="Persona-Mux codebook pretraining")] if args.loss_log else []
-    return PersonaMuxTrainer(
+    collator = _collator(model, tokenizer, args, text_personas)
+    extra: list[TrainerCallback] = [LossLogCallback(title="Persona-Mux codebook pretraining")] if args.loss_log else []
+    if identity_dataset is not None and getattr(args, "identity_every", 0) > 0:
+        extra.append(IdentityDiagnosticCallback(_batches(identity_dataset, collator, 16), args.identity_every))
+    on_switch = None
+    if getattr(args, "gradient_codebook", False):
+        lines = _first_lines(dataset, args.gradient_codebook_lines)
+        on_switch = lambda m: _gradient_codebook(m, _batches(lines, collator, 16), trainer)  # noqa: E731
+    trainer = PersonaMuxTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        data_collator=_collator(model, tokenizer, args, text_personas),
-        callbacks=[StageSwitchCallback(getattr(args, "warmup_epochs", 1.0)), *extra, *callbacks],
+        data_collator=collator,
+        callbacks=[StageSwitchCallback(getattr(args, "warmup_epochs", 1.0), on_switch), *extra, *callbacks],
     )
+    return trainer
+
+
+def _batches(dataset, collator, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    return [collator(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def _first_lines(dataset, per_persona: int):
+    """The first ``per_persona`` rows of each persona (a subset for the gradient codebook's pass)."""
+    seen: Counter = Counter()
+    keep = []
+    for index, name in enumerate(dataset["persona"]):
+        if seen[name] < per_persona:
+            keep.append(index)
+            seen[name] += 1
+    return dataset.select(keep)
+
+
+def _gradient_codebook(model, batches, trainer: PersonaMuxTrainer) -> dict:
+    from .codebook_init import init_codebook_from_gradients
+
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    options = LossOptions(autocast_dtype=trainer._autocast_dtype())
+    init = init_codebook_from_gradients(model, batches, options, progress=not trainer.args.disable_tqdm)
+    return {
+        "gradient_codebook_explained": round(init.explained, 5),
+        "gradient_codebook_explained_random": round(init.explained_random, 5),
+        "gradient_codebook_passes": init.example_passes,
+    }
+
+
+def split_identity_lines(dataset, lines: int, personas: int, seed: int = 0):
+    """``(train, held_out)``: the last ``lines`` rows of up to ``personas`` personas (those with at least
+    ``lines + 4`` rows, spread over the sorted names) move to ``held_out`` for the identity diagnostic."""
+    counts = Counter(dataset["persona"])
+    eligible = sorted(n for n, c in counts.items() if c >= lines + 4)
+    if len(eligible) < 2:
+        raise ValueError(f"The identity diagnostic needs 2 personas with at least {lines + 4} lines.")
+    chosen = set(eligible[:: max(1, len(eligible) // personas)][:personas])
+    seen: Counter = Counter()
+    held = set()
+    names = dataset["persona"]
+    for index in range(len(names) - 1, -1, -1):
+        name = names[index]
+        if name in chosen and seen[name] < lines:
+            held.add(index)
+            seen[name] += 1
+    train = [i for i in range(len(names)) if i not in held]
+    return dataset.select(train), dataset.select(sorted(held))
 
 
 def pretrain_codebook(
@@ -457,7 +549,12 @@ def pretrain_codebook(
     Resumes from ``args.resume_from_checkpoint`` when set (a path, or True for the last checkpoint). Afterwards the
     model is frozen, and ``output_dir`` holds the adapter (W and b) and ``personas/<name>.safetensors``.
     """
-    trainer = build_codebook_trainer(model, tokenizer, dataset, args, text_personas, eval_dataset, callbacks)
+    identity = None
+    if getattr(args, "identity_every", 0) > 0:
+        dataset, identity = split_identity_lines(dataset, args.identity_lines, args.identity_personas, args.seed)
+    trainer = build_codebook_trainer(
+        model, tokenizer, dataset, args, text_personas, eval_dataset, callbacks, identity_dataset=identity
+    )
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "1"):
         resume = True
