@@ -245,7 +245,7 @@ def _read_persona(
         if type(err).__name__ != "PanicException":
             raise
         raise PersonaFileError(f"{path} is not a readable safetensors persona file: {err}") from None
-    name = metadata.get("name") or os.path.basename(path)[: -len(PERSONA_SUFFIX)]
+    name = metadata.get("name", "")
     expected = (mixture.numel(),) if num_codes is None else (num_codes,)
     if tuple(mixture.shape) != expected:
         raise PersonaFileError(
@@ -253,9 +253,9 @@ def _read_persona(
         )
     if not torch.isfinite(mixture).all():
         raise PersonaFileError(f"{path}: mixture contains NaN or infinite values.")
-    mixture = mixture.to(torch.float32)
     stored = metadata.get("codebook_fingerprint")
     _check_metadata(path, metadata, mixture, name, stored)
+    mixture = mixture.to(torch.float32)
     if strict and fingerprint is not None and stored != fingerprint:
         raise PersonaFileError(
             f"{path}: persona {name!r} was fitted to codebook {stored!r}, but the loaded codebook is {fingerprint!r}. "
@@ -268,22 +268,26 @@ def _read_persona(
 
 
 def _check_metadata(path: str, metadata: dict[str, str], mixture: torch.Tensor, name: str, stored) -> None:
-    """The metadata must be one of the two formats and agree with the tensor; format 2 must match its digest."""
+    """The metadata must be exactly format 1 or 2 and describe the tensor; format 2 must match its digest."""
     keys = set(metadata)
-    if "digest" in metadata:
-        if keys != _V2_KEYS or metadata["format_version"] != FORMAT_VERSION or metadata["format"] != FORMAT_NAME:
-            raise PersonaFileError(f"{path}: unexpected metadata {sorted(metadata)}: the file is damaged.")
+    if keys == _V2_KEYS and metadata["format_version"] == FORMAT_VERSION and metadata["format"] == FORMAT_NAME:
         if metadata["digest"] != persona_digest(name, mixture, stored or ""):
             raise PersonaFileError(
                 f"{path}: the content digest does not match: the file is damaged (a bad copy or an edited file). "
                 "Copy or download it again, or save the persona again from a model that holds it."
             )
-    elif not keys <= _V1_KEYS or (keys == _V1_KEYS and metadata["format_version"] != "1"):
-        # a format 2 file that lost its digest, or format 1 metadata with edited keys
-        raise PersonaFileError(f"{path}: unexpected metadata {sorted(metadata)} and no digest: the file is damaged.")
-    if "num_codes" in metadata and metadata["num_codes"] != str(mixture.numel()):
+    elif not (keys == _V1_KEYS and metadata["format_version"] == "1" and metadata["format"] == FORMAT_NAME):
         raise PersonaFileError(
-            f"{path}: metadata says num_codes={metadata['num_codes']}, the tensor has {mixture.numel()} values."
+            f"{path}: unexpected metadata {sorted(metadata)}: not a persona file, or a damaged one (persona files "
+            f"hold {sorted(_V2_KEYS)}, or {sorted(_V1_KEYS)} before format 2)."
+        )
+    if metadata["num_codes"] != str(mixture.numel()) or (metadata["dtype"], mixture.dtype) != (
+        "float32",
+        torch.float32,
+    ):
+        raise PersonaFileError(
+            f"{path}: the metadata (num_codes={metadata['num_codes']!r}, dtype={metadata['dtype']!r}) does not "
+            f"describe the tensor ({mixture.numel()} values of {mixture.dtype}): the file is damaged."
         )
 
 
