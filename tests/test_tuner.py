@@ -472,3 +472,31 @@ def test_print_trainable_parameters(capsys):
     model.print_trainable_parameters()
     # W: 6*3*32, b: 4*32, table: 3*6
     assert f"trainable params: {6 * 3 * 32 + 4 * 32 + 3 * 6:,}" in capsys.readouterr().out
+
+
+def test_tokenizer_kwargs_never_trust_remote_code(tmp_path, monkeypatch):
+    text = dict(bias_init="text", init_text="To be", tokenizer_name_or_path="some/tokenizer")
+    with pytest.warns(UserWarning, match="trust_remote_code"):
+        config = PersonaMuxConfig(**SMALL, **text, tokenizer_kwargs={"trust_remote_code": True, "use_fast": False})
+    assert config.tokenizer_kwargs == {"use_fast": False}
+    # a downloaded adapter_config.json that asks for it
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["tokenizer_kwargs"]["trust_remote_code"] = True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="trust_remote_code"):
+        assert "trust_remote_code" not in PeftConfig.from_pretrained(tmp_path).tokenizer_kwargs
+    # and set after construction: dropped where the tokenizer is loaded
+    import transformers
+
+    seen = {}
+
+    def fake_tokenizer(name, **kwargs):
+        seen.update(kwargs)
+        return lambda text, add_special_tokens: {"input_ids": [5, 6, 7]}
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tokenizer)
+    config.tokenizer_kwargs["trust_remote_code"] = True
+    with pytest.warns(UserWarning, match="trust_remote_code"):
+        get_peft_model(make_model(), config)
+    assert seen == {"use_fast": False}
