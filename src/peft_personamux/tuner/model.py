@@ -235,6 +235,11 @@ class PersonaMuxModel(BaseTuner):
             raise ValueError(f"Personas already registered: {existing}. Pass exist_ok=True, or use set_mixture().")
         new = [n for n in names if n not in registry]
         table = self._layer.personamux_mixture[adapter]
+        if table.device.type == "meta":
+            raise RuntimeError(
+                "The persona table is on the meta device (adapter weights created with low_cpu_mem_usage=True and "
+                "never loaded); load the adapter with PeftModel.from_pretrained or load_adapter first."
+            )
         num_codes = table.shape[1]
         if mixtures is not None:
             mixtures = torch.as_tensor(mixtures)
