@@ -41,6 +41,8 @@ def test_every_subcommand_has_help(command, capsys):
         "generate": "--bias_scale",
         "personas": "--json",
         "demo": "--from_scratch",
+        "chat": "--bias_scale",
+        "serve": "--max_batch",
     }
     assert fields[command] in out and "--model_name_or_path" in out or command == "personas"
 

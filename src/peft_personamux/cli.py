@@ -18,9 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .chat import ChatArguments, chat
 from .models import shakespeare_codebook_dir
 from .persona_files import PERSONA_SUFFIX, PersonaFileError, list_persona_files, validate_persona_name
 from .prompting import DEFAULT_INSTRUCTION
+from .server import ServeArguments, serve
 from .training import CodebookTrainingArguments, PersonaFitArguments
 
 logger = logging.getLogger("peft_personamux.cli")
@@ -758,6 +760,8 @@ COMMANDS: dict[str, tuple[Callable[..., int], tuple[type, ...]]] = {
     "generate": (generate, (ModelArguments, GenerateArguments)),
     "personas": (personas, (PersonasArguments,)),
     "demo": (demo, (ModelArguments, DemoArguments)),
+    "chat": (chat, (ModelArguments, ChatArguments)),
+    "serve": (serve, (ModelArguments, ServeArguments)),
 }
 
 
