@@ -35,6 +35,7 @@ class FitResult:
 
     method: str
     losses: list[float] = field(default_factory=list)
+    persona_curves: dict[int, list[float]] = field(default_factory=dict)  # table row -> its mean token loss per step
     example_passes: int = 0
     seconds: float = 0.0
 
@@ -138,15 +139,25 @@ def fit_mixtures(
     def persona_losses(nll: torch.Tensor) -> torch.Tensor:
         return torch.zeros(len(rows), device=nll.device).index_add_(0, index, nll)  # (personas,)
 
+    row_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().to(table.device)  # (examples,)
+    persona_tokens = persona_losses(row_tokens).clamp(min=1)  # (personas,)
+
+    def record(summed: torch.Tensor) -> None:
+        for k, value in enumerate((summed / persona_tokens).tolist()):
+            result.persona_curves.setdefault(rows[k], []).append(value)
+
     if method == "adam":
         optimizer = torch.optim.Adam([params], lr=lr, eps=eps)
         for _ in tqdm(range(steps), desc="fit (adam)", disable=not progress):
             optimizer.zero_grad()
             loss_value = 0.0
-            for _, nll, _, _ in _row_losses(tuner, batch, params, scale, chunk_size, index, False, options, cache):
+            step_nll = torch.zeros(n, device=table.device)
+            for sl, nll, _, _ in _row_losses(tuner, batch, params, scale, chunk_size, index, False, options, cache):
                 loss = nll.sum() / num_tokens
                 loss.backward()
                 loss_value += loss.item()
+                step_nll[sl] = nll.detach()
+            record(persona_losses(step_nll))  # the loss at the parameters before this step
             optimizer.step()
             result.losses.append(loss_value)
             result.example_passes += n
@@ -156,6 +167,7 @@ def fit_mixtures(
         nll, per_example = evaluate(params)
         losses = persona_losses(nll)
         result.losses.append(float(losses.sum()) / num_tokens)
+        record(losses)
         for _ in tqdm(range(steps), desc="fit (fisher)", disable=not progress):
             step = torch.zeros_like(params)
             for k in range(len(rows)):
@@ -175,6 +187,7 @@ def fit_mixtures(
             per_example = torch.where(accepted[:, None], trial_grads, per_example)
             lam = torch.where(better, (lam / 3).clamp(min=1e-4), lam * 10)
             result.losses.append(float(losses.sum()) / num_tokens)
+            record(losses)
     with torch.no_grad():
         table[rows] = params.detach().to(table.dtype)
     tuner.train(was_training)

@@ -72,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_warning()
     command = "personamux evaluate " + " ".join(shlex.quote(a) for a in argv)
     results = run_evaluation(config, overwrite=run.overwrite, command=command.strip())
+    if config.only_headroom:
+        from .headroom import headroom_markdown
+
+        print("\n".join(headroom_markdown(results)))
+        print(f"\nHeadroom: {config.output_dir}/headroom.md, headroom.json, headroom_curves.png.")
+        return 0
     print("\n".join(main_table(results)))
     print(f"\nResults: {config.output_dir}/{RESULTS_MD} (all numbers in results.json).")
     print(f"Wall time: {results['wall_seconds_this_call']:.1f} s. Config: {json.dumps(config.fingerprint())}")

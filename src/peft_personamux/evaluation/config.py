@@ -174,13 +174,26 @@ class EvalConfig:
         default=10.0, metadata={"help": "Inverse regularisation C of the who-said-it logistic regression."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of training, sampling of lines and of the ablation."})
+    headroom: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the headroom stage (evaluation.headroom): zero mixture, 8 free prompt vectors, 64 weights on "
+            "the learned and on a random codebook, each fitted with headroom_steps Fisher steps; capture ratio and "
+            "likelihood identification."
+        },
+    )
+    headroom_steps: int = field(default=8, metadata={"help": "Fisher steps of every headroom fit."})
+    only_headroom: bool = field(
+        default=False,
+        metadata={"help": "Run only the data and headroom stages; write headroom.json/.md/.png (no results.json)."},
+    )
 
     def __post_init__(self) -> None:
         positive = (
             "min_lines max_chars num_train num_test max_prompt_tokens max_response_tokens eval_batch_size lora_r "
             "lora_steps lora_batch_size sp_num_virtual_tokens sp_steps num_codes tokens_per_code codebook_batch_size "
             "fit_steps fisher_steps fit_chunk_size num_generations max_new_tokens top_k discrimination_context_lines "
-            "discrimination_real_candidates judge_batch_size"
+            "discrimination_real_candidates judge_batch_size headroom_steps"
         ).split()
         for name in positive:
             value = getattr(self, name)

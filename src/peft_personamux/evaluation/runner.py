@@ -171,6 +171,12 @@ class Evaluation:
             f"{self.plan['total']['judge_sequences']:,}",
             {k: v for k, v in self.plan.items() if k != "total"},
         )
+        if self.config.only_headroom:
+            stages = {}
+            if self.codebook_dir == self.out / "codebook":
+                stages["codebook"] = self.stage("codebook", self._pretrain_codebook)
+            stages["headroom"] = self.stage("headroom", lambda p, s: self._headroom())
+            return stages
         stages = {
             "base_icl": self.stage("base_icl", self._base_icl),
             "lora": self.stage("lora", self._lora),
@@ -184,6 +190,8 @@ class Evaluation:
         stages["random_codebook"] = self.stage(
             "random_codebook", lambda p, s: self._pm_fit(self.config.random_codebook_method, True)
         )
+        if self.config.headroom:
+            stages["headroom"] = self.stage("headroom", lambda p, s: self._headroom())
         self._free_models()
         stages["pm_embedding"] = self.stage(
             "pm_embedding", lambda p, s: self._pm_embedding(stages["pm_fisher"]["mixtures"])
@@ -528,6 +536,23 @@ class Evaluation:
             model, self.tokenizer, Dataset.from_list(rows), self.personas, bias_scale, **self._eval_kwargs()
         )
 
+    def _headroom(self) -> dict:
+        from .headroom import HeadroomSettings, run_headroom
+
+        base, tokenizer = self.base()
+        c = self.config
+        settings = HeadroomSettings(c.headroom_steps, c.headroom_steps, c.fisher_damping, c.fit_chunk_size, c.seed)
+        collator_kwargs = {
+            "text_personas": self.text_personas(),
+            "instruction": c.instruction,
+            "max_prompt_tokens": c.max_prompt_tokens,
+            "max_response_tokens": c.max_response_tokens,
+        }
+        return run_headroom(
+            base, tokenizer, self.codebook_dir, self.personas, self.split.train, self.split.test, collator_kwargs,
+            settings, self.device,
+        )
+
     def _pm_zero(self, partial: dict, save) -> dict:
         """Losses with every mixture at zero: the starting point of every fit (W does not matter there)."""
         zero_mixtures(self.personamux(), self.personas)
@@ -843,6 +868,8 @@ def run_evaluation(
         start = time.perf_counter()
         evaluation = Evaluation(config, overwrite)
         stages = evaluation.run()
+        if config.only_headroom:
+            return _headroom_outputs(stages["headroom"], Path(config.output_dir), command)
         results = _results(config, evaluation, stages, start, command)
     finally:
         torch.set_num_threads(threads)
@@ -864,3 +891,15 @@ def _results(config: EvalConfig, evaluation: Evaluation, stages: dict, start: fl
     results = _finite_or_none(results)  # what results.json holds
     write_outputs(results, stages["generations"], Path(config.output_dir))
     return results
+
+
+def _headroom_outputs(headroom: dict, output_dir: Path, command: str | None) -> dict:
+    """``only_headroom``: headroom.json, headroom.md (its tables) and headroom_curves.png."""
+    from .headroom import headroom_markdown, plot_headroom
+
+    headroom = _finite_or_none(headroom)
+    _write_json(output_dir / "headroom.json", headroom)
+    plot_headroom(headroom, output_dir / "headroom_curves.png")
+    lines = ["# Headroom", "", f"Command: `{command or ' '.join(sys.argv)}`", "", *headroom_markdown(headroom)]
+    (output_dir / "headroom.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return headroom
