@@ -7,6 +7,7 @@ prefix cache against `model.generate`, uploads, errors, the queue limit, disconn
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import socket
@@ -81,8 +82,10 @@ def server(loaded, tmp_path_factory):
         yield url, app
 
 
-def client(url: str, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", **kwargs)
+@functools.cache
+def client(url: str, max_retries: int = 2) -> openai.OpenAI:
+    """One client per server (building one loads TLS certificates: a second or more on a busy machine)."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=max_retries)
 
 
 def ask(url: str, persona: str, messages=HI, **kwargs) -> str:
@@ -384,3 +387,80 @@ def test_soak_memory_stays_flat(server):
     assert _rss_mb() - start < 40
     assert len(engine.prefix_cache) <= engine.prefix_cache.capacity == 4
     assert engine.running == 0 and engine.queued == 0 and engine._cache is None
+
+
+def test_serve_benchmark_runs_tiny(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    threads = torch.get_num_threads()
+    spec = importlib.util.spec_from_file_location("benchmark_serve", benchmarks / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        payload = module.main(["--tiny", "--clients", "1,2", "--requests", "2", "--output-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "serve.json").read_text())
+    assert data["benchmark"] == "serve" and {"cpu", "cpu_cores"} <= set(data["hardware"])
+    modes = {(r["mode"], r["clients"]) for r in data["results"]}
+    assert {("mixed", 2), ("one persona", 2), ("base", 2), ("mixed, no prefix cache", 1)} <= modes
+    assert all(r["new_tokens"] == r["requests"] * 8 for r in data["results"])  # min_tokens held the length
+    assert "ratio vs base" in (tmp_path / "serve.md").read_text() and payload["ratios"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_readme_serve_snippet_on_smollm2(tmp_path):
+    """`personamux serve` on the shipped codebook (real SmolLM2), called as the README shows."""
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "peft_personamux.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--persona_dir",
+        str(tmp_path / "uploads"),
+    ]
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if raw(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the server did not start in 10 minutes"
+            time.sleep(1)
+        ids = [m.id for m in client(url).models.list()]
+        assert ids[0] == "smollm2-135m-instruct" and "hamlet/hamlet" in ids and len(ids) == 65
+        answer = ask(url, "hamlet/hamlet", [{"role": "user", "content": "Who goes there?"}], max_tokens=30)
+        assert answer.strip() and "AI" not in answer  # bias 1: in character, not the assistant persona
+        personas = ["hamlet/hamlet", "hamlet/ophelia", "macbeth/macbeth", "romeo_and_juliet/juliet"]
+        personas = [p for p in personas if p in ids][:4]
+        alone = [ask(url, p, max_tokens=12) for p in personas]
+        with ThreadPoolExecutor(len(personas)) as pool:
+            assert list(pool.map(lambda p: ask(url, p, max_tokens=12), personas)) == alone
+    finally:
+        process.terminate()
+        process.wait(60)
+        log.close()

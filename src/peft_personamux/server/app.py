@@ -171,6 +171,7 @@ def create_app(engine: BatchEngine, personas: PersonaStore, settings: ServerSett
         prefix = max(1, min(prefix, len(ids) - 1))
         sampling = SamplingParams(
             max_tokens=asked or min(settings.default_max_tokens, room),
+            min_tokens=body.min_tokens or 0,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,

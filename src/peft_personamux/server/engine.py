@@ -308,7 +308,8 @@ class BatchEngine:
         """Pick the row's next token and tell its request; True when the row is finished."""
         params = row.request.sampling
         seen = torch.tensor(row.seen, device=logits.device) if params.repetition_penalty != 1.0 else None
-        token = pick_token(logits, params, row.generator, seen, self._banned)
+        banned = self._banned if row.completion_tokens >= params.min_tokens else self._banned + sorted(self._eos)
+        token = pick_token(logits, params, row.generator, seen, banned)
         row.completion_tokens += 1
         finish = None
         if token in self._eos:

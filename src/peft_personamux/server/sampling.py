@@ -15,6 +15,7 @@ import torch
 @dataclass
 class SamplingParams:
     max_tokens: int
+    min_tokens: int = 0  # end-of-turn tokens are held off until this many (benchmarks: equal lengths)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off

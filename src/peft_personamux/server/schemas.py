@@ -39,6 +39,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(None, ge=0, description="Extra (as vLLM's): no end of turn before this many.")
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy. Default 1, as OpenAI's.")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="Extra (as vLLM's): keep the k most likely tokens; 0: off.")

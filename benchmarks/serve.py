@@ -1,0 +1,299 @@
+"""`personamux serve` under load: new tokens/s and latency at 1, 8 and 32 concurrent clients, through one server.
+
+    python benchmarks/serve.py                 # SmolLM2-135M and the shipped codebook, on CPU
+    python benchmarks/serve.py --tiny          # tiny random model and codebook (tests)
+
+The server runs in this process on 127.0.0.1 (a free port); client threads send chat completions over HTTP with the
+standard library, each a bounded number of requests, greedy, exactly ``--max-tokens`` new tokens (``min_tokens``
+holds off the end of turn), so every mode does the same work:
+
+* ``mixed``: every client talks to a different persona (the batch mixes personas);
+* ``one persona``: every client talks to the same persona;
+* ``base``: the base model through the same server (no soft prompt);
+* ``mixed, no prefix cache``: as ``mixed`` with the prefix cache off, so each request prefills its persona prefix.
+
+Reported per mode and concurrency: new tokens/s (all completion tokens over the wall time), p50/p95 request
+latency, and the ratio of tokens/s to ``base`` at the same concurrency. Modes run interleaved per concurrency, after
+a warm-up request per persona (steady state: prefixes cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import _common
+import torch
+
+logger = logging.getLogger("benchmarks.serve")
+
+NAME = "serve"
+PROMPTS = ["Who goes there?", "What news from the court?", "Where is the king?", "Why do you weep?"]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_common_arguments(parser)
+    parser.add_argument("--codebook", default=None, help="Codebook folder (default: the shipped Shakespeare one).")
+    parser.add_argument("--clients", default="1,8,32", help="Comma-separated concurrency levels.")
+    parser.add_argument("--requests", type=int, default=None, help="Requests per concurrency level (default 32).")
+    parser.add_argument("--max-tokens", type=int, default=None, help="New tokens per request (default 16; tiny 8).")
+    parser.add_argument("--max-batch", type=int, default=32, help="Server --max_batch.")
+    parser.add_argument("--batch-window-ms", type=float, default=10.0, help="Server --batch_window_ms.")
+    parser.add_argument("--timeout", type=float, default=600.0, help="Seconds one request may take before failing.")
+    args = parser.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    if args.requests is None:
+        args.requests = 32
+    if args.max_tokens is None:
+        args.max_tokens = 8 if args.tiny else 16
+    if args.random_llama_8b:
+        raise SystemExit("--random-llama-8b has no tokenizer for a chat server; use --model or the default.")
+    return args
+
+
+def tiny_codebook(root: Path, personas: int):
+    """A tiny random Llama with a byte-level BPE tokenizer (ChatML template) and a codebook of ``personas``."""
+    from peft import get_peft_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from peft_personamux import PersonaMuxConfig
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(PROMPTS * 8, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + 4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config), PersonaMuxConfig(task_type="CAUSAL_LM", num_codes=4, tokens_per_code=2)
+    )
+    model.add_personas([f"tiny/p{i}" for i in range(personas)], mixtures=torch.randn(personas, 4))
+    model.save_pretrained(root / "codebook")
+    model.unload().save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model", root / "codebook"
+
+
+class Server:
+    """``personamux serve``'s app under uvicorn on 127.0.0.1 in a thread."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("The server did not start in 60 s.")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+def request(port: int, body: dict[str, Any], timeout: float) -> tuple[float, int]:
+    """(seconds, completion tokens) of one chat completion."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = json.loads(response.read())
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {data}")
+    return time.perf_counter() - start, data["usage"]["completion_tokens"]
+
+
+def run_level(port: int, models: list[str], clients: int, total: int, args) -> dict[str, Any]:
+    """``total`` requests from ``clients`` threads; request i goes to ``models[i % len(models)]``."""
+
+    def body(i: int) -> dict[str, Any]:
+        return {
+            "model": models[i % len(models)],
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "max_tokens": args.max_tokens,
+            "min_tokens": args.max_tokens,
+            "temperature": 0,
+        }
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: request(port, body(i), args.timeout), range(total)))
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {
+        "clients": clients,
+        "requests": total,
+        "new_tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "p50_s": _percentile(latencies, 50),
+        "p95_s": _percentile(latencies, 95),
+    }
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    index = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return float(values[index])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import tempfile
+
+    from peft_personamux.codebook_loading import load_codebook_model, read_codebook_info, resolve_codebook_dir
+    from peft_personamux.server import ServeArguments, build_app
+    from peft_personamux.server.kv import PrefixCache
+
+    args = parse_args(argv)
+    device = _common.setup(args)
+    if device.type != "cpu":
+        logger.info("The server loads the model on the default device (CUDA when available).")
+    levels = sorted(set(args.clients))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            model_dir, codebook = tiny_codebook(Path(tmp), max(levels))
+            model_name, description = str(model_dir), "tiny random Llama (2 layers, hidden 32) + tiny codebook"
+        else:
+            codebook, model_name = resolve_codebook_dir(args.codebook), args.model
+            description = args.model or "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized) + shipped codebook"
+        model, tokenizer = load_codebook_model(codebook, model_name, args.dtype)
+        serve_args = ServeArguments(
+            persona_dir="",
+            max_batch=args.max_batch,
+            batch_window_ms=args.batch_window_ms,
+            max_queue=4 * args.max_batch,
+            prefix_cache_size=max(levels) + 1,
+        )
+        app = build_app(model, tokenizer, read_codebook_info(codebook), serve_args)
+        engine, base = app.state.engine, app.state.settings.base_name
+        personas = model.personas[: max(levels)]
+        cache = engine.prefix_cache
+        modes = {
+            "mixed": personas,
+            "one persona": personas[:1],
+            "base": [base],
+            "mixed, no prefix cache": personas,
+        }
+        results: list[dict[str, Any]] = []
+        with Server(app) as server:
+            logger.info("Warm-up: one request per persona and the base model.")
+            run_level(server.port, personas + [base], min(8, len(personas) + 1), len(personas) + 1, args)
+            for level in levels:
+                total = max(level, args.requests)
+                for mode, names in modes.items():
+                    engine.prefix_cache = PrefixCache(0) if "no prefix cache" in mode else cache
+                    row = run_level(server.port, names, level, total, args)
+                    row["mode"] = mode
+                    results.append(row)
+                    logger.info(
+                        "%s, %d clients: %.1f new tokens/s, p50 %.2f s, p95 %.2f s",
+                        mode,
+                        level,
+                        row["tokens_per_s"],
+                        row["p50_s"],
+                        row["p95_s"],
+                    )
+            engine.prefix_cache = cache
+        stats = dict(engine.stats)
+    by_key = {(r["mode"], r["clients"]): r for r in results}
+    for r in results:
+        r["ratio_vs_base"] = _common.ratio(r["tokens_per_s"], by_key[("base", r["clients"])]["tokens_per_s"])
+    ratios = {f"{r['mode']} / base @ {r['clients']}": r["ratio_vs_base"] for r in results if r["mode"] != "base"}
+    hardware = _common.hardware(device, args.dtype)
+    hardware["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    payload = {
+        "benchmark": NAME,
+        "command": _common.command_line(__file__, argv),
+        "model": description,
+        "hardware": hardware,
+        "settings": {
+            "clients": levels,
+            "requests_per_level": {lvl: max(lvl, args.requests) for lvl in levels},
+            "max_tokens": args.max_tokens,
+            "max_batch": args.max_batch,
+            "batch_window_ms": args.batch_window_ms,
+            "personas": len(personas),
+        },
+        "results": results,
+        "ratios": ratios,
+        "engine_stats": stats,
+    }
+    table = _common.markdown_table(
+        ["mode", "clients", "requests", "new tokens / s", "p50 latency (s)", "p95 latency (s)", "ratio vs base"],
+        [
+            [r["mode"], r["clients"], r["requests"], r["tokens_per_s"], r["p50_s"], r["p95_s"], r["ratio_vs_base"]]
+            for r in results
+        ],
+    )
+    notes = [
+        f"Greedy, exactly {args.max_tokens} new tokens per request, prompts of one user turn; server max_batch "
+        f"{args.max_batch}, batching window {args.batch_window_ms:g} ms; client and server share the machine.",
+        "Modes run back to back per concurrency level, after one warm-up request per persona (prefixes cached).",
+        f"Mean rows per decode step over the run: {stats['row_steps'] / max(stats['steps'], 1):.1f} "
+        f"(max {stats['max_rows']}); prefix prefills: {stats['prefills']}.",
+        f"The 1-minute load average was {hardware['load_average_1min_at_end']} at the end on "
+        f"{hardware['cpu_cores']} cores: other jobs shared the CPU, so absolute numbers are noisy and the ratios "
+        "are the figures to read.",
+    ]
+    _common.write_report(
+        NAME,
+        args.output_dir,
+        payload,
+        "personamux serve: batched personas under load",
+        [("Throughput and latency", table)],
+        notes,
+    )
+    return payload
+
+
+if __name__ == "__main__":
+    main()
