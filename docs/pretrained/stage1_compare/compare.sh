@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage-1 variants at small scale, same data subset and the same example-pass budget each (docs/results.md,
-# "Stage 1 variants"): 64 pretraining personas x 24 lines, 1,200 example passes per variant, the persona-identity
+# "Stage 1 variants"): 64 pretraining personas x 24 lines, 960 example passes per variant, the persona-identity
 # diagnostic every 40 steps on 2 held-out lines of 32 personas. Outputs go to runs/stage1_compare/<variant>.
 set -euo pipefail
 common=(
@@ -14,11 +14,11 @@ common=(
 )
 out=${1:-runs/stage1_compare}
 # paper: one learning rate, random batches, noise codebook
-personamux pretrain --output_dir "$out/paper" "${common[@]}" --max_steps 150
+personamux pretrain --output_dir "$out/paper" "${common[@]}" --max_steps 120
 # + the mixture table at 10x the learning rate, 2 personas x 4 lines per batch, length-grouped
-personamux pretrain --output_dir "$out/grouped_lr" "${common[@]}" --max_steps 150 \
+personamux pretrain --output_dir "$out/grouped_lr" "${common[@]}" --max_steps 120 \
   --mixture_learning_rate 0.1 --personas_per_batch 2 --length_grouped true
 # + the gradient codebook start (4 lines x 64 personas = 256 passes = 32 steps, taken off its budget)
-personamux pretrain --output_dir "$out/grouped_lr_gradient" "${common[@]}" --max_steps 118 \
+personamux pretrain --output_dir "$out/grouped_lr_gradient" "${common[@]}" --max_steps 88 \
   --mixture_learning_rate 0.1 --personas_per_batch 2 --length_grouped true \
   --gradient_codebook true --gradient_codebook_lines 4
