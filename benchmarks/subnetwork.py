@@ -65,6 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-test", type=int, default=6, help="--heldout: held-out lines per character.")
     parser.add_argument("--sparsities", default="0.1,0.3", help="--heldout: comma-separated sparsities.")
     parser.add_argument("--fisher-steps", type=int, default=3, help="--heldout: Fisher steps fitting each mixture.")
+    parser.add_argument(
+        "--heldout-only", action="store_true", help="Skip calibration and throughput (keeps their results files)."
+    )
     args = parser.parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = 6 if args.tiny else 24
@@ -296,7 +299,7 @@ def heldout_tables(result: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     for v in variants:
         losses = [result["heldout"][v][p] for p in personas]
-        rows.append([v, *losses, sum(losses) / len(losses), result["general"].get(v, result["general"]["base"])])
+        rows.append([v, *losses, sum(losses) / len(losses), result["general"].get(v, float("nan"))])
     headers = ["variant", *[p.split("/")[-1] for p in personas], "mean", "general-text loss"]
     return [("Held-out mean token loss (lower is better)", _common.markdown_table(headers, rows))]
 
@@ -306,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = _common.setup(args)
     model, tokenizer, model_name = _common.load_model(args, device)
     tokenizer = tokenizer or TinyTokenizer()
+    if args.heldout_only:
+        return {"heldout": write_heldout(model, tokenizer, model_name, args, argv, device)}
     lines = persona_lines(args, tokenizer)
     calib, extra = calibration(model, tokenizer, lines, args, device)
     speed = throughput(model, tokenizer, lines, extra["masks"], args, device)
@@ -366,20 +371,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         NAME, args.output_dir, payload, "Persona subnetworks: calibration and throughput", tables, notes
     )
     if args.heldout:
-        result = heldout(model, tokenizer, args)
-        held = {
-            "benchmark": f"{NAME}_heldout",
-            "command": payload["command"],
-            "model": model_name,
-            "hardware": payload["hardware"],
-            "settings": payload["settings"],
-            **result,
-        }
-        _common.write_report(
-            f"{NAME}_heldout", args.output_dir, held, "Persona subnetworks: held-out loss", heldout_tables(result)
-        )
-        payload["heldout"] = result
+        payload["heldout"] = write_heldout(model, tokenizer, model_name, args, argv, device)
     return payload
+
+
+def write_heldout(model, tokenizer, model_name: str, args, argv, device) -> dict[str, Any]:
+    """Run `heldout` and write ``subnetwork_heldout[_train<n>].{json,md}``."""
+    result = heldout(model, tokenizer, args)
+    name = f"{NAME}_heldout" + ("" if args.num_train == 8 else f"_train{args.num_train}")
+    held = {
+        "benchmark": name,
+        "command": _common.command_line(__file__, argv),
+        "model": model_name,
+        "hardware": _common.hardware(device, args.dtype),
+        "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
+        **result,
+    }
+    notes = [
+        f"{args.num_train} training lines per character (calibration and the mixture's Fisher fit, "
+        f"{args.fisher_steps} steps), {args.num_test} held out; general-text loss: the shipped GENERAL_TEXT under "
+        "each mask (base model: the base row); `_other` rows use the next character's mask (a control).",
+        f"Wall time {result['wall_s']:.0f} s.",
+    ]
+    title = "Persona subnetworks: held-out loss"
+    _common.write_report(name, args.output_dir, held, title, heldout_tables(result), notes)
+    return result
 
 
 if __name__ == "__main__":

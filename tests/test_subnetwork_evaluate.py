@@ -39,11 +39,19 @@ def test_heldout_losses_every_variant(tokenizer):
     )
     assert result["personas"] == ["play/a", "play/b"] and set(model.personas) >= {"play/a", "play/b"}
     variants = {"base", "soft_prompt"} | {
-        f"{kind}@{s}" for s in ("0.25", "0.5") for kind in ("weight_mask", "channel_mask", "channel_mask+soft_prompt")
+        f"{kind}@{s}"
+        for s in ("0.25", "0.5")
+        for kind in (
+            "weight_mask",
+            "channel_mask",
+            "channel_mask+soft_prompt",
+            "weight_mask_other",
+            "channel_mask_other",
+        )
     }
     assert set(result["heldout"]) == variants
     assert all(math.isfinite(v) for losses in result["heldout"].values() for v in losses.values())
-    assert set(result["general"]) == {"base"} | {v for v in variants if "soft" not in v and v != "base"}
+    assert set(result["general"]) == {"base"} | {v for v in variants if "_mask@" in v and "soft" not in v}
     assert result["heldout"]["weight_mask@0.5"] != result["heldout"]["base"]
     base = model.get_base_model()
     assert result["heldout"]["base"] == pytest.approx(plain_losses(base, tokenizer, test))

@@ -146,6 +146,7 @@ def heldout_losses(
     max_response_tokens: int | None = 64,
     batch_size: int = 8,
     general_text: str = GENERAL_TEXT,
+    controls: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Per-persona held-out mean token loss of every subnetwork variant, with its cost and general-text loss.
@@ -158,11 +159,14 @@ def heldout_losses(
             rows (``config.calibration_format``), losses the test rows.
         sparsities: each mask is built at each of these (default 0.1 and 0.3).
         config: statistic, calibration format and limits; its sparsity and granularity are overridden.
+        controls: also score each persona under the mask of the next persona (``*_mask_other@s``): a mask that
+            helps its own persona no more than another's is a pruned model, not a persona.
 
     Returns a JSON-able dict: ``heldout[variant][persona]`` (variants ``base``, ``soft_prompt``,
-    ``weight_mask@s``, ``channel_mask@s``, ``channel_mask+soft_prompt@s``), ``general[variant]`` (mean over
-    personas of the general-text loss; ``base`` once), ``seconds`` (calibration forward passes, mask building and
-    mixture fits, per persona), ``bytes`` (packed mask bits per persona; a mixture's float32 bytes) and counts.
+    ``weight_mask@s``, ``channel_mask@s``, ``channel_mask+soft_prompt@s``, ``*_mask_other@s``),
+    ``general[variant]`` (mean over personas of the general-text loss; ``base`` once), ``seconds`` (calibration
+    forward passes, mask building and mixture fits, per persona), ``bytes`` (packed mask bits per persona; a
+    mixture's float32 bytes) and counts.
     """
     sparsities = [check_sparsity(s) for s in sparsities]
     config = config or SubnetworkConfig()
@@ -188,58 +192,54 @@ def heldout_losses(
     sizes: dict[str, int] = {}
     was_training = model.training
     model.eval()
-    base_losses = plain_losses(
-        base, tokenizer, test_rows, instruction, max_prompt_tokens, max_response_tokens, batch_size
-    )
+
+    def score(rows: Sequence[Row]) -> dict[str, float]:
+        return plain_losses(base, tokenizer, rows, instruction, max_prompt_tokens, max_response_tokens, batch_size)
+
+    base_losses = score(test_rows)
     heldout["base"] = {p: base_losses[p] for p in personas}
     general_base = general_loss(base, tokenizer, general_text)
     bank = SubnetworkBank(base) if mux else None
-    for persona in tqdm(personas, desc="subnetwork personas", disable=not progress):
+    stats = {}
+    for persona in personas:  # forward passes only; every mask below is built from these
         start = time.perf_counter()
-        stats = collect_statistics(base, tokenizer, train_by[persona], config, progress=False)
+        stats[persona] = collect_statistics(base, tokenizer, train_by[persona], config, progress=False)
         seconds["statistics"][persona] = time.perf_counter() - start
+
+    def build(persona: str, granularity: Granularity, sparsity: float, source: str):
+        cfg = dataclasses.replace(config, granularity=granularity, sparsity=sparsity)
+        return calibrate_subnetwork(base, tokenizer, [], persona, config=cfg, statistics=stats[source], progress=False)
+
+    def masked(mask, granularity: Granularity):
+        return apply_weight_mask(base, mask) if granularity == Granularity.WEIGHT else _channel(base, mask)
+
+    for index, persona in enumerate(tqdm(personas, desc="subnetwork personas", disable=not progress)):
         if mux:
             if persona not in model.personas:
                 if not fit_missing_mixtures:
                     raise ValueError(f"Persona {persona!r} has no mixture in the Persona-Mux model.")
                 seconds["mixture_fit"][persona] = _fit_mixture(model, tokenizer, persona, train_by[persona], settings)
             heldout["soft_prompt"][persona] = _mux_losses(model, tokenizer, test_by[persona], persona, settings)
+        other = personas[(index + 1) % len(personas)]
         for sparsity in sparsities:
             tag = f"@{sparsity:g}"
             for granularity in (Granularity.WEIGHT, Granularity.CHANNEL):
                 start = time.perf_counter()
-                mask = calibrate_subnetwork(
-                    base,
-                    tokenizer,
-                    train_by[persona],
-                    persona,
-                    sparsity=sparsity,
-                    config=dataclasses.replace(config, granularity=granularity),
-                    statistics=stats,
-                    progress=False,
-                )
+                mask = build(persona, granularity, sparsity, persona)
                 seconds[f"{granularity.value}_mask_build"][persona] = time.perf_counter() - start
                 sizes[f"{granularity.value}_mask"] = mask.packed_bytes
                 variant = f"{granularity.value}_mask{tag}"
-                context = apply_weight_mask(base, mask) if granularity == Granularity.WEIGHT else _channel(base, mask)
-                with context:
-                    loss = plain_losses(
-                        base,
-                        tokenizer,
-                        test_by[persona],
-                        instruction,
-                        max_prompt_tokens,
-                        max_response_tokens,
-                        batch_size,
-                    )
-                    heldout[variant][persona] = loss[persona]
+                with masked(mask, granularity):
+                    heldout[variant][persona] = score(test_by[persona])[persona]
                     general[variant].append(general_loss(base, tokenizer, general_text))
                 if granularity == Granularity.CHANNEL and mux:
                     bank.add(mask, exist_ok=True)
                     with bank.apply(persona):
                         loss = _mux_losses(model, tokenizer, test_by[persona], persona, settings)
                     heldout[f"channel_mask+soft_prompt{tag}"][persona] = loss
-        del stats
+                if controls and other != persona:  # is the mask the persona's, or just a pruned model?
+                    with masked(build(persona, granularity, sparsity, other), granularity):
+                        heldout[f"{granularity.value}_mask_other{tag}"][persona] = score(test_by[persona])[persona]
     model.train(was_training)
     if mux:
         sizes["mixture"] = 4 * model.peft_config["default"].num_codes
