@@ -303,6 +303,20 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     assert (out / "artifacts" / "embedding_map.safetensors").is_file()
     assert "| Embedding map, zero-shot (no gradient step) |" in (out / "results.md").read_text()
 
+    headroom = results["headroom"]
+    assert set(headroom["personas"]) == set(personas)
+    for method in ("free8", "mix64", "random64"):
+        curves = headroom[method]["curves"]
+        assert set(curves) == set(personas) and all(len(c) == config.headroom_steps + 1 for c in curves.values())
+    assert len(headroom["identification"]["loss_matrix"]) == len(personas)
+    assert headroom["identification"]["chance"] == pytest.approx(1 / len(personas))
+    efficiency = results["data_efficiency"]
+    assert efficiency["sizes"] == [n for n in config.data_efficiency_sizes if n <= config.num_train]
+    assert all(efficiency["personamux"][str(n)]["n"] == len(personas) for n in efficiency["sizes"])
+    for name in ("headroom_curves.png", "identification.png", "data_efficiency.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "## Headroom and likelihood identification" in (out / "results.md").read_text()
+
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
     main = table[: len(METHOD_ROWS) + 1]  # header + one row per method
     assert all(line.count("|") == 10 for line in main)

@@ -183,6 +183,14 @@ class EvalConfig:
         },
     )
     headroom_steps: int = field(default=8, metadata={"help": "Fisher steps of every headroom fit."})
+    data_efficiency_sizes: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Data-efficiency curve (evaluation.data_efficiency): held-out loss of Persona-Mux (Fisher fit) "
+            "and SP after fitting on the first n training lines, for each n here (sizes above num_train are "
+            "skipped); empty: no curve. The paper's setting: [8, 32, 100]."
+        },
+    )
     only_headroom: bool = field(
         default=False,
         metadata={"help": "Run only the data and headroom stages; write headroom.json/.md/.png (no results.json)."},
@@ -218,6 +226,8 @@ class EvalConfig:
             )
         if not self.bias_scales or any(not s >= 0 for s in self.bias_scales) or 1.0 not in self.bias_scales:
             raise ValueError(f"`bias_scales` must be scales >= 0 that include 1.0, got {self.bias_scales!r}.")
+        if any(not isinstance(n, int) or n < 1 for n in self.data_efficiency_sizes):
+            raise ValueError(f"`data_efficiency_sizes` must be positive integers, got {self.data_efficiency_sizes!r}.")
         if self.random_codebook_method not in FIT_METHODS:
             raise ValueError(
                 f"`random_codebook_method` must be one of {FIT_METHODS}, got {self.random_codebook_method!r}."

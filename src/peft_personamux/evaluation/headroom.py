@@ -281,6 +281,27 @@ def plot_headroom(result: dict, path: str | Path) -> str:
     return str(path)
 
 
+def plot_identification(result: dict, path: str | Path) -> str:
+    """Confusion matrix of likelihood identification: row = true character, column = mixture it was scored under."""
+    from matplotlib.figure import Figure
+
+    ident, personas = result["identification"], result["personas"]
+    matrix = torch.tensor(ident["loss_matrix"])  # (true, candidate)
+    relative = matrix - matrix.min(dim=1, keepdim=True).values  # 0 at each row's best candidate
+    names = [p.split("/")[-1] for p in personas]
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    image = ax.imshow(relative.numpy(), cmap="viridis_r")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("scored under the fitted mixture of")
+    ax.set_ylabel("held-out lines of")
+    ax.set_title(f"Likelihood identification: accuracy {ident['accuracy']:.2f} (chance {ident['chance']:.2f})")
+    fig.colorbar(image, ax=ax, label="loss above the row's best (nats)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return str(path)
+
+
 def _ci(summary: dict) -> str:
     if summary["mean"] is None:
         return "n/a"

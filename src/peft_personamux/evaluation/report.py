@@ -14,6 +14,8 @@ import torch
 
 from .config import EvalConfig
 from .data import Split
+from .data_efficiency import data_efficiency_markdown, plot_data_efficiency, summarize_data_efficiency
+from .headroom import headroom_markdown, plot_headroom, plot_identification
 from .metrics import summarize
 from .runner import REFERENCE, _write_json, method_keys
 
@@ -135,7 +137,19 @@ def build_results(
         "loss_improvement": _improvements(stages, personas),
         "fitting": _fitting(stages, config, len(personas)),
         "zero_shot": _zero_shot(stages, personas),
+        "headroom": (
+            {k: v for k, v in stages["headroom"].items() if k not in ("done", "seconds")}
+            if "headroom" in stages
+            else None
+        ),
+        "data_efficiency": (
+            summarize_data_efficiency(stages["data_efficiency"], personas) if "data_efficiency" in stages else None
+        ),
     }
+
+
+def _without_bookkeeping(stage: dict | None) -> dict | None:
+    return None if stage is None else {k: v for k, v in stage.items() if k not in ("done", "seconds")}
 
 
 def _zero_shot(stages: dict, personas: list[str]) -> dict:
@@ -341,6 +355,10 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
             f"{row['seconds']:.1f} | {'—' if per is None else f'{per:.1f}'} | {losses} |"
         )
     lines += _zero_shot_markdown(results.get("zero_shot") or {})
+    if results.get("headroom"):
+        lines += ["", "## Headroom and likelihood identification", "", *headroom_markdown(results["headroom"])]
+    if results.get("data_efficiency"):
+        lines += ["", "## Data efficiency (held-out loss)", "", *data_efficiency_markdown(results["data_efficiency"])]
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", "## Stage times (s)", "", "| Stage | Seconds |", "|---|---|"]
@@ -460,4 +478,11 @@ def write_plots(results: dict, output_dir: Path) -> dict[str, str]:
             ax.legend(fontsize=7)
     fig.savefig(output_dir / PLOTS["fitting_curves"], dpi=100, bbox_inches="tight")
     written["fitting_curves"] = PLOTS["fitting_curves"]
+    if results.get("headroom"):
+        written["headroom_curves"] = Path(plot_headroom(results["headroom"], output_dir / "headroom_curves.png")).name
+        path = plot_identification(results["headroom"], output_dir / "identification.png")
+        written["identification"] = Path(path).name
+    if results.get("data_efficiency"):
+        path = plot_data_efficiency(results["data_efficiency"], output_dir / "data_efficiency.png")
+        written["data_efficiency"] = Path(path).name
     return written

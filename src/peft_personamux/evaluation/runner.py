@@ -192,6 +192,12 @@ class Evaluation:
         )
         if self.config.headroom:
             stages["headroom"] = self.stage("headroom", lambda p, s: self._headroom())
+        if self.config.data_efficiency_sizes:
+            from .data_efficiency import run_data_efficiency
+
+            stages["data_efficiency"] = self.stage(
+                "data_efficiency", lambda p, s: run_data_efficiency(self, self.config.data_efficiency_sizes)
+            )
         self._free_models()
         stages["pm_embedding"] = self.stage(
             "pm_embedding", lambda p, s: self._pm_embedding(stages["pm_fisher"]["mixtures"])
@@ -549,8 +555,15 @@ class Evaluation:
             "max_response_tokens": c.max_response_tokens,
         }
         return run_headroom(
-            base, tokenizer, self.codebook_dir, self.personas, self.split.train, self.split.test, collator_kwargs,
-            settings, self.device,
+            base,
+            tokenizer,
+            self.codebook_dir,
+            self.personas,
+            self.split.train,
+            self.split.test,
+            collator_kwargs,
+            settings,
+            self.device,
         )
 
     def _pm_zero(self, partial: dict, save) -> dict:
@@ -895,11 +908,12 @@ def _results(config: EvalConfig, evaluation: Evaluation, stages: dict, start: fl
 
 def _headroom_outputs(headroom: dict, output_dir: Path, command: str | None) -> dict:
     """``only_headroom``: headroom.json, headroom.md (its tables) and headroom_curves.png."""
-    from .headroom import headroom_markdown, plot_headroom
+    from .headroom import headroom_markdown, plot_headroom, plot_identification
 
     headroom = _finite_or_none(headroom)
     _write_json(output_dir / "headroom.json", headroom)
     plot_headroom(headroom, output_dir / "headroom_curves.png")
+    plot_identification(headroom, output_dir / "identification.png")
     lines = ["# Headroom", "", f"Command: `{command or ' '.join(sys.argv)}`", "", *headroom_markdown(headroom)]
     (output_dir / "headroom.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return headroom
