@@ -1,6 +1,6 @@
 """Table of the stage-1 comparison (compare.sh): identity gap over training and final training loss per variant.
 
-    python docs/pretrained/stage1_compare/summarize.py runs/stage1_compare > docs/pretrained/stage1_compare/summary.md
+python docs/pretrained/stage1_compare/summarize.py runs/stage1_compare > docs/pretrained/stage1_compare/summary.md
 """
 
 import json
