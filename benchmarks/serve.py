@@ -10,7 +10,8 @@ holds off the end of turn), so every mode does the same work:
 * ``mixed``: every client talks to a different persona (the batch mixes personas);
 * ``one persona``: every client talks to the same persona;
 * ``base``: the base model through the same server (no soft prompt);
-* ``mixed, no prefix cache``: as ``mixed`` with the prefix cache off, so each request prefills its persona prefix.
+* ``mixed, no prefix cache``: as ``mixed`` with the prefix cache off, so each request prefills its persona prefix
+  (up to ``--no-cache-clients`` clients: those prefills run one row at a time).
 
 Reported per mode and concurrency: new tokens/s (all completion tokens over the wall time), p50/p95 request
 latency, and the ratio of tokens/s to ``base`` at the same concurrency. Modes run interleaved per concurrency, after
@@ -50,7 +51,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=None, help="New tokens per request (default 16; tiny 8).")
     parser.add_argument("--max-batch", type=int, default=32, help="Server --max_batch.")
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="Server --batch_window_ms.")
-    parser.add_argument("--timeout", type=float, default=600.0, help="Seconds one request may take before failing.")
+    parser.add_argument(
+        "--no-cache-clients",
+        type=int,
+        default=8,
+        help="Run 'mixed, no prefix cache' up to this many clients only (its prefills are one row each: slow).",
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="Seconds one request may take before failing.")
     args = parser.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
     if args.requests is None:
@@ -150,15 +157,16 @@ def request(port: int, body: dict[str, Any], timeout: float) -> tuple[float, int
     return time.perf_counter() - start, data["usage"]["completion_tokens"]
 
 
-def run_level(port: int, models: list[str], clients: int, total: int, args) -> dict[str, Any]:
+def run_level(port: int, models: list[str], clients: int, total: int, args, tokens: int | None = None) -> dict:
     """``total`` requests from ``clients`` threads; request i goes to ``models[i % len(models)]``."""
+    tokens = tokens or args.max_tokens
 
     def body(i: int) -> dict[str, Any]:
         return {
             "model": models[i % len(models)],
             "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-            "max_tokens": args.max_tokens,
-            "min_tokens": args.max_tokens,
+            "max_tokens": tokens,
+            "min_tokens": tokens,
             "temperature": 0,
         }
 
@@ -225,11 +233,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         results: list[dict[str, Any]] = []
         with Server(app) as server:
-            logger.info("Warm-up: one request per persona and the base model.")
-            run_level(server.port, personas + [base], min(8, len(personas) + 1), len(personas) + 1, args)
+            logger.info("Warm-up: one one-token request per persona and the base model (fills the prefix cache).")
+            run_level(server.port, personas + [base], min(8, len(personas) + 1), len(personas) + 1, args, tokens=1)
             for level in levels:
                 total = max(level, args.requests)
                 for mode, names in modes.items():
+                    if "no prefix cache" in mode and level > args.no_cache_clients:
+                        continue
                     engine.prefix_cache = PrefixCache(0) if "no prefix cache" in mode else cache
                     row = run_level(server.port, names, level, total, args)
                     row["mode"] = mode
@@ -277,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     notes = [
         f"Greedy, exactly {args.max_tokens} new tokens per request, prompts of one user turn; server max_batch "
         f"{args.max_batch}, batching window {args.batch_window_ms:g} ms; client and server share the machine.",
-        "Modes run back to back per concurrency level, after one warm-up request per persona (prefixes cached).",
+        "Modes run back to back per concurrency level, after a one-token warm-up request per persona (prefixes "
+        "cached).",
         f"Mean rows per decode step over the run: {stats['row_steps'] / max(stats['steps'], 1):.1f} "
         f"(max {stats['max_rows']}); prefix prefills: {stats['prefills']}.",
         f"The 1-minute load average was {hardware['load_average_1min_at_end']} at the end on "

@@ -214,23 +214,25 @@ def create_app(engine: BatchEngine, personas: PersonaStore, settings: ServerSett
                 headers={"Cache-Control": "no-cache"},
             )
         parts: list[str] = []
+        getter = asyncio.ensure_future(events.get())  # one pending get at a time: no event is ever dropped
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                done, _ = await asyncio.wait({getter}, timeout=0.5)
+                if not done:
                     if await request.is_disconnected():
-                        generation.cancelled.set()
-                        return JSONResponse({}, status_code=499)
+                        return JSONResponse({}, status_code=499)  # nobody reads it; the row is freed below
                     continue
+                event = getter.result()
                 if event.kind == "delta":
                     parts.append(event.text)
+                    getter = asyncio.ensure_future(events.get())
                 elif event.kind == "error":
                     raise ApiError(event.status, event.text)
                 else:
                     return completion_body(id_, body.model, "".join(parts), event.finish_reason, event.usage)
         finally:
-            generation.cancelled.set()  # a no-op once finished; frees the row if the handler was cancelled
+            getter.cancel()
+            generation.cancelled.set()  # a no-op once finished; frees the row if the client left
 
     @app.post("/v1/personas", status_code=201)
     async def upload_persona(request: Request, name: str | None = None) -> dict:
