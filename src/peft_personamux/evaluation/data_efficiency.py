@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..collator import PersonaMuxCollator
 from .methods import SoftPrompts, encode_rows, persona_losses, zero_mixtures
 from .metrics import summarize
 
@@ -41,14 +40,7 @@ def run_data_efficiency(evaluation, sizes: Sequence[int]) -> dict:
     model = evaluation.personamux()
     zero_mixtures(model, personas)
     out: dict = {"sizes": sizes, "zero": evaluation._pm_losses(split.test, 1.0), "personamux": {}, "sp": {}}
-    collator = PersonaMuxCollator.for_model(
-        model,
-        evaluation.tokenizer,
-        text_personas=evaluation.text_personas(),
-        instruction=config.instruction,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_response_tokens=config.max_response_tokens,
-    )
+    collator = evaluation.mux_collator(model)
     for n in sizes:
         rows = first_lines(split.train, personas, n)
         zero_mixtures(model, personas)

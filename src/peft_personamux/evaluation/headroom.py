@@ -158,6 +158,12 @@ def run_headroom(
     train, test = batches(learned)
     zero_mixtures(learned, personas)
     result["zero"] = scores(learned, train, test)
+    # mean64: the mean mixture of the codebook's pretraining personas, unfitted (the component they all share)
+    mean = pretraining_mean_mixture(learned)
+    if mean is not None:
+        for name in personas:
+            learned.set_mixture(name, mean)
+        result["mean64"] = scores(learned, train, test)
     # mix64 on the learned codebook, then likelihood identification with its mixtures
     result["mix64"] = {**fit(learned, train, settings.fisher_steps, "mix64"), **scores(learned, train, test)}
     result["identification"] = identification(learned, test, test_rows, personas, settings.chunk_size)
@@ -180,6 +186,19 @@ def run_headroom(
     result["free8"] = {**fit(free, train, settings.free_steps, "free8"), **scores(free, train, test)}
     result["summary"] = summarize_headroom(result)
     return result
+
+
+def pretraining_mean_mixture(model) -> torch.Tensor | None:
+    """Mean of the mixtures in the codebook folder's persona files (None when it has none)."""
+    from ..persona_files import read_persona_file
+
+    files = model.available_persona_files()
+    if not files:
+        return None
+    config = model.peft_config[model.active_adapter]
+    fingerprint = model.codebook_fingerprint()
+    rows = [read_persona_file(path, config.num_codes, fingerprint)[1].float() for path in files.values()]
+    return torch.stack(rows).mean(0)
 
 
 @torch.no_grad()
@@ -207,8 +226,9 @@ def summarize_headroom(result: dict) -> dict:
     out: dict = {}
     for split in ("train", "test"):
         zero = [result["zero"][split][p] for p in personas]
-        out[split] = {m: summarize([result[m][split][p] for p in personas]) for m in METHODS}
-        gains = {m: [z - result[m][split][p] for z, p in zip(zero, personas)] for m in ("free8", "mix64", "random64")}
+        methods = [m for m in (*METHODS, "mean64") if m in result]
+        out[split] = {m: summarize([result[m][split][p] for p in personas]) for m in methods}
+        gains = {m: [z - result[m][split][p] for z, p in zip(zero, personas)] for m in methods if m != "zero"}
         out[split]["improvement"] = {m: summarize(v) for m, v in gains.items()}
         capture = [g / f if abs(f) > 1e-9 else None for g, f in zip(gains["mix64"], gains["free8"])]
         free_mean, mix_mean = out[split]["improvement"]["free8"]["mean"], out[split]["improvement"]["mix64"]["mean"]
@@ -236,6 +256,13 @@ def headroom_markdown(result: dict) -> list[str]:
         imp = s[split]["improvement"]
         cells = " | ".join(_ci(imp[m]) for m in ("free8", "mix64", "random64"))
         lines.append(f"| {split} improvement over zero | — | {cells} |")
+    if "mean64" in s["test"]:
+        lines += [
+            "",
+            "Mean pretraining mixture, unfitted (the part every pretraining persona shares): train "
+            f"{_ci(s['train']['mean64'])}, held-out {_ci(s['test']['mean64'])}; held-out improvement over zero "
+            f"{_ci(s['test']['improvement']['mean64'])}.",
+        ]
     lines += [
         "",
         "Capture ratio (zero - mix64) / (zero - free8), of the means: train "

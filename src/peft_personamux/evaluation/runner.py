@@ -542,18 +542,26 @@ class Evaluation:
             model, self.tokenizer, Dataset.from_list(rows), self.personas, bias_scale, **self._eval_kwargs()
         )
 
+    def mux_collator_kwargs(self) -> dict:
+        """How Persona-Mux rows are formatted here (text personas, instruction, token limits)."""
+        c = self.config
+        return {
+            "text_personas": self.text_personas(),
+            "instruction": c.instruction,
+            "max_prompt_tokens": c.max_prompt_tokens,
+            "max_response_tokens": c.max_response_tokens,
+        }
+
+    def mux_collator(self, model) -> PersonaMuxCollator:
+        return PersonaMuxCollator.for_model(model, self.tokenizer, **self.mux_collator_kwargs())
+
     def _headroom(self) -> dict:
         from .headroom import HeadroomSettings, run_headroom
 
         base, tokenizer = self.base()
         c = self.config
         settings = HeadroomSettings(c.headroom_steps, c.headroom_steps, c.fisher_damping, c.fit_chunk_size, c.seed)
-        collator_kwargs = {
-            "text_personas": self.text_personas(),
-            "instruction": c.instruction,
-            "max_prompt_tokens": c.max_prompt_tokens,
-            "max_response_tokens": c.max_response_tokens,
-        }
+        collator_kwargs = self.mux_collator_kwargs()
         return run_headroom(
             base,
             tokenizer,
@@ -582,15 +590,7 @@ class Evaluation:
                 codebook.copy_(random_codebook_like(self._learned_codebook, config.seed))
         try:
             zero_mixtures(model, self.personas)
-            collator = PersonaMuxCollator.for_model(
-                model,
-                self.tokenizer,
-                text_personas=self.text_personas(),
-                instruction=config.instruction,
-                max_prompt_tokens=config.max_prompt_tokens,
-                max_response_tokens=config.max_response_tokens,
-            )
-            batch = {k: v.to(self.device) for k, v in collator(self.split.train).items()}
+            batch = {k: v.to(self.device) for k, v in self.mux_collator(model)(self.split.train).items()}
             fit = fit_mixtures(
                 model,
                 batch,
