@@ -14,8 +14,9 @@ holds off the end of turn), so every mode does the same work:
   (up to ``--no-cache-clients`` clients: those prefills run one row at a time).
 
 Reported per mode and concurrency: new tokens/s (all completion tokens over the wall time), p50/p95 request
-latency, and the ratio of tokens/s to ``base`` at the same concurrency. Modes run interleaved per concurrency, after
-a warm-up request per persona (steady state: prefixes cached).
+latency, and the ratio of tokens/s to ``base`` at the same concurrency. Modes run back to back per concurrency, after
+a one-token warm-up request per persona (steady state: prefixes cached). serve.json/serve.md are rewritten after
+every row, so a run stopped early keeps what it measured (``"complete": false``).
 """
 
 from __future__ import annotations
@@ -194,6 +195,66 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(values[index])
 
 
+def report(args, argv, device, description: str, levels, personas: int, results, stats, done: bool) -> dict:
+    """Write serve.json and serve.md with the rows measured so far (called after every row)."""
+    results = [dict(r) for r in results]
+    by_key = {(r["mode"], r["clients"]): r for r in results}
+    for r in results:
+        base = by_key.get(("base", r["clients"]))
+        r["ratio_vs_base"] = _common.ratio(r["tokens_per_s"], base["tokens_per_s"]) if base else float("nan")
+    ratios = {f"{r['mode']} / base @ {r['clients']}": r["ratio_vs_base"] for r in results if r["mode"] != "base"}
+    hardware = _common.hardware(device, args.dtype)
+    hardware["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    payload = {
+        "benchmark": NAME,
+        "command": _common.command_line(__file__, argv),
+        "model": description,
+        "hardware": hardware,
+        "complete": done,
+        "settings": {
+            "clients": levels,
+            "requests_per_level": {lvl: max(lvl, args.requests) for lvl in levels},
+            "max_tokens": args.max_tokens,
+            "max_batch": args.max_batch,
+            "batch_window_ms": args.batch_window_ms,
+            "personas": personas,
+            "no_cache_clients": args.no_cache_clients,
+        },
+        "results": results,
+        "ratios": ratios,
+        "engine_stats": stats,
+    }
+    table = _common.markdown_table(
+        ["mode", "clients", "requests", "new tokens / s", "p50 latency (s)", "p95 latency (s)", "ratio vs base"],
+        [
+            [r["mode"], r["clients"], r["requests"], r["tokens_per_s"], r["p50_s"], r["p95_s"], r["ratio_vs_base"]]
+            for r in results
+        ],
+    )
+    notes = [
+        f"Greedy, exactly {args.max_tokens} new tokens per request, prompts of one user turn; server max_batch "
+        f"{args.max_batch}, batching window {args.batch_window_ms:g} ms; client and server share the machine.",
+        "Modes run back to back per concurrency level, after a one-token warm-up request per persona it uses "
+        "(prefixes cached).",
+        f"Mean rows per decode step over the run: {stats['row_steps'] / max(stats['steps'], 1):.1f} "
+        f"(max {stats['max_rows']}); prefix prefills: {stats['prefills']}.",
+        f"The 1-minute load average was {hardware['load_average_1min_at_end']} at the end on "
+        f"{hardware['cpu_cores']} cores: other jobs shared the CPU, so absolute numbers are noisy and the ratios "
+        "are the figures to read.",
+    ]
+    if not done:
+        notes.append("Partial: the run was stopped before every level was measured; the rows above are complete.")
+    _common.write_report(
+        NAME,
+        args.output_dir,
+        payload,
+        "personamux serve: batched personas under load",
+        [("Throughput and latency", table)],
+        notes,
+    )
+    return payload
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import tempfile
 
@@ -223,25 +284,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         app = build_app(model, tokenizer, read_codebook_info(codebook), serve_args)
         engine, base = app.state.engine, app.state.settings.base_name
-        personas = model.personas[: max(levels)]
+        personas = model.personas[: max(max(levels), args.requests)]
         cache = engine.prefix_cache
-        modes = {
-            "mixed": personas,
-            "one persona": personas[:1],
-            "base": [base],
-            "mixed, no prefix cache": personas,
-        }
         results: list[dict[str, Any]] = []
+        warm: set[str] = set()
         with Server(app) as server:
-            logger.info("Warm-up: one one-token request per persona and the base model (fills the prefix cache).")
-            run_level(server.port, personas + [base], min(8, len(personas) + 1), len(personas) + 1, args, tokens=1)
             for level in levels:
                 total = max(level, args.requests)
+                mixed = personas[:total]  # a different persona for each request (as far as there are personas)
+                modes = {"mixed": mixed, "one persona": personas[:1], "base": [base], "mixed, no prefix cache": mixed}
+                cold = [name for name in mixed + [base] if name not in warm]
+                if cold:
+                    logger.info("Warm-up: %d one-token requests (fills the prefix cache).", len(cold))
+                    run_level(server.port, cold, min(8, len(cold)), len(cold), args, tokens=1)
+                    warm.update(cold)
                 for mode, names in modes.items():
                     if "no prefix cache" in mode and level > args.no_cache_clients:
                         continue
                     engine.prefix_cache = PrefixCache(0) if "no prefix cache" in mode else cache
                     row = run_level(server.port, names, level, total, args)
+                    engine.prefix_cache = cache
                     row["mode"] = mode
                     results.append(row)
                     logger.info(
@@ -252,58 +314,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         row["p50_s"],
                         row["p95_s"],
                     )
-            engine.prefix_cache = cache
+                    report(args, argv, device, description, levels, len(personas), results, dict(engine.stats), False)
         stats = dict(engine.stats)
-    by_key = {(r["mode"], r["clients"]): r for r in results}
-    for r in results:
-        r["ratio_vs_base"] = _common.ratio(r["tokens_per_s"], by_key[("base", r["clients"])]["tokens_per_s"])
-    ratios = {f"{r['mode']} / base @ {r['clients']}": r["ratio_vs_base"] for r in results if r["mode"] != "base"}
-    hardware = _common.hardware(device, args.dtype)
-    hardware["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
-    payload = {
-        "benchmark": NAME,
-        "command": _common.command_line(__file__, argv),
-        "model": description,
-        "hardware": hardware,
-        "settings": {
-            "clients": levels,
-            "requests_per_level": {lvl: max(lvl, args.requests) for lvl in levels},
-            "max_tokens": args.max_tokens,
-            "max_batch": args.max_batch,
-            "batch_window_ms": args.batch_window_ms,
-            "personas": len(personas),
-        },
-        "results": results,
-        "ratios": ratios,
-        "engine_stats": stats,
-    }
-    table = _common.markdown_table(
-        ["mode", "clients", "requests", "new tokens / s", "p50 latency (s)", "p95 latency (s)", "ratio vs base"],
-        [
-            [r["mode"], r["clients"], r["requests"], r["tokens_per_s"], r["p50_s"], r["p95_s"], r["ratio_vs_base"]]
-            for r in results
-        ],
-    )
-    notes = [
-        f"Greedy, exactly {args.max_tokens} new tokens per request, prompts of one user turn; server max_batch "
-        f"{args.max_batch}, batching window {args.batch_window_ms:g} ms; client and server share the machine.",
-        "Modes run back to back per concurrency level, after a one-token warm-up request per persona (prefixes "
-        "cached).",
-        f"Mean rows per decode step over the run: {stats['row_steps'] / max(stats['steps'], 1):.1f} "
-        f"(max {stats['max_rows']}); prefix prefills: {stats['prefills']}.",
-        f"The 1-minute load average was {hardware['load_average_1min_at_end']} at the end on "
-        f"{hardware['cpu_cores']} cores: other jobs shared the CPU, so absolute numbers are noisy and the ratios "
-        "are the figures to read.",
-    ]
-    _common.write_report(
-        NAME,
-        args.output_dir,
-        payload,
-        "personamux serve: batched personas under load",
-        [("Throughput and latency", table)],
-        notes,
-    )
-    return payload
+    return report(args, argv, device, description, levels, len(personas), results, stats, True)
 
 
 if __name__ == "__main__":

@@ -453,8 +453,11 @@ def test_readme_serve_snippet_on_smollm2(tmp_path):
             time.sleep(1)
         ids = [m.id for m in client(url).models.list()]
         assert ids[0] == "smollm2-135m-instruct" and "hamlet/hamlet" in ids and len(ids) == 65
-        answer = ask(url, "hamlet/hamlet", [{"role": "user", "content": "Who goes there?"}], max_tokens=30)
+        messages = [{"role": "user", "content": "Who goes there?"}]  # the README's request
+        answer = ask(url, "hamlet/hamlet", messages, max_tokens=30, extra_body={"repetition_penalty": 1.1})
         assert answer.strip() and "AI" not in answer  # bias 1: in character, not the assistant persona
+        half = ask(url, "hamlet/hamlet", messages, max_tokens=30, extra_body={"bias_scale": 0.5})
+        assert half.strip() and half != answer
         personas = ["hamlet/hamlet", "hamlet/ophelia", "macbeth/macbeth", "romeo_and_juliet/juliet"]
         personas = [p for p in personas if p in ids][:4]
         alone = [ask(url, p, max_tokens=12) for p in personas]
