@@ -163,6 +163,12 @@ class Evaluation:
         """Run (or read back) every stage; returns them by name."""
         self.cache.put("data", {**self.split.summary(), "done": True})
         self.plan = plan(self.config, self.split, pretrain_here=self.codebook_dir == self.out / "codebook")
+        if self.config.only_headroom:
+            stages = {}
+            if self.codebook_dir == self.out / "codebook":
+                stages["codebook"] = self.stage("codebook", self._pretrain_codebook)
+            stages["headroom"] = self.stage("headroom", lambda p, s: self._headroom())
+            return stages
         logger.info(
             "Plan: %s example passes with backward, %s forward-only, %s generations, %s judge sequences (%s).",
             f"{self.plan['total']['backward']:,}",
@@ -171,12 +177,6 @@ class Evaluation:
             f"{self.plan['total']['judge_sequences']:,}",
             {k: v for k, v in self.plan.items() if k != "total"},
         )
-        if self.config.only_headroom:
-            stages = {}
-            if self.codebook_dir == self.out / "codebook":
-                stages["codebook"] = self.stage("codebook", self._pretrain_codebook)
-            stages["headroom"] = self.stage("headroom", lambda p, s: self._headroom())
-            return stages
         stages = {
             "base_icl": self.stage("base_icl", self._base_icl),
             "lora": self.stage("lora", self._lora),
