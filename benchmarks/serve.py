@@ -73,47 +73,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def tiny_codebook(root: Path, personas: int):
     """A tiny random Llama with a byte-level BPE tokenizer (ChatML template) and a codebook of ``personas``."""
     from peft import get_peft_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     from peft_personamux import PersonaMuxConfig
+    from peft_personamux.evaluation.loading import save_tiny_model
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(PROMPTS * 8, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + 4,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    model_dir = save_tiny_model(root / "model", PROMPTS * 8, vocab_size=300)
     model = get_peft_model(
-        LlamaForCausalLM(config), PersonaMuxConfig(task_type="CAUSAL_LM", num_codes=4, tokens_per_code=2)
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        PersonaMuxConfig(task_type="CAUSAL_LM", num_codes=4, tokens_per_code=2),
     )
     model.add_personas([f"tiny/p{i}" for i in range(personas)], mixtures=torch.randn(personas, 4))
     model.save_pretrained(root / "codebook")
-    model.unload().save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model", root / "codebook"
+    return model_dir, root / "codebook"
 
 
 class Server:

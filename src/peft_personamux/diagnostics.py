@@ -8,7 +8,9 @@ stage 1; if it stays near zero, the codebook has not learned personas, whatever 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -87,9 +89,6 @@ class IdentityDiagnosticCallback(TrainerCallback):
         state.log_history.append(entry)
         logger.info("identity diagnostic at step %d: %s", state.global_step, entry)
         if state.is_world_process_zero and args.output_dir:
-            import json
-            import os
-
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "identity_log.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")

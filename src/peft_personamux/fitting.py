@@ -120,10 +120,9 @@ def fit_mixtures(
     was_training = tuner.training
     tuner.eval()  # no dropout while fitting 64 numbers
 
-    expanded, _, _ = tuner._prepare(
-        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["persona_ids"], scale, "right"
-    )
-    num_tokens = max(int((expanded.labels[:, 1:] != -100).sum()), 1)  # the loss is the mean over these tokens
+    # inserting the soft prompt adds only -100 labels, so the collator's labels count the loss's tokens
+    row_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().to(table.device)  # (examples,)
+    num_tokens = max(int(row_tokens.sum()), 1)  # the loss is the mean over these tokens
 
     def evaluate(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example summed token NLL (examples,) and per-example gradients of the mean loss (examples, codes)."""
@@ -139,7 +138,6 @@ def fit_mixtures(
     def persona_losses(nll: torch.Tensor) -> torch.Tensor:
         return torch.zeros(len(rows), device=nll.device).index_add_(0, index, nll)  # (personas,)
 
-    row_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().to(table.device)  # (examples,)
     persona_tokens = persona_losses(row_tokens).clamp(min=1)  # (personas,)
 
     def record(summed: torch.Tensor) -> None:

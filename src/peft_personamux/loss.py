@@ -243,7 +243,8 @@ def _split_prefix(body, cache: PrefixCache, input_ids, attention_mask, labels, s
     ]
     prefix_len = max(starts_list)
     suffix_len = max(n - s for n, s in zip(lengths_list, starts_list))
-    pad_id = int(input_ids[0, -1]) if bool((attention_mask[:, -1] == 0).any()) else 0
+    padding = input_ids[attention_mask == 0]
+    pad_id = int(padding[0]) if padding.numel() else 0  # the batch's own pad id (masked out either way)
     new_ids = torch.full((rows, suffix_len), pad_id, dtype=input_ids.dtype, device=device)  # (rows, suffix)
     new_labels = torch.full((rows, suffix_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
     suffix_mask = torch.zeros(rows, suffix_len, dtype=attention_mask.dtype, device=device)

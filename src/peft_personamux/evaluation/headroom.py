@@ -177,10 +177,8 @@ def run_headroom(
     finally:
         with torch.no_grad():
             codebook.copy_(kept)
+    free = free_prompt_model(base, learned, config.tokens_per_code).to(device)  # base is clean: learned wraps a copy
     del learned
-    learned_again = PeftModel.from_pretrained(copy.deepcopy(base), str(codebook_dir))  # its bias, on a clean copy
-    free = free_prompt_model(base, learned_again, config.tokens_per_code).to(device)
-    del learned_again
     free.add_personas(list(personas))
     train, test = batches(free)
     result["free8"] = {**fit(free, train, settings.free_steps, "free8"), **scores(free, train, test)}
