@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from peft_personamux.evaluation.report import cpu_name
+from peft_personamux.machine import hardware  # noqa: F401  (the benchmarks call _common.hardware)
 
 logger = logging.getLogger("benchmarks")
 
@@ -208,30 +207,6 @@ def ratio(numerator: float, denominator: float) -> float:
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
-
-
-def hardware(device: torch.device, dtype: str) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import peft
-    import transformers
-
-    info: dict[str, Any] = {
-        "device": str(device),
-        "cpu": cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "dtype": dtype,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        info["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs were running: CPU timings are noisy
-    return info
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -18,7 +18,6 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -289,9 +288,3 @@ def _check_metadata(path: str, metadata: dict[str, str], mixture: torch.Tensor, 
             f"{path}: the metadata (num_codes={metadata['num_codes']!r}, dtype={metadata['dtype']!r}) does not "
             f"describe the tensor ({mixture.numel()} values of {mixture.dtype}): the file is damaged."
         )
-
-
-def iter_names(names: str | list[str] | tuple[str, ...]) -> Iterator[str]:
-    """Yield validated names from one name or a sequence of names."""
-    for name in [names] if isinstance(names, str) else names:
-        yield validate_persona_name(name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from ..files import write_json
 from ._common import column, normalize_whitespace
 from .errors import DataFormatError
 
@@ -55,19 +55,6 @@ def _load_cache(path: Path) -> dict[str, str]:
     if not isinstance(cache, dict) or not all(isinstance(v, str) for v in cache.values()):
         raise DataFormatError(path, 1, expected, type(cache).__name__)
     return cache
-
-
-def _write_json_atomic(path: Path, data: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @torch.inference_mode()
@@ -129,7 +116,7 @@ def describe_personas(
                 cache[persona] = _generate(model, tokenizer, prompt, generation_config)
                 if not cache[persona]:
                     logger.warning("The model wrote an empty description for %s.", persona)
-                _write_json_atomic(path, cache)
+                write_json(path, cache, sort_keys=True)
         finally:
             model.train(was_training)
     return {p: cache[p] for p in wanted}

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from ..files import write_json
+from ..machine import hardware
 from .config import EvalConfig
 from .data import Split
 from .data_efficiency import data_efficiency_markdown, plot_data_efficiency, summarize_data_efficiency
 from .headroom import headroom_markdown, plot_headroom, plot_identification
 from .metrics import summarize
-from .runner import REFERENCE, _write_json, method_keys
+from .runner import REFERENCE, method_keys
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -33,38 +32,6 @@ _METRICS = ("heldout_loss", "judge_loss", "discrimination_caught", "who_said_it"
 def _mean(values) -> float | None:
     finite = [float(v) for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(finite)) if finite else None
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or what `platform` knows), for hardware lines in reports."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware() -> dict[str, Any]:
-    import peft
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "processor": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "device": "cpu",
-    }
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def build_results(
@@ -252,8 +219,8 @@ def _fitting(stages: dict, config: EvalConfig, num_personas: int) -> dict[str, d
 
 
 def write_outputs(results: dict, generations: dict, output_dir: Path) -> None:
-    _write_json(output_dir / RESULTS_JSON, results)
-    _write_json(output_dir / GENERATIONS_JSON, generations)
+    write_json(output_dir / RESULTS_JSON, results, indent=1)
+    write_json(output_dir / GENERATIONS_JSON, generations, indent=1)
     plots = write_plots(results, output_dir)
     (output_dir / RESULTS_MD).write_text(markdown(results, plots), encoding="utf-8")
 
@@ -304,8 +271,8 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         "",
         f"Wall time of this call: {results['wall_seconds_this_call']:.1f} s; compute over all calls (stages, cached "
         f"ones included): {results['compute_seconds_all_calls']:.1f} s.",
-        f"Hardware: {hw['device']}, {hw['processor']}, {hw['cpu_count']} CPUs ({hw['torch_threads']} torch threads), "
-        f"{hw['platform']}; torch {hw['torch']}, transformers {hw['transformers']}, peft {hw['peft']}.",
+        f"Hardware: {hw.get('gpu', 'cpu')}, {hw['cpu']}, {hw['cpu_cores']} CPUs ({hw['torch_threads']} torch "
+        f"threads), {hw['platform']}; torch {hw['torch']}, transformers {hw['transformers']}, peft {hw['peft']}.",
         "",
         f"Split: {n} unseen personas ({', '.join(data['unseen_personas'])}), "
         f"{sum(data['train_lines'].values())} train and {sum(data['test_lines'].values())} held-out lines; "

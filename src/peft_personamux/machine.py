@@ -1,0 +1,50 @@
+"""What a number was measured on: the one ``hardware()`` that reports and benchmarks record."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what `platform` knows), for hardware lines in reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: torch.device | str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """CPU, GPU, thread count and library versions. ``device`` None: the first GPU when there is one, else the CPU."""
+    import peft
+    import transformers
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    if dtype is not None:
+        info["dtype"] = dtype
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs were running: CPU timings are noisy
+    return info
