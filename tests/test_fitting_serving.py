@@ -44,7 +44,7 @@ def fit_batch(model, names, per_persona=8, length=10, seed=0):
     }
 
 
-@pytest.mark.parametrize("method", ["adam", "fisher"])
+@pytest.mark.parametrize("method", ["adam", "fisher", "lbfgs"])
 def test_fit_lowers_loss_and_touches_only_fitted_rows(method):
     model = mux()
     model.add_personas(["new1", "new2"])
@@ -52,7 +52,9 @@ def test_fit_lowers_loss_and_touches_only_fitted_rows(method):
     before = mean_token_loss(model, batch)
     others = model.get_base_model().get_input_embeddings().mixture["default"][:3].detach().clone()
     codebook = model.get_base_model().get_input_embeddings().personamux_codebook["default"].detach().clone()
-    result = fit_mixtures(model, batch, method=method, steps=20 if method == "adam" else 4, lr=0.05, progress=False)
+    result = fit_mixtures(
+        model, batch, method=method, steps={"adam": 20, "fisher": 4, "lbfgs": 6}[method], lr=0.05, progress=False
+    )
     after = mean_token_loss(model, batch)
     assert after < before - 1e-3
     assert abs(result.losses[0] - before) < 1e-4
@@ -73,6 +75,22 @@ def test_fisher_needs_fewer_passes_than_adam_recipe():
     fisher_loss = mean_token_loss(model, batch)
     assert fisher.example_passes * 5 <= adam.example_passes
     assert fisher_loss <= adam_loss * 1.01
+
+
+def test_lbfgs_converges_where_the_adam_recipe_does_with_fewer_passes():
+    model = mux()
+    model.add_personas(["x"])
+    batch = fit_batch(model, ["x"], per_persona=12)
+    adam = fit_mixtures(model, batch, method="adam", steps=100, progress=False)
+    adam_loss = mean_token_loss(model, batch)
+    model.set_mixture("x", torch.zeros(6))
+    lbfgs = fit_mixtures(model, batch, method="lbfgs", steps=10, progress=False)
+    lbfgs_loss = mean_token_loss(model, batch)
+    assert lbfgs.example_passes <= 10 * 1.25 * 12 + 12 and lbfgs.example_passes * 5 <= adam.example_passes
+    assert lbfgs_loss <= adam_loss * 1.01
+    # one curve entry per loss evaluation; L-BFGS ends at its best accepted point, never above the start
+    assert len(lbfgs.persona_curves[model.persona_index("x")]) == len(lbfgs.losses)
+    assert lbfgs_loss <= lbfgs.losses[0]
 
 
 def test_fit_rejects_bad_arguments():

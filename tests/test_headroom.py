@@ -56,3 +56,46 @@ def test_summary_capture_ratio_and_learned_over_random():
     assert summary["capture_ratio_of_means"] == pytest.approx(0.5)
     assert summary["learned_over_random"] == pytest.approx(5.0)
     assert summary["capture_ratio_per_persona"]["mean"] == pytest.approx(0.5)
+
+
+def test_gradient_capture_of_a_span_that_holds_the_gradient_and_of_one_orthogonal_to_it():
+    from peft_personamux.evaluation.headroom import gradient_capture
+
+    gradients = torch.zeros(3, 6)
+    gradients[0, 0], gradients[1, 1], gradients[2, 0] = 1.0, 2.0, -3.0  # (personas, tokens * hidden)
+    inside = torch.eye(6)[:2].reshape(2, 2, 3)  # spans coordinates 0 and 1
+    outside = torch.eye(6)[2:4].reshape(2, 2, 3)
+    full = gradient_capture(inside, gradients, ["a", "b", "c"])
+    assert full["raw"]["per_persona"] == pytest.approx({"a": 1.0, "b": 1.0, "c": 1.0})
+    assert full["centred"]["mean"] == pytest.approx(1.0)  # the centred gradients stay in coordinates 0 and 1
+    none = gradient_capture(outside, gradients, ["a", "b", "c"])
+    assert none["raw"]["mean"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_span_model_offset_code_starts_every_span_at_the_same_prompt():
+    from peft_personamux.evaluation.headroom import span_model
+
+    base = make_model("llama")
+    learned = get_peft_model(make_model("llama"), PersonaMuxConfig(**SMALL))
+    mixture = torch.randn(SMALL["num_codes"], generator=torch.Generator().manual_seed(0))
+    learned.add_personas(["a", "b", "c"], mixtures=mixture.expand(3, -1).clone())  # the rows of batch_for
+    codebook, _ = codebook_tensors(learned)
+    prompt = torch.einsum("c,ckd->kd", learned.get_mixture("a").float(), codebook.detach().float())
+    other = torch.randn_like(codebook.detach())
+    spanned = span_model(base, learned, torch.cat([other, prompt[None]]))  # the random span + the start prompt
+    start = torch.zeros(SMALL["num_codes"] + 1)
+    start[-1] = 1.0
+    spanned.add_personas(["a", "b", "c"], mixtures=start.expand(3, -1).clone())
+    batch = batch_for(learned)
+    expected, _ = response_nll(learned, batch, options=PLAIN)
+    got, _ = response_nll(spanned, batch, options=PLAIN)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in spanned.parameters())
+
+
+def test_pretraining_sample_takes_the_personas_with_most_lines():
+    from peft_personamux.evaluation.headroom import pretraining_sample
+
+    rows = [{"persona": p, "line": str(i)} for p, n in (("x", 3), ("y", 5), ("z", 1)) for i in range(n)]
+    sample = pretraining_sample(rows, personas=2, lines=2)
+    assert [(r["persona"], r["line"]) for r in sample] == [("x", "0"), ("x", "1"), ("y", "0"), ("y", "1")]

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "personamux evaluate " + " ".join(shlex.quote(a) for a in argv)
     results = run_evaluation(config, overwrite=run.overwrite, command=command.strip())
     if config.only_headroom:
-        from .headroom import headroom_markdown
+        from .headroom_report import headroom_markdown
 
         print("\n".join(headroom_markdown(results)))
         print(f"\nHeadroom: {config.output_dir}/headroom.md, headroom.json, headroom_curves.png.")

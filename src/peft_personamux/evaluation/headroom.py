@@ -3,15 +3,21 @@
 For every unseen character, fitted on its training lines and scored on its held-out lines:
 
 * ``zero``: the zero mixture (bias tokens only, the starting point of every fit);
+* ``mean64``: the mean mixture of the codebook's pretraining personas, unfitted (what they all share);
 * ``free8``: 8 free soft-prompt vectors after the bias (8 x hidden numbers per character, the ceiling of any
   8-token codebook). It is Persona-Mux on an *identity* codebook of ``8 * hidden`` codes, so the same fit applies;
-* ``mix64``: the 64 weights on the learned codebook;
-* ``random64``: the 64 weights on a random codebook of the same shape and per-code norm.
+* ``mix64``: the 64 weights on the learned codebook, fitted from zero; ``mix64_mean``: the same, from ``mean64``;
+* ``random64``: the 64 weights on a random codebook of the same shape and per-code norm;
+* ``grad64`` (when ``gradient_personas`` > 0): the 64 weights on a codebook computed, not trained: the principal
+  directions of the pretraining personas' prompt gradients at the zero mixture (`codebook_init`).
 
-Each is fitted with the Levenberg-Marquardt (Fisher) fit of `fitting.fit_mixtures`, whose per-step training losses
-are kept as curves: a fit that has not flattened measures the optimiser, not the headroom. The capture ratio is
-``(zero - mix64) / (zero - free8)``. With every fitted mixture, each character's held-out lines are also scored
-under every other character (likelihood identification: accuracy of the true one against chance 1 / N).
+Every persona is fitted on its own (``fitting.fit_mixtures``, L-BFGS by default: the full-batch loss is
+deterministic), and every fit keeps its training-loss curve: a fit that has not flattened measures the optimiser,
+not the headroom. The capture ratio is ``(zero - mix64) / (zero - free8)``. **Gradient capture** is the first-order
+version of the same question, at no fitting cost: the share of each unseen character's prompt gradient at the zero
+mixture (a vector of 8 x hidden numbers) that lies in a codebook's 64-dimensional span; a random span holds
+64 / (8 x hidden) of it. With the fitted mixtures, each character's held-out lines are also scored under every
+other character (likelihood identification: accuracy of the true one against chance 1 / N).
 """
 
 from __future__ import annotations
@@ -33,17 +39,35 @@ from .metrics import summarize
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("zero", "free8", "mix64", "random64")
+METHODS = ("zero", "free8", "mix64", "random64")  # always present; mean64, mix64_mean and grad64 when available
+FITTED = ("free8", "mix64", "mix64_zero", "random64", "grad64")
 
 
 @dataclass
 class HeadroomSettings:
-    fisher_steps: int = 8  # LM steps of the 64-weight fits
-    free_steps: int = 8  # LM steps of the free 8-token fit
-    damping: float = 1e-3
+    method: str = "lbfgs"  # optimiser of every fit (fitting.fit_mixtures)
+    steps: int = 10  # its iterations
+    lr: float = 1e-3  # adam only
+    damping: float = 1e-3  # fisher only
     chunk_size: int = 16
     seed: int = 0
+    gradient_personas: int = 0  # pretraining personas spanning the grad64 codebook; 0: no grad64 row
+    gradient_lines: int = 8  # their lines each
     fit_options: LossOptions = FAST  # loss shortcuts while fitting (scores always use exact float32)
+
+    @classmethod
+    def from_config(cls, config) -> HeadroomSettings:
+        """The settings an `EvalConfig` asks for."""
+        return cls(
+            method=config.headroom_method,
+            steps=config.headroom_steps,
+            lr=config.fit_lr,
+            damping=config.fisher_damping,
+            chunk_size=config.fit_chunk_size,
+            seed=config.seed,
+            gradient_personas=config.headroom_gradient_personas,
+            gradient_lines=config.headroom_gradient_lines,
+        )
 
 
 def identity_codebook(tokens_per_code: int, hidden: int) -> torch.Tensor:
@@ -52,31 +76,36 @@ def identity_codebook(tokens_per_code: int, hidden: int) -> torch.Tensor:
     return torch.eye(size).reshape(size, tokens_per_code, hidden)
 
 
-def free_prompt_model(base, learned, tokens_per_code: int):
-    """A Persona-Mux model on a copy of ``base`` whose codebook is the identity (free prompts) and whose bias is
-    ``learned``'s, with the same placeholder id."""
+def span_model(base, learned, codes: torch.Tensor):
+    """A Persona-Mux model on a copy of ``base`` with codebook ``codes`` (num_codes, tokens_per_code, hidden), the
+    bias of ``learned`` and its placeholder id: a mixture on it is a prompt in the span of ``codes``."""
     from peft import get_peft_model
 
     from ..tuner import PersonaMuxConfig
 
     config = learned.peft_config[learned.active_adapter]
-    hidden = base.get_input_embeddings().weight.shape[1]
-    free = get_peft_model(
+    model = get_peft_model(
         copy.deepcopy(base),
         PersonaMuxConfig(
             task_type="CAUSAL_LM",
-            num_codes=tokens_per_code * hidden,
-            tokens_per_code=tokens_per_code,
+            num_codes=codes.shape[0],
+            tokens_per_code=codes.shape[1],
             num_bias_tokens=config.num_bias_tokens,
             placeholder_token_id=config.placeholder_token_id,
         ),
     )
-    codebook, bias = codebook_tensors(free)
+    codebook, bias = codebook_tensors(model)
     with torch.no_grad():
-        codebook.copy_(identity_codebook(tokens_per_code, hidden).to(codebook.device, codebook.dtype))
+        codebook.copy_(codes.to(codebook.device, codebook.dtype))
         bias.copy_(codebook_tensors(learned)[1].detach())
-    free.freeze()
-    return free
+    model.freeze()
+    return model
+
+
+def free_prompt_model(base, learned, tokens_per_code: int):
+    """`span_model` on the identity codebook: its mixtures are free prompts (8 x hidden numbers)."""
+    hidden = base.get_input_embeddings().weight.shape[1]
+    return span_model(base, learned, identity_codebook(tokens_per_code, hidden))
 
 
 @torch.no_grad()
@@ -113,24 +142,28 @@ def run_headroom(
     collator_kwargs: Mapping,
     settings: HeadroomSettings | None = None,
     device: torch.device | str = "cpu",
+    pretrain_rows: Sequence[Mapping[str, str]] = (),
 ) -> dict:
-    """Fit zero / free8 / mix64 / random64 for every persona in ``personas``; see the module docstring."""
+    """Fit and score every row of the module docstring for every persona in ``personas``."""
     from peft import PeftModel
 
-    from ..fitting import fit_mixtures
+    from ..codebook_init import codebook_from_gradients, persona_prompt_gradients
 
     settings = settings or HeadroomSettings()
     learned = PeftModel.from_pretrained(copy.deepcopy(base), str(codebook_dir)).to(device)
     learned.add_personas(list(personas), exist_ok=True)
     learned.freeze()
     config = learned.peft_config[learned.active_adapter]
-    result: dict = {"personas": list(personas), "train_lines": len(train_rows), "test_lines": len(test_rows)}
+    result: dict = {
+        "personas": list(personas),
+        "train_lines": len(train_rows),
+        "test_lines": len(test_rows),
+        "settings": {k: v for k, v in vars(settings).items() if k != "fit_options"},
+    }
 
-    def batches(model):
+    def collate(model, rows) -> dict:
         collator = PersonaMuxCollator.for_model(model, tokenizer, **collator_kwargs)
-        train = {k: v.to(device) for k, v in collator(list(train_rows)).items()}
-        test = {k: v.to(device) for k, v in collator(list(test_rows)).items()}
-        return train, test
+        return {k: v.to(device) for k, v in collator(list(rows)).items()}
 
     def scores(model, train, test) -> dict:
         return {
@@ -138,52 +171,121 @@ def run_headroom(
             "test": per_persona(test_rows, *row_losses(model, test, settings.chunk_size)),
         }
 
-    def fit(model, train, steps: int, label: str) -> dict:
-        zero_mixtures(model, personas)
-        out = fit_mixtures(
-            model,
-            train,
-            method="fisher",
-            steps=steps,
-            damping=settings.damping,
-            chunk_size=settings.chunk_size,
-            bias_scale=1.0,
-            progress=True,
-            options=settings.fit_options,
-        )
-        curves = {model.personas[row]: curve for row, curve in out.persona_curves.items()}
-        logger.info("headroom %s: %d passes in %.0f s", label, out.example_passes, out.seconds)
-        return {"curves": curves, "example_passes": out.example_passes, "seconds": out.seconds}
+    def fitted(model, train, test, label: str, start: torch.Tensor) -> dict:
+        out = fit_each(model, train, personas, settings, label, start)
+        out.update(scores(model, train, test))
+        return out
 
-    train, test = batches(learned)
+    train, test = collate(learned, train_rows), collate(learned, test_rows)
     zero_mixtures(learned, personas)
     result["zero"] = scores(learned, train, test)
-    # mean64: the mean mixture of the codebook's pretraining personas, unfitted (the component they all share)
+    codebook, _ = codebook_tensors(learned)
+    kept = codebook.detach().clone().float()  # (num_codes, tokens_per_code, hidden)
+    zeros = torch.zeros(config.num_codes)
     mean = pretraining_mean_mixture(learned)
     if mean is not None:
         for name in personas:
             learned.set_mixture(name, mean)
         result["mean64"] = scores(learned, train, test)
-    # mix64 on the learned codebook, then likelihood identification with its mixtures
-    result["mix64"] = {**fit(learned, train, settings.fisher_steps, "mix64"), **scores(learned, train, test)}
+    start = zeros if mean is None else mean  # every fit but mix64_zero starts at this mixture's prompt
+    start_prompt = torch.einsum("c,ckd->kd", start, kept)  # (tokens_per_code, hidden)
+    # the unseen personas' prompt gradients at the start, for gradient capture (one pass over train)
+    unseen = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), progress=False)
+    gradients = torch.stack([unseen[learned.persona_index(p)].flatten() for p in personas])  # (personas, 8 * hidden)
+    result["mix64_zero"] = fitted(learned, train, test, "mix64_zero", start=zeros)  # the paper's stage-2 start
+    result["mix64"] = fitted(learned, train, test, "mix64", start=start)
     result["identification"] = identification(learned, test, test_rows, personas, settings.chunk_size)
-    # random64: the same fit on a random codebook of the learned one's shape and per-code norm
-    codebook, _ = codebook_tensors(learned)
-    kept = codebook.detach().clone()
-    with torch.no_grad():
-        codebook.copy_(random_codebook_like(kept, settings.seed))
-    try:
-        result["random64"] = {**fit(learned, train, settings.fisher_steps, "random64"), **scores(learned, train, test)}
-    finally:
-        with torch.no_grad():
-            codebook.copy_(kept)
+    spans = {"mix64": kept, "random64": random_codebook_like(kept, settings.seed)}
+    if settings.gradient_personas and pretrain_rows:
+        rows = pretraining_sample(pretrain_rows, settings.gradient_personas, settings.gradient_lines)
+        names = sorted({r["persona"] for r in rows})
+        learned.add_personas(names, exist_ok=True)
+        for name in names:
+            learned.set_mixture(name, start)
+        pre = persona_prompt_gradients(learned, _chunks(collate(learned, rows), settings.chunk_size))
+        code_norm = float(kept.flatten(1).norm(dim=1).mean())
+        spans["grad64"], explained = codebook_from_gradients(pre, config.num_codes, code_norm)
+        result["grad64_codebook"] = {"personas": len(names), "lines": len(rows), "explained_variance": explained}
+    result["gradient_capture"] = {
+        label: gradient_capture(span, gradients, personas) for label, span in spans.items()
+    } | {"random_expected": config.num_codes / gradients.shape[1]}
+    # other spans start at the same prompt: it is one more code, at weight 1 (fitted like the others)
+    offset_start = torch.cat([zeros, torch.ones(1)])
+    for label in ("random64", "grad64"):
+        if label not in spans:
+            continue
+        model = span_model(base, learned, torch.cat([spans[label], start_prompt[None]])).to(device)
+        model.add_personas(list(personas))
+        span_train, span_test = collate(model, train_rows), collate(model, test_rows)
+        result[label] = fitted(model, span_train, span_test, label, start=offset_start)
+        if label == "grad64":
+            result["identification_grad64"] = identification(
+                model, span_test, test_rows, personas, settings.chunk_size
+            )
+        del model
     free = free_prompt_model(base, learned, config.tokens_per_code).to(device)  # base is clean: learned wraps a copy
     del learned
     free.add_personas(list(personas))
-    train, test = batches(free)
-    result["free8"] = {**fit(free, train, settings.free_steps, "free8"), **scores(free, train, test)}
+    train, test = collate(free, train_rows), collate(free, test_rows)
+    result["free8"] = fitted(free, train, test, "free8", start=start_prompt.flatten())
+    result["identification_free8"] = identification(free, test, test_rows, personas, settings.chunk_size)
     result["summary"] = summarize_headroom(result)
     return result
+
+
+def fit_each(model, train: Mapping[str, torch.Tensor], personas, settings: HeadroomSettings, label: str, start):
+    """Fit every persona on its own rows from the mixture ``start``; curves, passes and seconds per persona."""
+    from ..fitting import fit_mixtures
+
+    curves, passes, seconds = {}, 0, 0.0
+    for name in tqdm(personas, desc=f"headroom {label}"):
+        row = model.persona_index(name)
+        model.set_mixture(name, start)
+        keep = train["persona_ids"] == row
+        out = fit_mixtures(
+            model,
+            {k: v[keep] for k, v in train.items()},
+            method=settings.method,
+            steps=settings.steps,
+            lr=settings.lr,
+            damping=settings.damping,
+            chunk_size=settings.chunk_size,
+            bias_scale=1.0,
+            progress=False,
+            options=settings.fit_options,
+        )
+        curves[name] = out.persona_curves[row]
+        passes, seconds = passes + out.example_passes, seconds + out.seconds
+    logger.info("headroom %s: %d passes in %.0f s", label, passes, seconds)
+    return {"curves": curves, "example_passes": passes, "seconds": seconds}
+
+
+def gradient_capture(span: torch.Tensor, gradients: torch.Tensor, personas: Sequence[str]) -> dict:
+    """Share of each gradient's energy in the row span of ``span`` (codes, tokens, hidden): raw, and centred by
+    the mean of the *other* personas' gradients (what is particular to each character)."""
+    basis = torch.linalg.qr(span.detach().double().flatten(1).T).Q  # (tokens * hidden, codes), orthonormal
+    g = gradients.double()  # (personas, tokens * hidden)
+    n = g.shape[0]
+    others = (g.sum(0, keepdim=True) - g) / max(n - 1, 1)  # leave-one-out mean
+    out = {}
+    for name, vectors in (("raw", g), ("centred", g - others)):
+        share = ((vectors @ basis) ** 2).sum(1) / (vectors**2).sum(1).clamp(min=1e-30)  # (personas,)
+        out[name] = {"per_persona": dict(zip(personas, share.tolist())), **summarize(share.tolist())}
+    return out
+
+
+def pretraining_sample(rows: Sequence[Mapping[str, str]], personas: int, lines: int) -> list[Mapping[str, str]]:
+    """The first ``lines`` rows of each of the ``personas`` pretraining personas with the most rows."""
+    by_persona: dict[str, list] = defaultdict(list)
+    for row in rows:
+        by_persona[row["persona"]].append(row)
+    names = sorted(by_persona, key=lambda p: (-len(by_persona[p]), p))[:personas]
+    return [row for name in sorted(names) for row in by_persona[name][:lines]]
+
+
+def _chunks(batch: Mapping[str, torch.Tensor], size: int) -> list[dict]:
+    n = batch["input_ids"].shape[0]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 def pretraining_mean_mixture(model) -> torch.Tensor | None:
@@ -219,121 +321,34 @@ def identification(model, test: Mapping[str, torch.Tensor], test_rows, personas:
 
 
 def summarize_headroom(result: dict) -> dict:
-    """Means with 95% CIs per method and split, improvements over zero, the capture ratio, learned/random ratio."""
+    """Means with 95% CIs per method and split; improvements over zero and gains over the fits' common start
+    (``mean64`` when present, else zero); capture ratios and ratios to the random codebook, both from those gains."""
     personas = result["personas"]
     out: dict = {}
+    methods = [m for m in ("zero", "mean64", *FITTED) if m in result]
+    base = "mean64" if "mean64" in result else "zero"
+    out["start"] = base
     for split in ("train", "test"):
-        zero = [result["zero"][split][p] for p in personas]
-        methods = [m for m in (*METHODS, "mean64") if m in result]
         out[split] = {m: summarize([result[m][split][p] for p in personas]) for m in methods}
-        gains = {m: [z - result[m][split][p] for z, p in zip(zero, personas)] for m in methods if m != "zero"}
-        out[split]["improvement"] = {m: summarize(v) for m, v in gains.items()}
-        capture = [g / f if abs(f) > 1e-9 else None for g, f in zip(gains["mix64"], gains["free8"])]
-        free_mean, mix_mean = out[split]["improvement"]["free8"]["mean"], out[split]["improvement"]["mix64"]["mean"]
-        rand_mean = out[split]["improvement"]["random64"]["mean"]
-        out[split]["capture_ratio_of_means"] = mix_mean / free_mean if free_mean else None
-        out[split]["capture_ratio_per_persona"] = summarize(capture)
-        out[split]["learned_over_random"] = mix_mean / rand_mean if rand_mean else None
-    return out
 
+        def gains(reference: str, split: str = split) -> dict[str, list[float]]:
+            ref = [result[reference][split][p] for p in personas]
+            return {m: [r - result[m][split][p] for r, p in zip(ref, personas)] for m in methods if m != reference}
 
-def headroom_markdown(result: dict) -> list[str]:
-    """Tables of the headroom stage (per character and summary) and identification."""
-    s = result["summary"]
-    lines = [
-        f"{len(result['personas'])} unseen characters, {result['train_lines']} training and {result['test_lines']} "
-        "held-out lines in all; every fit is the Fisher (Levenberg-Marquardt) fit from zero.",
-        "",
-        "| | zero | free 8 tokens | 64 weights, learned codebook | 64 weights, random codebook |",
-        "|---|---|---|---|---|",
-    ]
-    for split in ("train", "test"):
-        cells = [_ci(s[split][m]) for m in METHODS]
-        lines.append(f"| {split} loss | " + " | ".join(cells) + " |")
-    for split in ("train", "test"):
-        imp = s[split]["improvement"]
-        cells = " | ".join(_ci(imp[m]) for m in ("free8", "mix64", "random64"))
-        lines.append(f"| {split} improvement over zero | — | {cells} |")
-    if "mean64" in s["test"]:
-        lines += [
-            "",
-            "Mean pretraining mixture, unfitted (the part every pretraining persona shares): train "
-            f"{_ci(s['train']['mean64'])}, held-out {_ci(s['test']['mean64'])}; held-out improvement over zero "
-            f"{_ci(s['test']['improvement']['mean64'])}.",
+        over_zero, over_start = gains("zero"), gains(base)
+        out[split]["improvement"] = {m: summarize(v) for m, v in over_zero.items()}
+        out[split]["gain_over_start"] = {m: summarize(v) for m, v in over_start.items() if m in FITTED}
+        mean_gain = {m: out[split]["gain_over_start"][m]["mean"] for m in out[split]["gain_over_start"]}
+        free = mean_gain["free8"]
+        out[split]["capture_ratios"] = {m: (g / free if free else None) for m, g in mean_gain.items() if m != "free8"}
+        out[split]["capture_ratio_of_means"] = out[split]["capture_ratios"]["mix64"]
+        per_persona_capture = [
+            g / f if abs(f) > 1e-9 else None for g, f in zip(over_start["mix64"], over_start["free8"])
         ]
-    lines += [
-        "",
-        "Capture ratio (zero - mix64) / (zero - free8), of the means: train "
-        f"{_num(s['train']['capture_ratio_of_means'])}, held-out {_num(s['test']['capture_ratio_of_means'])}. "
-        "Learned / random codebook improvement: train "
-        f"{_num(s['train']['learned_over_random'])}, held-out {_num(s['test']['learned_over_random'])}.",
-        "",
-        f"Likelihood identification (held-out lines scored under every fitted character's 64 weights): accuracy "
-        f"{result['identification']['accuracy']:.3f}, chance {result['identification']['chance']:.3f}.",
-        "",
-        "| character | zero (test) | free8 | mix64 | random64 | capture | fit steps | mix64 train curve |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for p in result["personas"]:
-        z = result["zero"]["test"][p]
-        f, m, r = (result[k]["test"][p] for k in ("free8", "mix64", "random64"))
-        capture = (z - m) / (z - f) if abs(z - f) > 1e-9 else float("nan")
-        curve = result["mix64"]["curves"][p]
-        lines.append(
-            f"| {p} | {z:.3f} | {f:.3f} | {m:.3f} | {r:.3f} | {capture:.2f} | {len(curve) - 1} | "
-            + " → ".join(f"{v:.3f}" for v in curve)
-            + " |"
-        )
-    return lines
-
-
-def plot_headroom(result: dict, path: str | Path) -> str:
-    """Training-loss curves of every fit (one panel per method, one line per character)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 3.5))
-    axes = fig.subplots(1, 3, sharey=True)
-    for ax, method in zip(axes, ("free8", "mix64", "random64")):
-        for p, curve in result[method]["curves"].items():
-            ax.plot(range(len(curve)), curve, marker=".", linewidth=1, label=p.split("/")[-1])
-        ax.set_title(method)
-        ax.set_xlabel("Fisher step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("training loss (mean token NLL)")
-    axes[-1].legend(fontsize=6, ncol=2)
-    fig.suptitle("Headroom fits: training loss per step")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return str(path)
-
-
-def plot_identification(result: dict, path: str | Path) -> str:
-    """Confusion matrix of likelihood identification: row = true character, column = mixture it was scored under."""
-    from matplotlib.figure import Figure
-
-    ident, personas = result["identification"], result["personas"]
-    matrix = torch.tensor(ident["loss_matrix"])  # (true, candidate)
-    relative = matrix - matrix.min(dim=1, keepdim=True).values  # 0 at each row's best candidate
-    names = [p.split("/")[-1] for p in personas]
-    fig = Figure(figsize=(6, 5))
-    ax = fig.subplots()
-    image = ax.imshow(relative.numpy(), cmap="viridis_r")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("scored under the fitted mixture of")
-    ax.set_ylabel("held-out lines of")
-    ax.set_title(f"Likelihood identification: accuracy {ident['accuracy']:.2f} (chance {ident['chance']:.2f})")
-    fig.colorbar(image, ax=ax, label="loss above the row's best (nats)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return str(path)
-
-
-def _ci(summary: dict) -> str:
-    if summary["mean"] is None:
-        return "n/a"
-    if summary["ci95"] is None:
-        return f"{summary['mean']:.3f}"
-    return f"{summary['mean']:.3f} ± {summary['ci95']:.3f}"
-
-
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+        out[split]["capture_ratio_per_persona"] = summarize(per_persona_capture)
+        rand = mean_gain["random64"]
+        out[split]["over_random"] = {
+            m: (mean_gain[m] / rand if rand else None) for m in ("mix64", "mix64_zero", "grad64") if m in mean_gain
+        }
+        out[split]["learned_over_random"] = out[split]["over_random"]["mix64"]
+    return out

@@ -14,7 +14,7 @@ from ..machine import hardware
 from .config import EvalConfig
 from .data import Split
 from .data_efficiency import data_efficiency_markdown, plot_data_efficiency, summarize_data_efficiency
-from .headroom import headroom_markdown, plot_headroom, plot_identification
+from .headroom_report import headroom_markdown, plot_headroom, plot_identification
 from .metrics import summarize
 from .runner import REFERENCE, method_keys
 

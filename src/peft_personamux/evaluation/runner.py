@@ -560,8 +560,7 @@ class Evaluation:
 
         base, tokenizer = self.base()
         c = self.config
-        settings = HeadroomSettings(c.headroom_steps, c.headroom_steps, c.fisher_damping, c.fit_chunk_size, c.seed)
-        collator_kwargs = self.mux_collator_kwargs()
+        settings = HeadroomSettings.from_config(c)
         return run_headroom(
             base,
             tokenizer,
@@ -569,9 +568,10 @@ class Evaluation:
             self.personas,
             self.split.train,
             self.split.test,
-            collator_kwargs,
+            self.mux_collator_kwargs(),
             settings,
             self.device,
+            pretrain_rows=self.split.pretrain,
         )
 
     def _pm_zero(self, partial: dict, save) -> dict:
@@ -908,7 +908,7 @@ def _results(config: EvalConfig, evaluation: Evaluation, stages: dict, start: fl
 
 def _headroom_outputs(headroom: dict, output_dir: Path, command: str | None) -> dict:
     """``only_headroom``: headroom.json, headroom.md (its tables) and headroom_curves.png."""
-    from .headroom import headroom_markdown, plot_headroom, plot_identification
+    from .headroom_report import headroom_markdown, plot_headroom, plot_identification
 
     headroom = _finite_or_none(headroom)
     _write_json(output_dir / "headroom.json", headroom)

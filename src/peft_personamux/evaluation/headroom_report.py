@@ -1,0 +1,151 @@
+"""Tables and plots of the headroom stage (`evaluation.headroom`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .headroom import FITTED
+
+LABELS = {
+    "zero": "zero mixture",
+    "mean64": "mean pretraining mixture (unfitted)",
+    "free8": "free 8 tokens",
+    "mix64": "64 weights, learned codebook",
+    "mix64_mean": "64 weights, learned codebook, from the mean",
+    "random64": "64 weights, random codebook",
+    "grad64": "64 weights, gradient codebook",
+}
+
+
+def headroom_markdown(result: dict) -> list[str]:
+    """Tables of the headroom stage (summary, gradient capture, identification, per character)."""
+    s = result["summary"]
+    settings = result.get("settings", {})
+    methods = [m for m in LABELS if m in s["test"]]
+    fit = f"{settings.get('method', 'fisher')}, {settings.get('steps', '?')} iterations"
+    lines = [
+        f"{len(result['personas'])} unseen characters, {result['train_lines']} training and {result['test_lines']} "
+        f"held-out lines in all; every persona fitted on its own ({fit}).",
+        "",
+        "| | loss, train | loss, held-out | gain over zero, train | gain over zero, held-out | capture (held-out) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        gain = s["train"]["improvement"].get(m), s["test"]["improvement"].get(m)
+        capture = s["test"]["capture_ratios"].get(m) if m != "free8" else None
+        lines.append(
+            f"| {LABELS[m]} | {_ci(s['train'][m])} | {_ci(s['test'][m])} | "
+            f"{'—' if gain[0] is None else _ci(gain[0])} | {'—' if gain[1] is None else _ci(gain[1])} | "
+            f"{'—' if capture is None else _num(capture)} |"
+        )
+    over = s["test"]["over_random"]
+    lines += [
+        "",
+        "Capture ratio = (zero - method) / (zero - free8), of the held-out means (train: "
+        + ", ".join(f"{m} {_num(v)}" for m, v in s["train"]["capture_ratios"].items())
+        + "). Improvement over the random codebook's, held-out: "
+        + ", ".join(f"{m} {_num(v)}x" for m, v in over.items())
+        + ".",
+    ]
+    capture = result.get("gradient_capture")
+    if capture:
+        lines += [
+            "",
+            "Gradient capture: share of each character's prompt gradient at the zero mixture inside a codebook's span "
+            f"(a random span: {capture['random_expected']:.4f} expected).",
+            "",
+            "| codebook | raw | centred (the character's own part) |",
+            "|---|---|---|",
+        ]
+        for label in ("mix64", "random64", "grad64"):
+            if label in capture:
+                lines.append(f"| {LABELS[label]} | {_ci(capture[label]['raw'])} | {_ci(capture[label]['centred'])} |")
+    if "grad64_codebook" in result:
+        g = result["grad64_codebook"]
+        lines += [
+            "",
+            f"The gradient codebook: principal directions of {g['personas']} pretraining characters' gradients "
+            f"({g['lines']} lines), holding {100 * g['explained_variance']:.1f}% of their centred variance.",
+        ]
+    lines += ["", "Likelihood identification (held-out lines scored under every fitted character):"]
+    for label in ("mix64", "grad64", "free8"):
+        key = "identification" if label == "mix64" else f"identification_{label}"
+        if key in result:
+            i = result[key]
+            lines.append(f"- {LABELS[label]}: accuracy {i['accuracy']:.3f} (chance {i['chance']:.3f})")
+    shown = [m for m in ("zero", "mean64", *FITTED) if m in result]
+    lines += [
+        "",
+        "Held-out loss per character, and the mix64 training curve (loss at each evaluation of the fit):",
+        "",
+        "| character | " + " | ".join(shown) + " | mix64 train curve |",
+        "|---" * (len(shown) + 2) + "|",
+    ]
+    for p in result["personas"]:
+        curve = result["mix64"]["curves"][p]
+        cells = " | ".join(f"{result[m]['test'][p]:.3f}" for m in shown)
+        lines.append(f"| {p} | {cells} | {_curve(curve)} |")
+    return lines
+
+
+def plot_headroom(result: dict, path: str | Path) -> str:
+    """Training-loss curves of every fit (one panel per method, one line per character)."""
+    from matplotlib.figure import Figure
+
+    methods = [m for m in FITTED if m in result]
+    fig = Figure(figsize=(3.5 * len(methods), 3.5))
+    axes = fig.subplots(1, len(methods), sharey=False)
+    for ax, method in zip(axes, methods):
+        for p, curve in result[method]["curves"].items():
+            zero = curve[0]
+            ax.plot(range(len(curve)), [v - zero for v in curve], marker=".", linewidth=1, label=p.split("/")[-1])
+        ax.set_title(method)
+        ax.set_xlabel("loss evaluation")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss - its start (nats)")
+    axes[-1].legend(fontsize=6, ncol=2)
+    fig.suptitle("Headroom fits: training loss at each evaluation")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return str(path)
+
+
+def plot_identification(result: dict, path: str | Path) -> str:
+    """Confusion matrix of likelihood identification: row = true character, column = mixture it was scored under."""
+    from matplotlib.figure import Figure
+
+    ident, personas = result["identification"], result["personas"]
+    matrix = torch.tensor(ident["loss_matrix"])  # (true, candidate)
+    relative = matrix - matrix.min(dim=1, keepdim=True).values  # 0 at each row's best candidate
+    names = [p.split("/")[-1] for p in personas]
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    image = ax.imshow(relative.numpy(), cmap="viridis_r")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("scored under the fitted mixture of")
+    ax.set_ylabel("held-out lines of")
+    ax.set_title(f"Likelihood identification: accuracy {ident['accuracy']:.2f} (chance {ident['chance']:.2f})")
+    fig.colorbar(image, ax=ax, label="loss above the row's best (nats)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return str(path)
+
+
+def _curve(curve: list[float]) -> str:
+    if len(curve) > 8:
+        curve = [*curve[:3], min(curve), curve[-1]]
+        return f"{curve[0]:.3f} → {curve[1]:.3f} → {curve[2]:.3f} … best {curve[3]:.3f}, last {curve[4]:.3f}"
+    return " → ".join(f"{v:.3f}" for v in curve)
+
+
+def _ci(summary: dict | None) -> str:
+    if not summary or summary["mean"] is None:
+        return "n/a"
+    if summary["ci95"] is None:
+        return f"{summary['mean']:.3f}"
+    return f"{summary['mean']:.3f} ± {summary['ci95']:.3f}"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
