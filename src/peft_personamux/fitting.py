@@ -3,10 +3,10 @@
 Only ``num_codes`` (64) numbers per persona are fitted, all other weights frozen, so second-order steps are cheap:
 
 * ``"adam"`` — the paper's recipe: full batch, 100 steps, Adam (lr 1e-3, eps 1e-4), from zeros.
-* ``"lbfgs"`` — L-BFGS with a strong-Wolfe line search on the full-batch loss (``steps`` = its iterations, each
-  one or more loss + gradient evaluations). The objective is deterministic (no dropout, full batch), which is the
-  setting L-BFGS is made for; it converges in tens of evaluations where Adam needs hundreds, and it needs no
-  learning rate, so the same call fits 64 weights and 4,608 free prompt numbers alike.
+* ``"lbfgs"`` — L-BFGS with a strong-Wolfe line search on the full-batch loss: ``steps`` iterations, at most
+  ``1.25 * steps`` loss + gradient evaluations, ending at the best point evaluated. The objective is
+  deterministic (no dropout, full batch), the setting L-BFGS is made for, and it needs no learning rate, so the
+  same call fits 64 weights and 4,608 free prompt numbers alike.
 * ``"fisher"`` (default, 6 steps) — Levenberg–Marquardt steps preconditioned by the empirical Fisher of the
   per-example gradients. The soft prompt is expanded per row, so giving every row its own copy of the mixture
   vector makes one backward pass return all per-example gradients ``G`` (examples, num_codes). The step solves
@@ -21,6 +21,7 @@ that their costs can be compared; see ``benchmarks/fit_speed.py``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -163,24 +164,38 @@ def fit_mixtures(
         return loss_value
 
     if method == "lbfgs":
+        # L-BFGS may evaluate several times per iteration (line search); ``budget`` bounds the evaluations, and the
+        # fit ends at the best point it evaluated (a line search cut off by the budget leaves a trial point behind)
+        budget = math.ceil(1.25 * steps)
         optimizer = torch.optim.LBFGS(
             [params],
             lr=1.0,
             max_iter=steps,
+            max_eval=budget,
             history_size=20,
             line_search_fn="strong_wolfe",
             tolerance_grad=1e-9,
             tolerance_change=1e-9,
         )
+        best = {"loss": math.inf, "params": params.detach().clone()}
 
         def closure() -> torch.Tensor:
+            if len(result.losses) >= budget:
+                raise _BudgetSpent
             optimizer.zero_grad()
-            return torch.tensor(full_batch_loss())
+            loss = full_batch_loss()
+            if loss < best["loss"]:
+                best.update(loss=loss, params=params.detach().clone())
+            return torch.tensor(loss)
 
-        with tqdm(total=steps, desc="fit (lbfgs)", disable=not progress) as bar:
-            optimizer.step(closure)
-            bar.update(steps)
-        # the losses are per evaluation (line-search trials included); L-BFGS ends at its best accepted point
+        with tqdm(total=budget, desc="fit (lbfgs)", disable=not progress) as bar:
+            try:
+                optimizer.step(closure)
+            except _BudgetSpent:
+                pass
+            bar.update(len(result.losses))
+        with torch.no_grad():
+            params.copy_(best["params"])
     elif method == "adam":
         optimizer = torch.optim.Adam([params], lr=lr, eps=eps)
         for _ in tqdm(range(steps), desc="fit (adam)", disable=not progress):
@@ -237,6 +252,10 @@ def fit_mixtures(
         result.seconds,
     )
     return result
+
+
+class _BudgetSpent(Exception):
+    """Raised inside the L-BFGS closure once the evaluation budget is spent."""
 
 
 def _grad_chunks(tuner, batch, params, index, scale, chunk_size, per_example, num_tokens, options, cache):

@@ -13,7 +13,7 @@ LABELS = {
     "mean64": "mean pretraining mixture (unfitted)",
     "free8": "free 8 tokens",
     "mix64": "64 weights, learned codebook",
-    "mix64_mean": "64 weights, learned codebook, from the mean",
+    "mix64_zero": "64 weights, learned codebook, from zero (the paper's start)",
     "random64": "64 weights, random codebook",
     "grad64": "64 weights, gradient codebook",
 }
@@ -25,27 +25,30 @@ def headroom_markdown(result: dict) -> list[str]:
     settings = result.get("settings", {})
     methods = [m for m in LABELS if m in s["test"]]
     fit = f"{settings.get('method', 'fisher')}, {settings.get('steps', '?')} iterations"
+    start = s.get("start", "zero")
     lines = [
         f"{len(result['personas'])} unseen characters, {result['train_lines']} training and {result['test_lines']} "
-        f"held-out lines in all; every persona fitted on its own ({fit}).",
+        f"held-out lines in all; every persona fitted on its own ({fit}), from the prompt of `{start}` (the "
+        "random and gradient codebooks get that prompt as one more code) except `mix64_zero`.",
         "",
-        "| | loss, train | loss, held-out | gain over zero, train | gain over zero, held-out | capture (held-out) |",
-        "|---|---|---|---|---|---|",
+        "| | loss, train | loss, held-out | held-out gain over zero | gain over the start, train | "
+        "gain over the start, held-out | capture (held-out) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in methods:
-        gain = s["train"]["improvement"].get(m), s["test"]["improvement"].get(m)
-        capture = s["test"]["capture_ratios"].get(m) if m != "free8" else None
+        over_zero = s["test"]["improvement"].get(m)
+        gain = s["train"]["gain_over_start"].get(m), s["test"]["gain_over_start"].get(m)
+        capture = s["test"]["capture_ratios"].get(m)
         lines.append(
-            f"| {LABELS[m]} | {_ci(s['train'][m])} | {_ci(s['test'][m])} | "
-            f"{'—' if gain[0] is None else _ci(gain[0])} | {'—' if gain[1] is None else _ci(gain[1])} | "
-            f"{'—' if capture is None else _num(capture)} |"
+            f"| {LABELS[m]} | {_ci(s['train'][m])} | {_ci(s['test'][m])} | {_dash(over_zero)} | {_dash(gain[0])} | "
+            f"{_dash(gain[1])} | {'—' if capture is None else _num(capture)} |"
         )
     over = s["test"]["over_random"]
     lines += [
         "",
-        "Capture ratio = (zero - method) / (zero - free8), of the held-out means (train: "
+        f"Capture ratio = ({start} - method) / ({start} - free8), of the held-out means (train: "
         + ", ".join(f"{m} {_num(v)}" for m, v in s["train"]["capture_ratios"].items())
-        + "). Improvement over the random codebook's, held-out: "
+        + "). Gain over the start relative to the random codebook's, held-out: "
         + ", ".join(f"{m} {_num(v)}x" for m, v in over.items())
         + ".",
     ]
@@ -53,7 +56,8 @@ def headroom_markdown(result: dict) -> list[str]:
     if capture:
         lines += [
             "",
-            "Gradient capture: share of each character's prompt gradient at the zero mixture inside a codebook's span "
+            f"Gradient capture: share of each character's prompt gradient at the start (`{start}`) inside a "
+            "codebook's span "
             f"(a random span: {capture['random_expected']:.4f} expected).",
             "",
             "| codebook | raw | centred (the character's own part) |",
@@ -137,6 +141,10 @@ def _curve(curve: list[float]) -> str:
         curve = [*curve[:3], min(curve), curve[-1]]
         return f"{curve[0]:.3f} → {curve[1]:.3f} → {curve[2]:.3f} … best {curve[3]:.3f}, last {curve[4]:.3f}"
     return " → ".join(f"{v:.3f}" for v in curve)
+
+
+def _dash(summary: dict | None) -> str:
+    return "—" if summary is None else _ci(summary)
 
 
 def _ci(summary: dict | None) -> str:
