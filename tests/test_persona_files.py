@@ -28,13 +28,13 @@ def mux(arch="llama", dtype=torch.float32, personas=("hamlet", "ophelia")):
 
 def copy_codebook(source, target):
     """Give ``target`` the codebook and bias of ``source`` (so that their persona files fit both)."""
-    state = {k: v for k, v in source.base_model._layer.state_dict().items() if "personamux_mixture" not in k}
-    target.base_model._layer.load_state_dict(state, strict=False)
+    state = {k: v for k, v in source.base_model.personamux_layer.state_dict().items() if "personamux_mixture" not in k}
+    target.base_model.personamux_layer.load_state_dict(state, strict=False)
 
 
 def registry(model):
     """Everything a load may change: names, rows, the active persona."""
-    return model.personas, model.base_model._layer.personamux_mixture["default"].detach().clone(), model.active_persona
+    return model.personas, model.base_model.mixture_table("default").detach().clone(), model.active_persona
 
 
 def assert_unchanged(model, before):
@@ -142,7 +142,7 @@ def test_state_dict_with_the_old_table_name_loads():
     assert any(k.endswith(".mixture.default") for k in state)
     other = mux()
     with torch.no_grad():
-        other.base_model._layer.personamux_mixture["default"].zero_()
+        other.base_model.personamux_layer.personamux_mixture["default"].zero_()
     result = other.base_model.model.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(other.get_mixture("hamlet"), model.get_mixture("hamlet"))

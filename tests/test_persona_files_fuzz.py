@@ -30,8 +30,8 @@ def setup():
     config = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
     empty = get_peft_model(make_model("llama"), PersonaMuxConfig(**config))
     holder = get_peft_model(make_model("llama"), PersonaMuxConfig(**config))
-    state = {k: v for k, v in empty.base_model._layer.state_dict().items() if "personamux_mixture" not in k}
-    holder.base_model._layer.load_state_dict(state, strict=False)
+    state = {k: v for k, v in empty.base_model.personamux_layer.state_dict().items() if "personamux_mixture" not in k}
+    holder.base_model.personamux_layer.load_state_dict(state, strict=False)
     saved = torch.randn(6, generator=torch.Generator().manual_seed(3))
     holder.add_personas([NAME, "other"], mixtures=torch.stack([saved, -saved]))
     folder = tempfile.mkdtemp(prefix="persona-fuzz-")
@@ -42,7 +42,7 @@ def setup():
 
 
 def snapshot(model):
-    return model.personas, model.base_model._layer.personamux_mixture["default"].detach().clone(), model.active_persona
+    return model.personas, model.base_model.mixture_table("default").detach().clone(), model.active_persona
 
 
 def check_load(data: bytes) -> None:

@@ -18,7 +18,7 @@ from tiny_models import ARCHS, DTYPES, make_model
 
 import peft_personamux
 from peft_personamux import PersonaFileError, PersonaMuxConfig, PersonaMuxModel
-from peft_personamux.registration import _extend_peft_type
+from peft_personamux.tuner.peft_type import extend_peft_type
 
 SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
 N_VIRTUAL = 7
@@ -55,7 +55,7 @@ def manual_logits(model, input_ids, persona, bias_scale=1.0, at=0):
 def test_registration_is_idempotent():
     assert PeftType.PERSONAMUX == "PERSONAMUX"
     assert PeftType("PERSONAMUX") is PeftType["PERSONAMUX"] is PeftType.PERSONAMUX
-    assert _extend_peft_type() is PeftType.PERSONAMUX
+    assert extend_peft_type() is PeftType.PERSONAMUX
     assert peft_personamux.register() is PeftType.PERSONAMUX
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.PERSONAMUX] is PersonaMuxConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PERSONAMUX] is PersonaMuxModel

@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+# arithmetic, persona_embedding and serving attach their entry points to PersonaMuxModel (model.blend_personas, ...)
+from . import arithmetic, persona_embedding, serving  # noqa: F401
 from .inputs import PERSONA_PLACEHOLDER, encode_with_placeholder, insert_virtual_tokens
 from .persona_files import PersonaFileError, codebook_fingerprint, validate_persona_name
 from .registration import register

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 
 import torch
 
+from .tuner.model import persona_method
 
+
+@persona_method
 def blend_personas(model, weights: dict[str, float], name: str | None = None) -> str:
     """Register a persona whose mixture is ``sum(w * m_name)``; returns its name (default ``blend/<hash>``)."""
     if not weights:
@@ -26,7 +30,7 @@ def blend_personas(model, weights: dict[str, float], name: str | None = None) ->
     return name
 
 
-def persona_pca(model, names: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+def persona_pca(model, names: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
     """Names and their 2-D PCA coordinates (num_personas, 2) of the mixture vectors."""
     names = list(names) if names is not None else model.personas
     if len(names) < 2:
@@ -40,8 +44,9 @@ def persona_pca(model, names: list[str] | None = None) -> tuple[list[str], torch
     return names, coords
 
 
+@persona_method
 def persona_map(
-    model, path: str | os.PathLike = "persona_map.png", names: list[str] | None = None, max_labels: int = 80
+    model, path: str | os.PathLike = "persona_map.png", names: Sequence[str] | None = None, max_labels: int = 80
 ) -> str:
     """Write a PNG of the personas' mixture vectors projected on their first two principal components."""
     import matplotlib

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .persona_files import PersonaFileError, atomic_save
-from .tuner.model import PersonaMuxModel, as_tuner
+from .tuner.model import PersonaMuxModel, as_tuner, persona_method
 
 FORMAT = "personamux-embedding-map/1"
 
@@ -168,6 +168,7 @@ class EmbeddingMap:
         )
 
 
+@persona_method
 def fit_embedding_map(
     model, embeddings: Mapping[str, torch.Tensor], alphas: Sequence[float] | None = None
 ) -> EmbeddingMap:
@@ -184,12 +185,13 @@ def fit_embedding_map(
     return EmbeddingMap.fit(x, y, alphas, names, tuner.codebook_fingerprint())
 
 
+@persona_method
 def persona_from_embedding(
     model, name: str, embedding: torch.Tensor, embedding_map: EmbeddingMap, exist_ok: bool = False
 ) -> str:
     """Register persona ``name`` with the mixture the map predicts for ``embedding`` (no fitting). Returns name."""
     tuner = as_tuner(model)
-    num_codes = tuner._config().num_codes
+    num_codes = tuner.adapter_config().num_codes
     if embedding_map.num_codes != num_codes:
         raise ValueError(
             f"The embedding map predicts {embedding_map.num_codes} weights; this codebook has {num_codes} codes."

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .tuner.model import as_tuner, persona_method
 
+
+@persona_method
 @torch.no_grad()
 def export_prompt_embeds(
     model,
@@ -19,17 +22,11 @@ def export_prompt_embeds(
     the form vLLM accepts as ``{"prompt_embeds": tensor}`` when started with ``enable_prompt_embeds=True``.
     ``seq_len_i`` is the row's real length plus the virtual tokens (minus the placeholder, when there is one).
     """
-    from .tuner.model import as_tuner
-
     tuner = as_tuner(model)
-    expanded, ids, scale = tuner._prepare(input_ids, attention_mask, None, persona_ids, bias_scale, "left")
-    layer = tuner.model.get_input_embeddings()
-    if ids is None:
-        embeds = layer(expanded.input_ids)  # adapter disabled: plain embeddings
-    else:
-        with tuner._request(ids, scale):
-            embeds = layer(expanded.input_ids)  # (batch, seq, hidden)
-    mask = expanded.attention_mask.bool()
+    prepared = tuner.prepare(input_ids, attention_mask, None, persona_ids, bias_scale, "left")
+    with tuner.prompt_request(prepared.persona_ids, prepared.bias_scale):  # adapter disabled: plain embeddings
+        embeds = tuner.model.get_input_embeddings()(prepared.input_ids)  # (batch, seq, hidden)
+    mask = prepared.attention_mask.bool()
     return [embeds[row][mask[row]] for row in range(embeds.shape[0])]
 
 

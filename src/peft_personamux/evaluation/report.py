@@ -11,12 +11,12 @@ import numpy as np
 
 from ..files import write_json
 from ..machine import hardware
+from .common import REFERENCE, method_keys
 from .config import EvalConfig
 from .data import Split
 from .data_efficiency import data_efficiency_markdown, plot_data_efficiency, summarize_data_efficiency
 from .headroom_report import headroom_markdown, plot_headroom, plot_identification
 from .metrics import summarize
-from .runner import REFERENCE, method_keys
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

@@ -9,7 +9,7 @@ from typing import Any
 
 from peft.config import PeftConfig
 
-from ..registration import PEFT_TYPE_NAME, _extend_peft_type
+from .peft_type import PEFT_TYPE_NAME, extend_peft_type
 
 
 class PersonaMuxInit(str, enum.Enum):
@@ -88,7 +88,7 @@ class PersonaMuxConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = _extend_peft_type(PEFT_TYPE_NAME)
+        self.peft_type = extend_peft_type(PEFT_TYPE_NAME)
         for name in ("num_codes", "tokens_per_code"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -123,7 +123,11 @@ class PersonaMuxConfig(PeftConfig):
     @property
     def num_virtual_tokens(self) -> int:
         """Length of the soft prompt at a non-zero bias scale."""
-        return self.num_bias_tokens + self.tokens_per_code
+        return self.num_virtual(1.0)
+
+    def num_virtual(self, bias_scale: float) -> int:
+        """Length of the soft prompt at ``bias_scale``: the bias tokens are left out at scale 0."""
+        return self.tokens_per_code + (self.num_bias_tokens if bias_scale > 0 else 0)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
