@@ -14,7 +14,6 @@ loss within 1 %, <= 60 s per persona on 2 CPU cores).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,19 +85,19 @@ def attach_codebook(base, args: argparse.Namespace) -> tuple[Any, dict[str, Any]
     from peft import PeftModel, get_peft_model
 
     from peft_personamux import PersonaMuxConfig
-    from peft_personamux.cli import PRETRAIN_INFO_NAME, default_codebook_dir
+    from peft_personamux.files import PRETRAIN_INFO_NAME, is_codebook_dir, read_json
+    from peft_personamux.models import shakespeare_codebook_dir
 
     directory = args.codebook
     synthetic = args.tiny or args.random_llama_8b
-    shipped = default_codebook_dir()
-    if directory is None and args.model is None and not synthetic and (shipped / "adapter_config.json").is_file():
+    shipped = shakespeare_codebook_dir()
+    if directory is None and args.model is None and not synthetic and is_codebook_dir(shipped):
         directory = str(shipped)
     if directory is not None and directory != "random":
-        if not (Path(directory) / "adapter_config.json").is_file():
+        if not is_codebook_dir(directory):
             raise SystemExit(f"--codebook {directory}: no adapter_config.json there (a saved Persona-Mux adapter?).")
         model = PeftModel.from_pretrained(base, directory)
-        info_path = Path(directory) / PRETRAIN_INFO_NAME  # the data split and prompt format it was trained with
-        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        info = read_json(Path(directory) / PRETRAIN_INFO_NAME)  # the data split and prompt format it was trained with
         model.freeze()
         return model, {"source": str(Path(directory).resolve()), "pretrain_info": info, "warning": None}
     warning = None

@@ -1,6 +1,6 @@
 """Stage 2: fit new personas on a frozen Persona-Mux codebook with transformers.Trainer.
 
-    python examples/add_persona.py --codebook runs/codebook --personas as_you_like_it/rosalind macbeth/macbeth
+    python examples/add_persona.py --codebook runs/codebook --persona as_you_like_it/rosalind macbeth/macbeth
 
 Every persona named is fitted in the same run (full batch: each step sees all their training rows), from zero
 mixtures, with W and b frozen. Their persona files are written next to the codebook, and the held-out loss before
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from peft import PeftModel
 from transformers import HfArgumentParser
 
-from peft_personamux.cli import DataArguments, load_persona_dataset
-from peft_personamux.data import split_persona_examples
+from peft_personamux.cli import ModelArguments
+from peft_personamux.data import DataArguments, load_persona_dataset, split_persona_examples
 from peft_personamux.models import load_base_model
 from peft_personamux.training import PersonaFitArguments, fit_personas
 
@@ -23,23 +23,21 @@ from peft_personamux.training import PersonaFitArguments, fit_personas
 @dataclass
 class ScriptArguments:
     codebook: str = field(metadata={"help": "Folder written by pretrain_codebook.py (or `personamux pretrain`)."})
-    personas: list[str] = field(metadata={"help": "Personas of --dataset to fit, e.g. as_you_like_it/rosalind."})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model; default SmolLM2-135M."})
-    dataset: str = field(default="shakespeare", metadata={"help": "'shakespeare' or a .jsonl/.json/.csv file."})
+    persona: list[str] = field(metadata={"help": "Personas of --dataset to fit, e.g. as_you_like_it/rosalind."})
     num_train: int = field(default=100, metadata={"help": "Training rows per persona (paper: 100)."})
     num_eval: int = field(default=20, metadata={"help": "Held-out rows per persona for the loss before/after."})
 
 
-def main(script: ScriptArguments, args: PersonaFitArguments) -> None:
-    ds = load_persona_dataset(DataArguments(dataset=script.dataset))
-    wanted = set(script.personas)
+def main(model_args: ModelArguments, script: ScriptArguments, data: DataArguments, args: PersonaFitArguments) -> None:
+    ds = load_persona_dataset(data)
+    wanted = set(script.persona)
     ds = ds.filter(lambda persona: persona in wanted, input_columns="persona")
     missing = wanted - set(ds["persona"])
     if missing:
-        raise SystemExit(f"Not in {script.dataset}: {sorted(missing)}")
+        raise SystemExit(f"Not in {data.dataset}: {sorted(missing)}")
     train, heldout = split_persona_examples(ds, script.num_train, args.seed, max_test=script.num_eval)
 
-    base, tokenizer = load_base_model(script.model_name_or_path)
+    base, tokenizer = load_base_model(model_args.model_name_or_path, dtype=model_args.dtype)
     model = PeftModel.from_pretrained(base, script.codebook)
     results = fit_personas(model, tokenizer, train, args, heldout, save_dir=script.codebook)
     for name, r in results.items():
@@ -47,4 +45,5 @@ def main(script: ScriptArguments, args: PersonaFitArguments) -> None:
 
 
 if __name__ == "__main__":
-    main(*HfArgumentParser((ScriptArguments, PersonaFitArguments)).parse_args_into_dataclasses())
+    parser = HfArgumentParser((ModelArguments, ScriptArguments, DataArguments, PersonaFitArguments))
+    main(*parser.parse_args_into_dataclasses())

@@ -10,6 +10,7 @@ import torch
 from test_collator import make_base, make_rows, make_tokenizer
 
 from peft_personamux import cli
+from peft_personamux.cli import common as cli_common
 from peft_personamux.persona_files import list_persona_files, read_persona_file, write_persona_file
 
 QUIET = ["--disable_tqdm", "True", "--report_to", "none"]
@@ -43,6 +44,7 @@ def test_every_subcommand_has_help(command, capsys):
         "demo": "--from_scratch",
         "chat": "--bias_scale",
         "serve": "--max_batch",
+        "evaluate": "--num_unseen_personas",
     }
     assert fields[command] in out and "--model_name_or_path" in out or command == "personas"
 
@@ -56,8 +58,30 @@ def test_top_level_usage_lists_commands(capsys):
     assert "unknown command 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["add-persona", "--personas", "x"],
+            "personamux add-persona: unknown flag --personas (did you mean --persona?)",
+        ),
+        (
+            ["generate", "--persona", "a", "--prompt", "b", "--bias_scal=1"],
+            "unknown flag --bias_scal (did you mean --bias_scale?)",
+        ),
+        (["personas", "--zzz"], "personamux personas: unknown flag --zzz; see --help for the flags."),
+    ],
+)
+def test_unknown_flag_is_one_line_with_the_closest_flag(argv, line, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert line in err and len(err.splitlines()) == 1
+
+
 def test_missing_codebook_says_how_to_make_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "default_codebook_dir", lambda: tmp_path / "pretrained" / "shakespeare")
+    monkeypatch.setattr(cli_common, "default_codebook_dir", lambda: tmp_path / "pretrained" / "shakespeare")
     with pytest.raises(SystemExit, match="--from-scratch"):
         cli.main(["demo"])
     with pytest.raises(SystemExit, match="personamux pretrain"):

@@ -8,19 +8,24 @@
 from .amazon import load_amazon_reviews, spherical_kmeans
 from .cornell import load_cornell
 from .errors import DataFileNotFoundError, DataFormatError
+from .flags import DataArguments, load_persona_dataset, read_lines_file, sample_per_persona
 from .shakespeare import load_shakespeare
 from .splits import split_persona_examples, split_personas, summarize
 from .text_persona import describe_personas
 from .tweets import load_tweets
 
 __all__ = [
+    "DataArguments",
     "DataFileNotFoundError",
     "DataFormatError",
     "describe_personas",
     "load_amazon_reviews",
     "load_cornell",
+    "load_persona_dataset",
     "load_shakespeare",
     "load_tweets",
+    "read_lines_file",
+    "sample_per_persona",
     "spherical_kmeans",
     "split_persona_examples",
     "split_personas",
