@@ -17,6 +17,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's CONFIG_NAME
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME: the codebook W and bias b
 PRETRAIN_INFO_NAME = "personamux_pretrain.json"  # what a codebook was trained on: data split and prompt format
 TEXT_PERSONAS_NAME = "text_personas.json"  # {persona: description} the codebook was trained with
+LOSS_LOG_NAME = "loss_log.jsonl"  # training: every logged entry, one JSON line each
+LOSS_CURVE_NAME = "loss_curve.png"  # training: the loss against the step, stage switches marked
 
 
 def is_codebook_dir(directory: str | os.PathLike) -> bool:

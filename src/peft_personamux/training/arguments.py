@@ -1,0 +1,232 @@
+"""Training arguments of the two stages: `TrainingArguments` with the paper's defaults and Persona-Mux options.
+
+Defaults that differ from `transformers.TrainingArguments` (as TRL's `SFTConfig` documents its own):
+
+| argument | default here | TrainingArguments | why |
+| --- | --- | --- | --- |
+| ``learning_rate`` | 1e-3 | 5e-5 | soft prompts and mixtures train with Adam's default rate (paper) |
+| ``adam_epsilon`` | 1e-4 | 1e-8 | the paper's value: stable half-precision updates of tiny gradients |
+| ``weight_decay`` | 0.0 | 0.0 | kept at 0 (stage 2 refuses others): decay would shrink rows that do not train |
+| ``bf16`` | None (auto) | False | on for a CUDA GPU with bf16, unless ``fp16`` or ``use_cpu`` |
+| ``logging_steps`` | 10 | 500 | runs are short |
+| ``label_names`` | ``["labels"]`` | None | the collator writes ``labels`` |
+| ``ddp_find_unused_parameters`` | True | None | W and the mixtures get no gradient during the warm-up |
+| ``num_train_epochs`` (stage 1) | 3.0 | 3.0 | warm-up 1 + 2 joint epochs |
+| ``max_steps`` (stage 2) | 100 | -1 | full-batch steps of the paper |
+| ``lr_scheduler_type`` (stage 2) | ``"constant"`` | ``"linear"`` | the paper's Adam at a fixed rate |
+| ``save_strategy`` (stage 2) | ``"no"`` | ``"steps"`` | 100 steps of a few hundred weights need no checkpoints |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from ..files import LOSS_CURVE_NAME, LOSS_LOG_NAME
+from ..prompting import DEFAULT_INSTRUCTION
+
+
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class PersonaMuxTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with Persona-Mux defaults (paper: Adam, eps 1e-4, half precision) and prompt options."""
+
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Adam learning rate. 1e-3 (torch's Adam default, as in the paper) suits soft prompts."},
+    )
+    adam_epsilon: float = field(
+        default=1e-4,
+        metadata={"help": "Adam epsilon. The paper uses 1e-4: it keeps half-precision updates of tiny grads stable."},
+    )
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "Keep 0: decoupled decay would also shrink mixture rows that are not training."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. None (default): on when training on a CUDA GPU with bf16 support and "
+            "neither fp16 nor use_cpu is set.",
+            "nargs": "?",  # a bare --bf16 means True, as for TrainingArguments' own optional booleans
+            "const": True,
+        },
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log the loss every this many optimizer steps."})
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["labels"],
+        metadata={"help": "Batch keys holding labels (the collator writes `labels`)."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=True,
+        metadata={
+            "help": "Needed under DDP: W and the mixtures are frozen during the warm-up, so they get no gradient."
+        },
+    )
+    instruction: str = field(
+        default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction in every user turn, after the persona."}
+    )
+    max_prompt_tokens: int | None = field(
+        default=256,
+        metadata={"help": "Longer prompts lose the start of the prompt text first; the placeholder always stays."},
+    )
+    max_response_tokens: int | None = field(
+        default=128, metadata={"help": "Responses are cut to this many tokens (labels included)."}
+    )
+    loss_log: bool = field(
+        default=True,
+        metadata={"help": f"Write {LOSS_LOG_NAME} while training and {LOSS_CURVE_NAME} at the end in output_dir."},
+    )
+    fast_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss with `loss.response_nll`: logits only at response tokens and the text before "
+            "the soft prompt run once without gradient. Same loss and gradients as the plain forward (tested); "
+            "about 1.3-2x faster per example on CPU (benchmarks/train_speed.py). Off under multi-process DDP."
+        },
+    )
+    autocast: str = field(
+        default="auto",
+        metadata={
+            "help": "Autocast of the fast loss: 'auto' (bf16 with --bf16, or on a CPU whose bf16 matmul measures "
+            ">= 1.25x float32), 'bf16', or 'no'."
+        },
+    )
+    mixture_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the persona mixture table (its own Adam group). None: learning_rate. In stage 1 "
+            "a row only learns from its own persona's lines, so it is updated far less often than W and b; a "
+            "larger rate (e.g. 10x) lets rows move as far as the shared weights."
+        },
+    )
+    personas_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stage 1: each batch holds lines of this many personas (batch_size / personas_per_batch lines "
+            "each), so every touched mixture row sees several lines per step. None: random lines."
+        },
+    )
+    length_grouped: bool = field(
+        default=False,
+        metadata={"help": "Batch lines of similar length together (less padding); the batch order stays random."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:  # the paper trains in half precision; on CPU the fast loss's `autocast` decides
+            self.bf16 = _cuda_bf16() and not self.fp16 and not self.use_cpu
+        super().__post_init__()
+        for name in ("max_prompt_tokens", "max_response_tokens", "personas_per_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        if self.autocast not in ("auto", "bf16", "no"):
+            raise ValueError(f"`autocast` must be 'auto', 'bf16' or 'no', got {self.autocast!r}.")
+        if self.mixture_learning_rate is not None and not self.mixture_learning_rate > 0:
+            raise ValueError(f"`mixture_learning_rate` must be positive or None, got {self.mixture_learning_rate!r}.")
+
+
+@dataclass
+class CodebookTrainingArguments(PersonaMuxTrainingArguments):
+    """Stage 1: codebook pretraining."""
+
+    warmup_epochs: float = field(
+        default=1.0,
+        metadata={
+            "help": "Epochs during which only the bias tokens train (mixtures stay 0, W frozen). The paper uses 1: it "
+            "keeps the codes from all learning the same component and makes zero mixtures a good starting point."
+        },
+    )
+    num_train_epochs: float = field(
+        default=3.0, metadata={"help": "Total epochs, warm-up included (warm-up 1 + 2 joint epochs by default)."}
+    )
+    gradient_codebook: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of the warm-up, replace the noise codebook by the principal directions of the "
+            "per-persona gradients w.r.t. the mixed tokens (`codebook_init`; one forward+backward pass over "
+            "gradient_codebook_lines lines per persona). Beyond the paper: see docs/results.md for its ablation."
+        },
+    )
+    gradient_codebook_lines: int = field(
+        default=8, metadata={"help": "Lines per persona for the gradient codebook's pass."}
+    )
+    identity_every: int = field(
+        default=0,
+        metadata={
+            "help": "Log the persona-identity diagnostic (`diagnostics`: held-out loss with each persona's own "
+            "mixture vs another's) every this many steps; 0 turns it off. Its lines are held out of training."
+        },
+    )
+    identity_lines: int = field(default=2, metadata={"help": "Held-out lines per persona for the diagnostic."})
+    identity_personas: int = field(default=64, metadata={"help": "Personas the diagnostic uses (at most)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.warmup_epochs >= 0:
+            raise ValueError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs!r}.")
+        for name in ("gradient_codebook_lines", "identity_lines", "identity_personas"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if self.identity_every < 0:
+            raise ValueError(f"`identity_every` must be >= 0, got {self.identity_every!r}.")
+
+
+@dataclass
+class PersonaFitArguments(PersonaMuxTrainingArguments):
+    """Stage 2: fit the mixture vectors of new personas on a frozen codebook."""
+
+    max_steps: int = field(
+        default=100, metadata={"help": "Optimizer steps; each step sees every example once (paper: 100)."}
+    )
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Adam learning rate of the mixture weights (paper: Adam defaults, 1e-3, for 100 steps). Raise it "
+            "when taking far fewer steps."
+        },
+    )
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning rate schedule."})
+    save_strategy: str = field(
+        default="no", metadata={"help": "Checkpoints are rarely worth it for 100 steps of a few hundred weights."}
+    )
+    max_micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Largest forward batch per device. None: all examples at once. Smaller values split the full "
+            "batch with gradient accumulation (same update, less memory)."
+        },
+    )
+    reset_mixtures: bool = field(
+        default=True, metadata={"help": "Start every persona from a zero mixture, as in the paper."}
+    )
+    fit_method: str = field(
+        default="adam",
+        metadata={
+            "help": "'adam': the paper's recipe through the Trainer (max_steps full-batch Adam steps). 'fisher': "
+            "fisher_steps Levenberg-Marquardt steps on per-example gradients (fitting.fit_mixtures), about 14x fewer "
+            "example passes; see docs/fitting.md and docs/results.md before choosing."
+        },
+    )
+    fisher_steps: int = field(
+        default=6, metadata={"help": "Steps of fit_method='fisher' (one pass over the data each)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fit_method not in ("adam", "fisher"):
+            raise ValueError(f"`fit_method` must be 'adam' or 'fisher', got {self.fit_method!r}.")
+        if not isinstance(self.fisher_steps, int) or self.fisher_steps < 1:
+            raise ValueError(f"`fisher_steps` must be a positive integer, got {self.fisher_steps!r}.")
+        if self.weight_decay != 0:
+            raise ValueError(
+                f"`weight_decay` must be 0 when fitting personas (it would shrink the other personas' rows), got "
+                f"{self.weight_decay!r}."
+            )
+        if self.max_micro_batch_size is not None and self.max_micro_batch_size < 1:
+            raise ValueError(f"`max_micro_batch_size` must be a positive integer, got {self.max_micro_batch_size!r}.")

@@ -1,0 +1,97 @@
+"""`PersonaMuxTrainer`: the `Trainer` subclass both stages use; it overrides only what differs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import Trainer
+
+from ..loss import LossOptions, PrefixCache, choose_autocast, mean_response_loss
+from ..persona_files import list_persona_files
+from ..sampling import PersonaBatchSampler, row_lengths
+
+logger = logging.getLogger(__name__)
+
+# Dataset columns the collator reads. Trainer keeps only columns named by the base model's forward unless told.
+KEPT_COLUMNS = ("persona", "persona_ids", "prompt", "response", "text_persona")
+
+
+def _is_mixture(parameter_name: str) -> bool:
+    return "personamux_mixture" in parameter_name or ".mixture." in parameter_name
+
+
+def load_persona_files(model, directory: str | os.PathLike) -> list[str]:
+    """Load every persona file under ``directory/personas/`` into ``model`` (registering new names). Returns them."""
+    names = []
+    for name, path in list_persona_files(directory).items():
+        model.load_persona(path, activate=False, overwrite=True)  # a checkpoint replaces what is registered
+        names.append(name)
+    return names
+
+
+class PersonaMuxTrainer(Trainer):
+    """`Trainer` that keeps the persona columns, restores persona files when resuming, computes the loss with
+    `loss.response_nll` (``fast_loss``), gives the mixture table its own learning rate and orders batches by
+    persona and length when asked."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not getattr(self.args, "fast_loss", False) or return_outputs or self.args.world_size > 1:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # DDP needs its forward
+        if getattr(self, "_loss_options", None) is None:
+            self._loss_options = LossOptions(autocast_dtype=self.autocast_dtype())
+            self._prefix_cache = PrefixCache()
+            logger.info("Fast loss: %s.", self._loss_options)
+        model = self.accelerator.unwrap_model(model)
+        return mean_response_loss(
+            model, inputs, num_items_in_batch, options=self._loss_options, prefix_cache=self._prefix_cache
+        )
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The fast loss's autocast dtype (``args.autocast``, bf16 under ``--bf16``); None: the weights' dtype."""
+        if self.args.bf16 and self.args.autocast == "auto":
+            return torch.bfloat16
+        return choose_autocast(self.args.device, self.args.autocast)
+
+    def create_optimizer(self, model=None):
+        rate = getattr(self.args, "mixture_learning_rate", None)
+        if rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        mixture = [p for n, p in opt_model.named_parameters() if p.requires_grad and _is_mixture(n)]
+        shared = [p for n, p in opt_model.named_parameters() if p.requires_grad and not _is_mixture(n)]
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        groups = [{"params": shared, "lr": self.args.learning_rate}, {"params": mixture, "lr": rate}]
+        self.optimizer = optimizer_cls([g for g in groups if g["params"]], **kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        per_batch = getattr(self.args, "personas_per_batch", None)
+        grouped = getattr(self.args, "length_grouped", False)
+        if (per_batch is None and not grouped) or dataset is None or "persona" not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        return PersonaBatchSampler(
+            dataset["persona"],
+            self.args.per_device_train_batch_size,
+            per_batch,
+            row_lengths(dataset) if grouped else None,
+            seed=self.args.seed,
+        )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        # The base model's forward names none of these, so remove_unused_columns=True would drop them and every
+        # row would silently train the active persona.
+        self._signature_columns += [c for c in KEPT_COLUMNS if c not in self._signature_columns]
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # The adapter file holds W and b only; the mixture table lives in the checkpoint's persona files.
+        names = load_persona_files(self.model, resume_from_checkpoint)
+        logger.info("Restored %d personas from %s.", len(names), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        load_persona_files(self.model, self.state.best_model_checkpoint)
