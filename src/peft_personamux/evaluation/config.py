@@ -200,6 +200,13 @@ class EvalConfig:
             "(their principal directions, scaled to the learned codes' norm); 0 leaves that row out."
         },
     )
+    headroom_zero_start: bool = field(
+        default=True, metadata={"help": "Add the mix64_zero row: the learned codebook fitted from zero (the paper)."}
+    )
+    headroom_identify_all: bool = field(
+        default=True,
+        metadata={"help": "Likelihood identification for grad64 and free8 too (mix64 always); 12 x 12 scorings each."},
+    )
     headroom_gradient_lines: int = field(
         default=8, metadata={"help": "Lines per pretraining persona for the grad64 codebook's gradients."}
     )

@@ -53,6 +53,8 @@ class HeadroomSettings:
     seed: int = 0
     gradient_personas: int = 0  # pretraining personas spanning the grad64 codebook; 0: no grad64 row
     gradient_lines: int = 8  # their lines each
+    zero_start: bool = True  # the mix64_zero row (the paper's start)
+    identify_all: bool = True  # identification for grad64 and free8 too
     fit_options: LossOptions = FAST  # loss shortcuts while fitting (scores always use exact float32)
 
     @classmethod
@@ -67,6 +69,8 @@ class HeadroomSettings:
             seed=config.seed,
             gradient_personas=config.headroom_gradient_personas,
             gradient_lines=config.headroom_gradient_lines,
+            zero_start=config.headroom_zero_start,
+            identify_all=config.headroom_identify_all,
         )
 
 
@@ -192,7 +196,8 @@ def run_headroom(
     # the unseen personas' prompt gradients at the start, for gradient capture (one pass over train)
     unseen = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), progress=False)
     gradients = torch.stack([unseen[learned.persona_index(p)].flatten() for p in personas])  # (personas, 8 * hidden)
-    result["mix64_zero"] = fitted(learned, train, test, "mix64_zero", start=zeros)  # the paper's stage-2 start
+    if settings.zero_start:
+        result["mix64_zero"] = fitted(learned, train, test, "mix64_zero", start=zeros)  # the paper's stage-2 start
     result["mix64"] = fitted(learned, train, test, "mix64", start=start)
     result["identification"] = identification(learned, test, test_rows, personas, settings.chunk_size)
     spans = {"mix64": kept, "random64": random_codebook_like(kept, settings.seed)}
@@ -218,7 +223,7 @@ def run_headroom(
         model.add_personas(list(personas))
         span_train, span_test = collate(model, train_rows), collate(model, test_rows)
         result[label] = fitted(model, span_train, span_test, label, start=offset_start)
-        if label == "grad64":
+        if label == "grad64" and settings.identify_all:
             result["identification_grad64"] = identification(
                 model, span_test, test_rows, personas, settings.chunk_size
             )
@@ -228,7 +233,8 @@ def run_headroom(
     free.add_personas(list(personas))
     train, test = collate(free, train_rows), collate(free, test_rows)
     result["free8"] = fitted(free, train, test, "free8", start=start_prompt.flatten())
-    result["identification_free8"] = identification(free, test, test_rows, personas, settings.chunk_size)
+    if settings.identify_all:
+        result["identification_free8"] = identification(free, test, test_rows, personas, settings.chunk_size)
     result["summary"] = summarize_headroom(result)
     return result
 
