@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import EvalConfig
 from .data import Split
 
@@ -42,3 +44,8 @@ def collect_generations(stages: dict, split: Split, config: EvalConfig) -> dict[
         for p, rows in ((p, split.rows_of("test", p)[: config.num_generations]) for p in split.personas)
     }
     return out
+
+
+def file_size(path: Path) -> int:
+    """Bytes of ``path`` (what a method stores: adapter files, persona files)."""
+    return path.stat().st_size

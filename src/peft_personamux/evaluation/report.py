@@ -1,22 +1,17 @@
-"""From stage results to results.json, results.md, generations.json and the plots. Only numbers measured in the run."""
+"""Rendering of the evaluation: results.json, generations.json, results.md (tables) and the plots. Only numbers
+measured in the run (`results.build_results` assembles them)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..files import write_json
-from ..machine import hardware
-from .common import REFERENCE, method_keys
-from .config import EvalConfig
-from .data import Split
-from .data_efficiency import data_efficiency_markdown, plot_data_efficiency, summarize_data_efficiency
+from .common import REFERENCE
+from .data_efficiency import data_efficiency_markdown, plot_data_efficiency
 from .headroom_report import headroom_markdown, plot_headroom, plot_identification
-from .metrics import summarize
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -26,195 +21,6 @@ PLOTS = {
     "bias_scale": "bias_scale.png",
     "fitting_curves": "fitting_curves.png",
 }
-_METRICS = ("heldout_loss", "judge_loss", "discrimination_caught", "who_said_it")
-
-
-def _mean(values) -> float | None:
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
-
-
-def build_results(
-    config: EvalConfig,
-    stages: dict,
-    split: Split,
-    plan: dict[str, dict[str, int]],
-    stage_seconds: dict[str, float],
-    wall_seconds: float,
-    command: str,
-) -> dict[str, Any]:
-    """Every number of the run, summarised over the unseen personas (mean, std, 95% CI, min, max, n)."""
-    personas = split.personas
-    judge = stages["judge"]["methods"]
-    accuracy = stages["who_said_it"]["accuracy"]
-    methods: dict[str, dict] = {}
-    for key, stage, scale, label in method_keys(config):
-        source = stages[stage][key] if stage == "base_icl" else stages[stage]
-        per = {
-            p: {
-                "heldout_loss": source["heldout_loss"][scale].get(p),
-                "judge_loss": _mean(judge[key]["generation_loss"][p]),
-                "discrimination_caught": _mean(judge[key]["caught"][p]),
-                "who_said_it": accuracy[key].get(p),
-                "bytes": source["bytes_per_persona"][p],
-            }
-            for p in personas
-        }
-        methods[key] = {
-            "label": label,
-            **{m: summarize([per[p][m] for p in personas]) for m in _METRICS},
-            "empty_generations": sum(not g["text"] for p in personas for g in source["generations"][scale][p]),
-            "generations": sum(len(source["generations"][scale][p]) for p in personas),
-            "params_global": source["params_global"],
-            "params_per_persona": source["params_per_persona"],
-            "bytes_global": source["bytes_global"],
-            "bytes_per_persona": _mean([per[p]["bytes"] for p in personas]),
-            "per_persona": per,
-        }
-    reference = {
-        p: {
-            "judge_loss": _mean(judge[REFERENCE]["generation_loss"][p]),
-            "discrimination_caught": _mean(judge[REFERENCE]["caught"][p]),
-            "who_said_it": accuracy[REFERENCE].get(p),
-        }
-        for p in personas
-    }
-    methods[REFERENCE] = {
-        "label": "Real test lines (reference)",
-        "heldout_loss": summarize([]),
-        **{m: summarize([reference[p][m] for p in personas]) for m in _METRICS[1:]},
-        "per_persona": reference,
-    }
-    return {
-        "command": command,
-        "config": config.to_dict(),
-        "config_fingerprint": config.fingerprint(),
-        "hardware": hardware(),
-        "wall_seconds_this_call": wall_seconds,
-        "stage_seconds": stage_seconds,
-        "compute_seconds_all_calls": float(sum(stage_seconds.values())),
-        "data": split.summary(),
-        "plan": plan,
-        "chance": {
-            "discrimination_caught": 1.0 / (config.discrimination_real_candidates + 1),
-            "who_said_it": stages["who_said_it"]["chance"],
-        },
-        "who_said_it_all_test_lines": summarize(list(accuracy["_all_test_lines"].values())),
-        "methods": methods,
-        "loss_improvement": _improvements(stages, personas),
-        "fitting": _fitting(stages, config, len(personas)),
-        "zero_shot": _zero_shot(stages, personas),
-        "headroom": (
-            {k: v for k, v in stages["headroom"].items() if k not in ("done", "seconds")}
-            if "headroom" in stages
-            else None
-        ),
-        "data_efficiency": (
-            summarize_data_efficiency(stages["data_efficiency"], personas) if "data_efficiency" in stages else None
-        ),
-    }
-
-
-def _without_bookkeeping(stage: dict | None) -> dict | None:
-    return None if stage is None else {k: v for k, v in stage.items() if k not in ("done", "seconds")}
-
-
-def _zero_shot(stages: dict, personas: list[str]) -> dict:
-    """Held-out loss at bias 1 of mixtures made without fitting (zero, mean, embedding map) beside fitted ones."""
-    stage = stages.get("pm_embedding") or {}
-    if "heldout_loss" not in stage:
-        return {"skipped": stage.get("skipped", "no pm_embedding stage"), "rows": {}}
-    sources = {
-        "zero": ("Zero mixture (bias tokens only)", stages["pm_zero"]["test"], stage["distance_to_fitted"]["zero"]),
-        "mean_mixture": (
-            "Mean of the pretraining mixtures",
-            stage["heldout_loss"]["mean_mixture"],
-            stage["distance_to_fitted"]["mean_mixture"],
-        ),
-        "embedding": (
-            "Embedding map, zero-shot (no gradient step)",
-            stage["heldout_loss"]["embedding"],
-            stage["distance_to_fitted"]["embedding"],
-        ),
-        "personamux_fisher": ("Fitted (fisher)", stages["pm_fisher"]["heldout_loss"]["1.0"], None),
-        "personamux_adam": ("Fitted (adam)", stages["pm_adam"]["heldout_loss"]["1.0"], None),
-    }
-    rows = {}
-    for key, (label, losses, distance) in sources.items():
-        rows[key] = {
-            "label": label,
-            "heldout_loss": summarize([losses[p] for p in personas]),
-            "distance_to_fitted": summarize([distance[p] for p in personas]) if distance else summarize([]),
-            "per_persona": {p: losses[p] for p in personas},
-        }
-    return {"map": stage["map"], "rows": rows}
-
-
-def _improvements(stages: dict, personas: list[str]) -> dict[str, dict]:
-    """Table 6: loss before fitting minus loss after, on the train lines and on the held-out lines, per persona."""
-    zero = stages["pm_zero"]
-    sp = stages["sp"]["personas"]
-    rows = {
-        "sp": (
-            "Soft prompt",
-            {p: sp[p]["train_loss_before"] - sp[p]["train_loss_after"] for p in personas},
-            {p: sp[p]["test_loss_before"] - sp[p]["test_loss_after"] for p in personas},
-        )
-    }
-    for key, stage, label in (
-        ("personamux_adam", "pm_adam", "Persona-Mux (adam)"),
-        ("personamux_fisher", "pm_fisher", "Persona-Mux (fisher)"),
-        ("random_codebook", "random_codebook", "Random codebook"),
-    ):
-        after = stages[stage]
-        rows[key] = (
-            label,
-            {p: zero["train"][p] - after["train_loss_after"][p] for p in personas},
-            {p: zero["test"][p] - after["heldout_loss"]["1.0"][p] for p in personas},
-        )
-    return {
-        key: {
-            "label": label,
-            "train": summarize(list(train.values())),
-            "test": summarize(list(test.values())),
-            "per_persona": {p: {"train": train[p], "test": test[p]} for p in personas},
-        }
-        for key, (label, train, test) in rows.items()
-    }
-
-
-def _fitting(stages: dict, config: EvalConfig, num_personas: int) -> dict[str, dict]:
-    """Cost of each trained method: steps, example passes (one example through forward and backward), seconds."""
-    out: dict[str, dict] = {}
-    lora = stages["lora"]["fit"]
-    out["lora"] = {"label": "LoRA (all personas at once)", **lora, "seconds_per_persona": None}
-    sp = stages["sp"]["personas"]
-    curves = [v["curve"] for v in sp.values()]
-    width = min(map(len, curves), default=0)
-    out["sp"] = {
-        "label": "Soft prompt (one persona at a time)",
-        "steps": config.sp_steps,
-        "example_passes": int(sum(v["example_passes"] for v in sp.values())),
-        "seconds": float(sum(v["seconds"] for v in sp.values())),
-        "seconds_per_persona": _mean([v["seconds"] for v in sp.values()]),
-        "curve": [float(np.mean([c[i] for c in curves])) for i in range(width)],  # mean over personas
-        "curves": {p: v["curve"] for p, v in sp.items()},
-    }
-    for key, stage, label in (
-        ("personamux_adam", "pm_adam", "Persona-Mux adam (all personas at once)"),
-        ("personamux_fisher", "pm_fisher", "Persona-Mux fisher (all personas at once)"),
-        ("random_codebook", "random_codebook", f"Random codebook {config.random_codebook_method}"),
-    ):
-        fit = stages[stage]["fit"]
-        out[key] = {"label": label, **fit, "seconds_per_persona": fit["seconds"] / num_personas}
-    if "codebook" in stages:
-        out["codebook_pretraining"] = {
-            "label": "Codebook pretraining (stage 1)",
-            **{k: v for k, v in stages["codebook"].items() if k not in ("done",)},
-        }
-    return out
-
-
 # -- files -----------------------------------------------------------------------------------------------------------
 
 

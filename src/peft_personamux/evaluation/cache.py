@@ -1,0 +1,76 @@
+"""The run plan (what a run costs, counted before it starts) and the cache of finished stages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..files import TEXT_PERSONAS_NAME, write_json
+from .config import EvalConfig
+from .data import Split
+
+STAGES_DIRNAME = "stages"
+FINGERPRINT_NAME = "config_fingerprint.json"
+
+
+class StageCache:
+    """Finished stages as ``stages/<name>.json``; valid only for the config fingerprint they were made with."""
+
+    def __init__(self, output_dir: Path, fingerprint: str, overwrite: bool = False) -> None:
+        self.directory = output_dir / STAGES_DIRNAME
+        marker = self.directory / FINGERPRINT_NAME
+        if overwrite:  # everything a run derived from its config; codebook/ is rebuilt by its stage when needed
+            for derived in (self.directory, output_dir / "artifacts", output_dir / "models"):
+                shutil.rmtree(derived, ignore_errors=True)
+            (output_dir / TEXT_PERSONAS_NAME).unlink(missing_ok=True)
+        elif marker.is_file():
+            previous = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint")
+            if previous != fingerprint:
+                raise ValueError(
+                    f"{self.directory} holds stages of another config (fingerprint {previous}, this one "
+                    f"{fingerprint}). Pass --overwrite to discard them, or choose another --output_dir."
+                )
+        write_json(marker, {"fingerprint": fingerprint}, indent=1)
+
+    def get(self, name: str) -> dict | None:
+        path = self.directory / f"{name}.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def put(self, name: str, data: dict) -> None:
+        write_json(self.directory / f"{name}.json", data, indent=1)
+
+
+def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dict[str, int]]:
+    """What a run costs, counted before it starts: example passes with backward (training) and forward-only
+    (scoring) per stage, generations and judge sequences. Multiply by the seconds per pass of the machine."""
+    c = config
+    u, n, t = len(split.personas), len(split.train), len(split.test)
+    g = sum(min(c.num_generations, len(split.rows_of("test", p))) for p in split.personas)
+    scales = len(c.bias_scales)
+    fisher = {"backward": c.fisher_steps * n + n, "forward": c.fisher_steps * n}  # a trial and a new gradient a step
+    adam = {"backward": c.fit_steps * n, "forward": 0}
+    random_fit = adam if c.random_codebook_method == "adam" else fisher
+    stages = {
+        "base_icl": {"backward": 0, "forward": 2 * t, "generations": 2 * g},
+        "lora": {"backward": c.lora_steps * c.lora_batch_size, "forward": t, "generations": g},
+        "sp": {"backward": c.sp_steps * n, "forward": 2 * t + n, "generations": g},
+        "codebook": {
+            "backward": int(c.codebook_epochs * len(split.pretrain)) if pretrain_here else 0,
+            "forward": 0,
+            "generations": 0,
+        },
+        "pm_zero": {"backward": 0, "forward": n + t, "generations": 0},
+        "pm_adam": {**adam, "forward": adam["forward"] + n + scales * t, "generations": scales * g},
+        "pm_fisher": {**fisher, "forward": fisher["forward"] + n + scales * t, "generations": scales * g},
+        "random_codebook": {**random_fit, "forward": random_fit["forward"] + n + t, "generations": g},
+    }
+    stages["pm_embedding"] = {"backward": 0, "forward": 2 * t, "generations": 0}  # + embedding lines, forward only
+    methods = 4 + 2 * scales + 1 + 1  # rows of the table and the real lines
+    judge = {"backward": 0, "forward": 0, "generations": 0, "judge_sequences": 2 * methods * g}
+    judge["judge_sequences"] += g * c.discrimination_real_candidates
+    stages["judge"] = judge
+    total = {k: sum(s.get(k, 0) for s in stages.values()) for k in ("backward", "forward", "generations")}
+    total["judge_sequences"] = judge["judge_sequences"]
+    total["personas"] = u
+    return {**stages, "total": total}
