@@ -93,10 +93,14 @@ def test_argument_defaults_and_validation(tmp_path):
     with pytest.raises(ValueError, match="`max_micro_batch_size`"):
         PersonaFitArguments(output_dir=str(tmp_path), max_micro_batch_size=0)
     assert (fit.fit_method, fit.fisher_steps) == ("adam", 6)
-    with pytest.raises(ValueError, match="`fit_method` must be 'adam' or 'fisher', got 'lbfgs'"):
-        PersonaFitArguments(output_dir=str(tmp_path), fit_method="lbfgs")
+    with pytest.raises(ValueError, match="`fit_method` must be 'adam', 'fisher' or 'lbfgs', got 'sgd'"):
+        PersonaFitArguments(output_dir=str(tmp_path), fit_method="sgd")
     with pytest.raises(ValueError, match="`fisher_steps`"):
         PersonaFitArguments(output_dir=str(tmp_path), fisher_steps=0)
+    with pytest.raises(ValueError, match="`lbfgs_steps`"):
+        PersonaFitArguments(output_dir=str(tmp_path), lbfgs_steps=0)
+    with pytest.raises(ValueError, match="`fit_start` must be 'zero' or 'mean', got 'one'"):
+        PersonaFitArguments(output_dir=str(tmp_path), fit_start="one")
 
 
 def test_persona_columns_survive_remove_unused_columns(tokenizer, tmp_path):
@@ -227,14 +231,14 @@ def test_full_batch_arguments_split_with_accumulation(tmp_path):
         full_batch_arguments(args, 0)
 
 
-@pytest.mark.parametrize("fit_method", ["adam", "fisher"])
+@pytest.mark.parametrize("fit_method", ["adam", "fisher", "lbfgs"])
 def test_fit_personas_reports_heldout_loss_and_writes_files(tokenizer, tmp_path, fit_method):
     model = make_model(tokenizer)
     model.add_personas(["play/a"], mixtures=torch.randn(1, 4))
     kept = model.get_mixture("play/a")
     train = Dataset.from_list(make_rows(personas=("other/c", "other/d"), per_persona=3))
     heldout = Dataset.from_list(make_rows(personas=("other/c", "other/d"), per_persona=2))
-    args = fit_args(tmp_path, max_steps=8, fit_method=fit_method, fisher_steps=3)
+    args = fit_args(tmp_path, max_steps=8, fit_method=fit_method, fisher_steps=3, lbfgs_steps=3)
     results = fit_personas(model, tokenizer, train, args, heldout, save_dir=tmp_path / "cb")
     assert torch.equal(model.get_mixture("play/a"), kept)
     assert sorted(results) == ["other/c", "other/d"]
@@ -243,6 +247,22 @@ def test_fit_personas_reports_heldout_loss_and_writes_files(tokenizer, tmp_path,
         assert result["loss_after"] < result["loss_before"]
         assert os.path.isfile(result["file"]) and result["file"].startswith(str(tmp_path / "cb"))
     assert sorted(list_persona_files(tmp_path / "cb")) == ["other/c", "other/d"]
+
+
+def test_fit_start_mean_starts_new_personas_at_the_codebook_personas_mean(tokenizer, tmp_path):
+    from peft_personamux.training.stages import _register_for_fit
+
+    train = Dataset.from_list(make_rows(personas=("other/c",), per_persona=2))
+    with pytest.raises(ValueError, match="fit_start='zero'"):  # no persona files beside the codebook
+        _register_for_fit(make_model(tokenizer), train, fit_args(tmp_path, fit_start="mean"))
+    model = make_model(tokenizer)
+    mixtures = torch.randn(2, 4)
+    model.add_personas(["play/a", "play/b"], mixtures=mixtures)
+    model.save_pretrained(tmp_path / "cb")  # with the persona files of play/a and play/b
+    assert _register_for_fit(model, train, fit_args(tmp_path, fit_start="mean")) == ["other/c"]
+    torch.testing.assert_close(model.get_mixture("other/c").float(), mixtures.mean(0))
+    _register_for_fit(model, train, fit_args(tmp_path))  # the paper's start
+    assert not model.get_mixture("other/c").any()
 
 
 def test_evaluate_loss_matches_the_model_loss(tokenizer):

@@ -73,6 +73,27 @@ def _row_losses(
         yield sl, nll, tokens, rows_mix
 
 
+def mean_persona_mixture(model) -> torch.Tensor:
+    """Mean mixture (num_codes,) of the persona files beside the model's codebook (its pretraining personas).
+
+    A starting point for new personas that is not the zero mixture: there the mixed tokens are zero vectors, the
+    singular point of the model's first RMSNorm (``x / sqrt(mean(x^2) + eps)``), where the loss is steep in scale
+    and flat in direction and fits crawl.
+    """
+    from .persona_files import read_persona_file
+
+    files = model.available_persona_files()
+    if not files:
+        raise ValueError(
+            "`fit_start='mean'` needs persona files beside the codebook (its pretraining personas); this model's "
+            "codebook folder has none. Use fit_start='zero'."
+        )
+    config = model.peft_config[model.active_adapter]
+    fingerprint = model.codebook_fingerprint()
+    rows = [read_persona_file(path, config.num_codes, fingerprint)[1].float() for path in files.values()]
+    return torch.stack(rows).mean(0)  # (num_codes,)
+
+
 def mean_token_loss(model, batch: dict, bias_scale: float | None = None, chunk_size: int = 16) -> float:
     """Mean token loss of ``batch`` with the personas' current mixtures (no gradients)."""
     tuner = as_tuner(model)

@@ -295,16 +295,10 @@ def _chunks(batch: Mapping[str, torch.Tensor], size: int) -> list[dict]:
 
 
 def pretraining_mean_mixture(model) -> torch.Tensor | None:
-    """Mean of the mixtures in the codebook folder's persona files (None when it has none)."""
-    from ..persona_files import read_persona_file
+    """`fitting.mean_persona_mixture`, or None when the codebook folder has no persona files."""
+    from ..fitting import mean_persona_mixture
 
-    files = model.available_persona_files()
-    if not files:
-        return None
-    config = model.peft_config[model.active_adapter]
-    fingerprint = model.codebook_fingerprint()
-    rows = [read_persona_file(path, config.num_codes, fingerprint)[1].float() for path in files.values()]
-    return torch.stack(rows).mean(0)
+    return mean_persona_mixture(model) if model.available_persona_files() else None
 
 
 @torch.no_grad()

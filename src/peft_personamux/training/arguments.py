@@ -203,26 +203,42 @@ class PersonaFitArguments(PersonaMuxTrainingArguments):
         },
     )
     reset_mixtures: bool = field(
-        default=True, metadata={"help": "Start every persona from a zero mixture, as in the paper."}
+        default=True, metadata={"help": "Start every persona from `fit_start` (False: from its current mixture)."}
+    )
+    fit_start: str = field(
+        default="zero",
+        metadata={
+            "help": "Where a reset mixture starts: 'zero' (the paper) or 'mean', the mean mixture of the codebook "
+            "folder's persona files (its pretraining personas). At zero the 8 mixed tokens are zero vectors, the "
+            "singular point of the model's first RMSNorm, where fits crawl; see docs/results.md."
+        },
     )
     fit_method: str = field(
         default="adam",
         metadata={
             "help": "'adam': the paper's recipe through the Trainer (max_steps full-batch Adam steps). 'fisher': "
             "fisher_steps Levenberg-Marquardt steps on per-example gradients (fitting.fit_mixtures), about 14x fewer "
-            "example passes; see docs/fitting.md and docs/results.md before choosing."
+            "example passes. 'lbfgs': lbfgs_steps L-BFGS iterations on the full-batch loss (no learning rate). "
+            "See docs/fitting.md and docs/results.md before choosing."
         },
     )
     fisher_steps: int = field(
         default=6, metadata={"help": "Steps of fit_method='fisher' (one pass over the data each)."}
     )
+    lbfgs_steps: int = field(
+        default=8, metadata={"help": "Iterations of fit_method='lbfgs' (at most 1.25x as many passes over the data)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.fit_method not in ("adam", "fisher"):
-            raise ValueError(f"`fit_method` must be 'adam' or 'fisher', got {self.fit_method!r}.")
-        if not isinstance(self.fisher_steps, int) or self.fisher_steps < 1:
-            raise ValueError(f"`fisher_steps` must be a positive integer, got {self.fisher_steps!r}.")
+        if self.fit_method not in ("adam", "fisher", "lbfgs"):
+            raise ValueError(f"`fit_method` must be 'adam', 'fisher' or 'lbfgs', got {self.fit_method!r}.")
+        if self.fit_start not in ("zero", "mean"):
+            raise ValueError(f"`fit_start` must be 'zero' or 'mean', got {self.fit_start!r}.")
+        for name in ("fisher_steps", "lbfgs_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.weight_decay != 0:
             raise ValueError(
                 f"`weight_decay` must be 0 when fitting personas (it would shrink the other personas' rows), got "

@@ -177,12 +177,15 @@ def full_batch_arguments(args: PersonaFitArguments, num_examples: int) -> Person
 
 
 def _register_for_fit(model, dataset, args: PersonaFitArguments) -> list[str]:
-    """Register the personas of ``dataset`` (zeroed when ``args.reset_mixtures``); returns their names."""
+    """Register the personas of ``dataset`` (reset to ``args.fit_start`` when ``args.reset_mixtures``)."""
+    from ..fitting import mean_persona_mixture
+
     names = personas_in(dataset)
     model.add_personas(names, exist_ok=True)
     if args.reset_mixtures:
+        start = mean_persona_mixture(model) if args.fit_start == "mean" else None
         for name in names:
-            model.set_mixture(name, torch.zeros_like(model.get_mixture(name)))
+            model.set_mixture(name, torch.zeros_like(model.get_mixture(name)) if start is None else start)
     return names
 
 
@@ -234,9 +237,9 @@ def fit_personas(
     }
     heldout = set(eval_dataset["persona"]) if eval_dataset is not None else set()
     eval_names = [n for n in names if n in heldout]
-    if args.fit_method == "fisher":
+    if args.fit_method in ("fisher", "lbfgs"):
         _register_for_fit(model, dataset, args)
-        fit = lambda: _fit_fisher(model, tokenizer, dataset, args, text_personas)  # noqa: E731
+        fit = lambda: _fit_direct(model, tokenizer, dataset, args, text_personas)  # noqa: E731
     else:
         fit = build_fit_trainer(model, tokenizer, dataset, args, text_personas, callbacks).train
     before = evaluate_loss(model, tokenizer, eval_dataset, eval_names, **eval_kwargs) if eval_names else {}
@@ -255,8 +258,8 @@ def fit_personas(
     return results
 
 
-def _fit_fisher(model, tokenizer, dataset, args: PersonaFitArguments, text_personas) -> None:
-    """``fit_method='fisher'``: the whole dataset as one batch for `fitting.fit_mixtures` (chunked forward passes)."""
+def _fit_direct(model, tokenizer, dataset, args: PersonaFitArguments, text_personas) -> None:
+    """``fit_method`` 'fisher' or 'lbfgs': the whole dataset as one batch for `fitting.fit_mixtures` (chunked)."""
     from ..fitting import fit_mixtures
 
     rows = [dict(zip(dataset.column_names, values)) for values in zip(*(dataset[c] for c in dataset.column_names))]
@@ -265,13 +268,14 @@ def _fit_fisher(model, tokenizer, dataset, args: PersonaFitArguments, text_perso
     fit = fit_mixtures(
         model,
         batch,
-        method="fisher",
-        steps=args.fisher_steps,
+        method=args.fit_method,
+        steps=args.fisher_steps if args.fit_method == "fisher" else args.lbfgs_steps,
         chunk_size=args.max_micro_batch_size or 16,
         progress=not args.disable_tqdm,
     )
     logger.info(
-        "Fisher fit: %d example passes in %.1f s, train loss %.4f -> %.4f.",
+        "%s fit: %d example passes in %.1f s, train loss %.4f -> %.4f.",
+        args.fit_method,
         fit.example_passes,
         fit.seconds,
         fit.losses[0],
