@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_collator import make_base, make_rows, make_tokenizer
+from tiny_models import make_base, make_rows, make_tokenizer
 
 from peft_personamux import cli
 from peft_personamux.cli import common as cli_common

@@ -1,17 +1,16 @@
 """Prompt format and collator: shapes, masks, labels, placeholders, truncation, generation inputs.
 
-The tiny tokenizer and model helpers at the top are shared with test_training.py and test_cli.py.
+The tiny tokenizer and model helpers live in tiny_models.py (imported from here too by older tests).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import make_base, make_rows, make_tokenizer  # noqa: F401  (make_base: test_subnetwork* take it from here)
+from tiny_models import make_mux_model as make_model
 
-from peft_personamux import PERSONA_PLACEHOLDER, PersonaMuxConfig
+from peft_personamux import PERSONA_PLACEHOLDER
 from peft_personamux.collator import (
     IGNORE_INDEX,
     PersonaMuxCollator,
@@ -20,77 +19,6 @@ from peft_personamux.collator import (
     encode_prompt,
 )
 from peft_personamux.prompting import DEFAULT_INSTRUCTION, format_example, user_message
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "To be, or not to be, that is the question.",
-    "Good night, sweet prince. The rest is silence.",
-    "Now is the winter of our discontent.",
-    "User: Assistant: Prompt: Please roleplay as the described character.",
-]
-SPARE_IDS = 4  # model vocabulary rows past the tokenizer's, like padded real vocabularies; the placeholder uses one
-
-
-def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of ~300 ids trained in milliseconds, ChatML template or none."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    if chat_template:
-        tokenizer.chat_template = CHATML
-    return tokenizer
-
-
-def make_base(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    """A random 2-layer Llama with hidden size 32 for ``tokenizer``."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer) + SPARE_IDS,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=None,
-        )
-    )
-
-
-def make_model(tokenizer, seed: int = 0, **config):
-    """`make_base` wrapped in a small Persona-Mux adapter (4 codes of 2 tokens, 3 bias tokens)."""
-    base = make_base(tokenizer, seed)
-    config = {"num_codes": 4, "tokens_per_code": 2, "num_bias_tokens": 3, **config}
-    return get_peft_model(base, PersonaMuxConfig(task_type="CAUSAL_LM", **config))
-
-
-def make_rows(personas=("play/a", "play/b"), per_persona: int = 4) -> list[dict[str, str]]:
-    words = ["night", "prince", "winter", "question"]
-    return [
-        {
-            "persona": name,
-            "prompt": f"Is this the {words[i % 4]}?",
-            "response": f"{name[-1]} says: that is the {words[(i + k) % 4]}.",
-            "group": name.split("/")[0],
-        }
-        for k, name in enumerate(personas)
-        for i in range(per_persona)
-    ]
-
 
 PLACEHOLDER = 303  # any id outside the tiny tokenizer's 300
 

@@ -12,21 +12,19 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from tiny_models import ARCHS, DTYPES, make_model
+from tiny_models import ARCHS, DTYPES, N_VIRTUAL, SMALL, make_model
 
 from peft_personamux import PersonaMuxConfig, PersonaMuxLayer
 
-CONFIG = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
-N_VIRTUAL = 7
 HALF = [torch.bfloat16, torch.float16]
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
 
 def peft_model(arch, dtype=torch.float32, personas=("a", "b"), **kwargs):
-    model = get_peft_model(make_model(arch, dtype), PersonaMuxConfig(**CONFIG), **kwargs)
+    model = get_peft_model(make_model(arch, dtype), PersonaMuxConfig(**SMALL), **kwargs)
     if personas:
         g = torch.Generator().manual_seed(1)
-        model.add_personas(list(personas), mixtures=torch.randn(len(personas), CONFIG["num_codes"], generator=g))
+        model.add_personas(list(personas), mixtures=torch.randn(len(personas), SMALL["num_codes"], generator=g))
     return model
 
 
@@ -139,7 +137,7 @@ def test_training(arch, checkpointing):
         base.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
         )
-    model = get_peft_model(base, PersonaMuxConfig(**CONFIG))
+    model = get_peft_model(base, PersonaMuxConfig(**SMALL))
     model.add_personas(["a", "b"], mixtures=torch.randn(2, 6))
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -202,7 +200,7 @@ def test_delete_adapter(arch):
     model = peft_model(arch)
     ids = inputs()
     expected = model(input_ids=ids, persona_ids=["a", "b"]).logits
-    model.add_adapter("other", PersonaMuxConfig(**CONFIG))
+    model.add_adapter("other", PersonaMuxConfig(**SMALL))
     model.set_adapter("other")
     assert model.personas == [] and model(input_ids=ids).logits.shape[1] == 6 + N_VIRTUAL
     model.delete_adapter("other")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import make_model
+from tiny_models import SMALL, make_model
+from tiny_models import mux as tiny_mux
 
 from peft_personamux import PersonaFileError, PersonaMuxConfig
 from peft_personamux.persona_embedding import EmbeddingMap, embed_texts, fit_embedding_map, persona_from_embedding
-
-SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
 
 
 def linear_data(n=20, dim=5, codes=6, noise=0.0, seed=0):
@@ -22,11 +21,7 @@ def linear_data(n=20, dim=5, codes=6, noise=0.0, seed=0):
 
 
 def mux(n=8):
-    model = get_peft_model(make_model("llama"), PersonaMuxConfig(**SMALL))
-    model.add_personas(
-        [f"p{i}" for i in range(n)], mixtures=torch.randn(n, 6, generator=torch.Generator().manual_seed(1))
-    )
-    return model
+    return tiny_mux(personas=[f"p{i}" for i in range(n)])
 
 
 def test_fit_recovers_a_linear_map():

@@ -3,6 +3,7 @@ checks on the adapter file."""
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -11,19 +12,13 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import ARCHS, DTYPES, make_model
+from tiny_models import ARCHS, DTYPES, SMALL, make_model
+from tiny_models import mux as tiny_mux
 
 import peft_personamux.persona_files as pf
 from peft_personamux import PersonaFileError, PersonaMuxConfig, cli
 
-SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
-
-
-def mux(arch="llama", dtype=torch.float32, personas=("hamlet", "ophelia")):
-    model = get_peft_model(make_model(arch, dtype), PersonaMuxConfig(**SMALL))
-    g = torch.Generator().manual_seed(1)
-    model.add_personas(list(personas), mixtures=torch.randn(len(personas), 6, generator=g))
-    return model
+mux = functools.partial(tiny_mux, personas=("hamlet", "ophelia"))
 
 
 def copy_codebook(source, target):

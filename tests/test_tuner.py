@@ -14,23 +14,11 @@ from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file, save_file
-from tiny_models import ARCHS, DTYPES, make_model
+from tiny_models import ARCHS, DTYPES, N_VIRTUAL, SMALL, make_model, mux
 
 import peft_personamux
 from peft_personamux import PersonaFileError, PersonaMuxConfig, PersonaMuxModel
 from peft_personamux.tuner.peft_type import extend_peft_type
-
-SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
-N_VIRTUAL = 7
-
-
-def mux(arch="llama", dtype=torch.float32, personas=("a", "b", "c"), seed=0, **overrides):
-    """A Persona-Mux model with random, distinct mixture vectors for the given personas."""
-    model = get_peft_model(make_model(arch, dtype), PersonaMuxConfig(**{**SMALL, **overrides}))
-    if personas:
-        g = torch.Generator().manual_seed(seed + 1)
-        model.add_personas(list(personas), mixtures=torch.randn(len(personas), SMALL["num_codes"], generator=g))
-    return model
 
 
 def ids_batch(batch=3, length=9, seed=0):

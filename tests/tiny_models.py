@@ -1,17 +1,31 @@
-"""Tiny random causal LMs built from a config in code (no hub)."""
+"""Shared test helpers: tiny random causal LMs and a tiny tokenizer built in code (no hub), small Persona-Mux models,
+persona rows, and a saved codebook folder."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from peft import get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from peft_personamux import PersonaMuxConfig
 
 VOCAB = 128
 ARCHS = ["llama", "qwen2", "gpt2"]
 DTYPES = [torch.float32, torch.bfloat16]
+SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
+N_VIRTUAL = 7  # SMALL's soft-prompt length at a non-zero bias scale
+
+
+# -- models of a given family over a 128-id vocabulary ------------------------------------------------------------
 
 
 def make_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A 2-layer, 32-wide random model of the given family."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -35,3 +49,112 @@ def make_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: in
         raise ValueError(arch)
     model.generation_config.pad_token_id = 0
     return model.to(dtype).eval()
+
+
+def mux(arch="llama", dtype=torch.float32, personas=("a", "b", "c"), seed=0, **overrides):
+    """A Persona-Mux model (SMALL) with random, distinct mixture vectors for the given personas."""
+    model = get_peft_model(make_model(arch, dtype), PersonaMuxConfig(**{**SMALL, **overrides}))
+    if personas:
+        g = torch.Generator().manual_seed(seed + 1)
+        model.add_personas(list(personas), mixtures=torch.randn(len(personas), SMALL["num_codes"], generator=g))
+    return model
+
+
+# -- a tiny tokenizer with a chat template, and models sized for it -----------------------------------------------
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "To be, or not to be, that is the question.",
+    "Good night, sweet prince. The rest is silence.",
+    "Now is the winter of our discontent.",
+    "User: Assistant: Prompt: Please roleplay as the described character.",
+]
+SPARE_IDS = 4  # model vocabulary rows past the tokenizer's, like padded real vocabularies; the placeholder uses one
+
+
+def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of ~300 ids trained in milliseconds, ChatML template or none."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template:
+        tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def make_base(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A random 2-layer Llama with hidden size 32 for ``tokenizer``."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer) + SPARE_IDS,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
+    )
+
+
+def make_mux_model(tokenizer, seed: int = 0, **config):
+    """`make_base` wrapped in a small Persona-Mux adapter (4 codes of 2 tokens, 3 bias tokens)."""
+    base = make_base(tokenizer, seed)
+    config = {"num_codes": 4, "tokens_per_code": 2, "num_bias_tokens": 3, **config}
+    return get_peft_model(base, PersonaMuxConfig(task_type="CAUSAL_LM", **config))
+
+
+def make_rows(personas=("play/a", "play/b"), per_persona: int = 4) -> list[dict[str, str]]:
+    words = ["night", "prince", "winter", "question"]
+    return [
+        {
+            "persona": name,
+            "prompt": f"Is this the {words[i % 4]}?",
+            "response": f"{name[-1]} says: that is the {words[(i + k) % 4]}.",
+            "group": name.split("/")[0],
+        }
+        for k, name in enumerate(personas)
+        for i in range(per_persona)
+    ]
+
+
+# -- a codebook folder as `personamux pretrain` writes it ---------------------------------------------------------
+
+PERSONAS = [f"play/p{i}" for i in range(8)] + ["other/solo"]
+
+
+def make_codebook(root: Path, personas: list[str] = PERSONAS, seed: int = 0) -> tuple[Path, Path]:
+    """``(model_dir, codebook_dir)`` under ``root``: a tiny random base model and a codebook with a few personas.
+
+    The end-of-turn token's output row is zeroed so that greedy answers run to their length limit instead of
+    stopping at a random first token.
+    """
+    tokenizer = make_tokenizer()
+    model = make_mux_model(tokenizer, seed=seed)
+    torch.manual_seed(seed)
+    model.add_personas(personas, mixtures=torch.randn(len(personas), 4) * 2)
+    base = model.get_base_model()
+    with torch.no_grad():
+        base.lm_head.weight[tokenizer.eos_token_id] = 0
+    model_dir, codebook_dir = root / "tiny", root / "codebook"
+    model.save_pretrained(codebook_dir)
+    (codebook_dir / "text_personas.json").write_text(json.dumps({personas[0]: "A grumpy old king."}))
+    model.unload().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, codebook_dir
