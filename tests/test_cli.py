@@ -70,6 +70,7 @@ def test_top_level_usage_lists_commands(capsys):
             "unknown flag --bias_scal (did you mean --bias_scale?)",
         ),
         (["personas", "--zzz"], "personamux personas: unknown flag --zzz; see --help for the flags."),
+        (["evaluate", "--quick", "--num_unseen_persona", "3"], "unknown flag --num_unseen_persona (did you mean"),
     ],
 )
 def test_unknown_flag_is_one_line_with_the_closest_flag(argv, line, capsys):

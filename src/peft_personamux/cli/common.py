@@ -1,15 +1,14 @@
-"""What the ``personamux`` commands share: the `Command` record, parsing with a one-line answer to a wrong flag, the
-base-model arguments, and loading a codebook folder."""
+"""What the ``personamux`` commands share: the `Command` record (parsed with `argparsing`), the base-model and
+codebook arguments, loading a codebook folder, and generating answers."""
 
 from __future__ import annotations
 
-import difflib
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..argparsing import make_parser, parse_dataclasses
 from ..files import is_codebook_dir
 from ..models import shakespeare_codebook_dir
 from ..prompting import DEFAULT_INSTRUCTION
@@ -34,33 +33,8 @@ class Command:
     def main(self, argv: Sequence[str]) -> int:
         if self.arguments is None:
             return self.run(list(argv))
-        return self.run(*parse_dataclasses(self.arguments, argv, prog=f"personamux {self.name}", doc=self.description))
-
-
-def parse_dataclasses(types: tuple[type, ...], argv: Sequence[str], prog: str, doc: str | None = None) -> tuple:
-    """``HfArgumentParser`` over ``types``; a flag it does not know ends with one line naming the closest one."""
-    from transformers import HfArgumentParser
-
-    # no abbreviations: a prefix such as --personas would be taken for --personas_per_batch, or be "ambiguous"
-    parser = HfArgumentParser(types, prog=prog, description=doc, allow_abbrev=False)
-    *parsed, remaining = parser.parse_args_into_dataclasses(
-        list(argv), look_for_args_file=False, return_remaining_strings=True
-    )
-    if remaining:
-        known = [option for action in parser._actions for option in action.option_strings]
-        print(f"{prog}: {unknown_flag_message(remaining, known)}", file=sys.stderr)
-        raise SystemExit(2)
-    return tuple(parsed)
-
-
-def unknown_flag_message(remaining: Sequence[str], known: Sequence[str]) -> str:
-    """``unknown flag --personas (did you mean --persona?)``, for the first flag of ``remaining``."""
-    flags = [token.split("=", 1)[0] for token in remaining if token.startswith("-")]
-    if not flags:
-        return f"unexpected value {remaining[0]!r} (values follow their flag; see --help)."
-    close = difflib.get_close_matches(flags[0], known, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else "; see --help for the flags."
-    return f"unknown flag {flags[0]}{hint}"
+        parser = make_parser(self.arguments, prog=f"personamux {self.name}", description=self.description)
+        return self.run(*parse_dataclasses(parser, argv))
 
 
 @dataclass

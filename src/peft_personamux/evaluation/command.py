@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..argparsing import make_parser, parse_dataclasses
 from .config import EvalConfig, config_dir, read_config_file
 
 QUICK_CONFIG = "eval_quick.json"
@@ -32,8 +33,6 @@ class RunArguments:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[EvalConfig, RunArguments]:
-    from transformers import HfArgumentParser
-
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config")
     first.add_argument("--quick", nargs="?", const="true", default="false")
@@ -42,17 +41,15 @@ def parse_args(argv: Sequence[str]) -> tuple[EvalConfig, RunArguments]:
     if known.config and quick:
         raise SystemExit("Pass --config or --quick, not both.")
     path = known.config or (str(config_dir() / QUICK_CONFIG) if quick else None)
-    parser = HfArgumentParser(
-        (EvalConfig, RunArguments),
-        prog="personamux evaluate",
-        description="Train and score every method on one split.",
+    parser = make_parser(
+        (EvalConfig, RunArguments), "personamux evaluate", "Train and score every method on one split."
     )
     if path:
         try:
             parser.set_defaults(**read_config_file(path))
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(str(err)) from None
-    config, run = parser.parse_args_into_dataclasses(list(argv), look_for_args_file=False)
+    config, run = parse_dataclasses(parser, argv)
     return config, run
 
 
