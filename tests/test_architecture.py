@@ -80,14 +80,6 @@ def test_no_import_cycles():
 
 # the applications built on the library (docs/architecture.md); benchmarks/ and examples/ are outside the package
 APPLICATIONS = ("training", "cli", "evaluation", "server", "chat", "conversation", "codebook_loading", "subnetwork")
-# modules of issue 9 that still use the tuner's pre-split private names (kept on the tuner as aliases); remove an
-# entry when its module moves to the public names (prepare, prompt_request, personamux_layer, current_adapter, ...)
-PENDING_PRIVATE_USE = {
-    "codebook_init": {"_layer", "_config", "_adapter"},
-    "diagnostics": {"_layer", "_adapter"},
-    "fitting": {"_layer", "_adapter"},
-    "loss": {"_prepare", "_request", "_config"},
-}
 
 
 def layer_of(module: str) -> str:
@@ -125,7 +117,7 @@ def tuner_private_names() -> set[str]:
 
 def test_no_module_outside_the_tuner_uses_its_private_names():
     private = tuner_private_names()
-    assert {"_prepare", "_layer", "_persona_names"} <= private
+    assert {"_persona_names", "_bias_scale", "_cast_adapter_dtype"} <= private
     found: dict[str, set[str]] = {}
     for path in ROOT.rglob("*.py"):
         module = module_name(path)
@@ -136,5 +128,4 @@ def test_no_module_outside_the_tuner_uses_its_private_names():
             if isinstance(node, ast.Attribute) and node.attr in private:
                 if not (isinstance(receiver, ast.Name) and receiver.id in ("self", "cls")):
                     found.setdefault(module[len(PACKAGE) + 1 :], set()).add(node.attr)
-    unexpected = {m: names - PENDING_PRIVATE_USE.get(m, set()) for m, names in found.items()}
-    assert not {m: names for m, names in unexpected.items() if names}, "use the tuner's public names instead"
+    assert not found, f"use the tuner's public names (prepare, prompt_request, personamux_layer, ...): {found}"

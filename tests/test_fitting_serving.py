@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
-from tiny_models import make_model
+from tiny_models import mux
 
-from peft_personamux import PersonaMuxConfig
 from peft_personamux.fitting import fit_mixtures, mean_token_loss
-
-SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
-
-
-def mux(personas=("a", "b", "c")):
-    model = get_peft_model(make_model("llama"), PersonaMuxConfig(**SMALL))
-    model.add_personas(
-        list(personas), mixtures=torch.randn(len(personas), 6, generator=torch.Generator().manual_seed(1))
-    )
-    return model
 
 
 def fit_batch(model, names, per_persona=8, length=10, seed=0):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from test_loss import SMALL, batch_for
-from tiny_models import make_model
+from tiny_models import SMALL, batch_for, make_model
 
 from peft_personamux import PersonaMuxConfig
 from peft_personamux.evaluation.headroom import (
@@ -34,7 +33,7 @@ def test_free_prompts_reproduce_any_64_weight_prompt():
     )
     free = free_prompt_model(base, learned, SMALL["tokens_per_code"])
     codebook, _ = codebook_tensors(learned)
-    prompts = torch.einsum("pc,ckd->pkd", learned.base_model._layer.personamux_mixture["default"].detach(), codebook)
+    prompts = torch.einsum("pc,ckd->pkd", learned.base_model.mixture_table("default").detach(), codebook)
     free.add_personas(["a", "b", "c"], mixtures=prompts.flatten(1))  # the learned prompts, spelled out
     batch = batch_for(learned)
     expected, _ = response_nll(learned, batch, options=PLAIN)

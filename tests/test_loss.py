@@ -6,10 +6,8 @@ import math
 
 import pytest
 import torch
-from peft import get_peft_model
-from tiny_models import ARCHS, make_model
+from tiny_models import ARCHS, batch_for, mux
 
-from peft_personamux import PersonaMuxConfig
 from peft_personamux.loss import (
     PLAIN,
     LossOptions,
@@ -20,7 +18,6 @@ from peft_personamux.loss import (
     token_nll,
 )
 
-SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")
 FAST_OPTIONS = [
     LossOptions(labels_only=True, prefix_cache=False),
     LossOptions(labels_only=False, prefix_cache=True),
@@ -37,34 +34,6 @@ def test_token_nll_matches_a_hand_computed_value():
     assert nll[0, 0].item() == pytest.approx(-math.log(0.75))
     assert nll[0, 1].item() == pytest.approx(-math.log(0.25))
     assert token_nll(logits, torch.tensor([[-100, -100, -100]])).sum().item() == 0.0
-
-
-def mux(arch: str):
-    model = get_peft_model(make_model(arch), PersonaMuxConfig(**SMALL))
-    g = torch.Generator().manual_seed(1)
-    model.add_personas(["a", "b", "c"], mixtures=torch.randn(3, SMALL["num_codes"], generator=g))
-    return model
-
-
-def batch_for(model, with_prefix=(True, True, False, True)):
-    """Right-padded rows: [prefix] placeholder prompt response, different lengths, one row without a placeholder."""
-    ph = model.peft_config["default"].placeholder_token_id
-    g = torch.Generator().manual_seed(2)
-    shared = [5, 6, 7, 8]
-    rows, labels = [], []
-    for i, has in enumerate(with_prefix):
-        prefix = (shared + [9 + i] * (i % 2)) if has else []  # two distinct prefixes (and one row with none)
-        prompt = torch.randint(10, 100, (3 + i,), generator=g).tolist()
-        response = torch.randint(10, 100, (2 + 2 * i,), generator=g).tolist()
-        ids = prefix + ([ph] if has else []) + prompt + response
-        rows.append(ids)
-        labels.append([-100] * (len(ids) - len(response)) + response)
-    width = max(map(len, rows))
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask, lab = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
-    for i, (ids, lb) in enumerate(zip(rows, labels)):
-        input_ids[i, : len(ids)], mask[i, : len(ids)], lab[i, : len(ids)] = torch.tensor(ids), 1, torch.tensor(lb)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "persona_ids": torch.tensor([0, 1, 2, 0])}
 
 
 def loss_and_grads(model, batch, options, cache=None):

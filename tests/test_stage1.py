@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 from datasets import Dataset
-from test_collator import make_model, make_rows, make_tokenizer
-from test_training import QUIET, codebook_args
+from tiny_models import QUIET, codebook_args, make_rows, make_tokenizer
+from tiny_models import make_mux_model as make_model
 
 from peft_personamux.codebook_init import codebook_from_gradients
 from peft_personamux.diagnostics import derangement

@@ -13,7 +13,8 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from test_collator import make_model, make_rows, make_tokenizer
+from tiny_models import codebook_args, fit_args, make_rows, make_tokenizer
+from tiny_models import make_mux_model as make_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from peft_personamux.collator import PersonaMuxCollator
@@ -33,8 +34,6 @@ from peft_personamux.training import (
     full_batch_arguments,
     pretrain_codebook,
 )
-
-QUIET = {"disable_tqdm": True, "report_to": "none", "save_strategy": "no", "logging_steps": 1, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +62,6 @@ class Snapshots(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.steps.append(snapshot(model))
-
-
-def codebook_args(tmp_path, **kwargs) -> CodebookTrainingArguments:
-    defaults = {"per_device_train_batch_size": 4, "num_train_epochs": 2, "learning_rate": 3e-2, **QUIET}
-    return CodebookTrainingArguments(output_dir=str(tmp_path), **{**defaults, **kwargs})
-
-
-def fit_args(tmp_path, **kwargs) -> PersonaFitArguments:
-    return PersonaFitArguments(output_dir=str(tmp_path), **{"max_steps": 4, "learning_rate": 0.2, **QUIET, **kwargs})
 
 
 def test_argument_defaults_and_validation(tmp_path):
@@ -250,18 +240,18 @@ def test_fit_personas_reports_heldout_loss_and_writes_files(tokenizer, tmp_path,
 
 
 def test_fit_start_mean_starts_new_personas_at_the_codebook_personas_mean(tokenizer, tmp_path):
-    from peft_personamux.training.stages import _register_for_fit
+    from peft_personamux.training.stages import register_for_fit
 
     train = Dataset.from_list(make_rows(personas=("other/c",), per_persona=2))
     with pytest.raises(ValueError, match="fit_start='zero'"):  # no persona files beside the codebook
-        _register_for_fit(make_model(tokenizer), train, fit_args(tmp_path, fit_start="mean"))
+        register_for_fit(make_model(tokenizer), train, fit_args(tmp_path, fit_start="mean"))
     model = make_model(tokenizer)
     mixtures = torch.randn(2, 4)
     model.add_personas(["play/a", "play/b"], mixtures=mixtures)
     model.save_pretrained(tmp_path / "cb")  # with the persona files of play/a and play/b
-    assert _register_for_fit(model, train, fit_args(tmp_path, fit_start="mean")) == ["other/c"]
+    assert register_for_fit(model, train, fit_args(tmp_path, fit_start="mean")) == ["other/c"]
     torch.testing.assert_close(model.get_mixture("other/c").float(), mixtures.mean(0))
-    _register_for_fit(model, train, fit_args(tmp_path))  # the paper's start
+    register_for_fit(model, train, fit_args(tmp_path))  # the paper's start
     assert not model.get_mixture("other/c").any()
 
 
@@ -290,7 +280,7 @@ DDP_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
 from datasets import Dataset
-from test_collator import make_model, make_rows, make_tokenizer
+from tiny_models import make_mux_model as make_model, make_rows, make_tokenizer
 from peft_personamux.training import CodebookTrainingArguments, PersonaFitArguments, fit_personas, pretrain_codebook
 
 out = {out!r}

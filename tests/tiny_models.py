@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import get_peft_model
@@ -12,6 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_personamux import PersonaMuxConfig
+
+if TYPE_CHECKING:  # imported where used: most tests never train
+    from peft_personamux.training import CodebookTrainingArguments, PersonaFitArguments
 
 VOCAB = 128
 ARCHS = ["llama", "qwen2", "gpt2"]
@@ -58,6 +62,27 @@ def mux(arch="llama", dtype=torch.float32, personas=("a", "b", "c"), seed=0, **o
         g = torch.Generator().manual_seed(seed + 1)
         model.add_personas(list(personas), mixtures=torch.randn(len(personas), SMALL["num_codes"], generator=g))
     return model
+
+
+def batch_for(model, with_prefix=(True, True, False, True)):
+    """Right-padded rows: [prefix] placeholder prompt response, different lengths, one row without a placeholder."""
+    ph = model.peft_config["default"].placeholder_token_id
+    g = torch.Generator().manual_seed(2)
+    shared = [5, 6, 7, 8]
+    rows, labels = [], []
+    for i, has in enumerate(with_prefix):
+        prefix = (shared + [9 + i] * (i % 2)) if has else []  # two distinct prefixes (and one row with none)
+        prompt = torch.randint(10, 100, (3 + i,), generator=g).tolist()
+        response = torch.randint(10, 100, (2 + 2 * i,), generator=g).tolist()
+        ids = prefix + ([ph] if has else []) + prompt + response
+        rows.append(ids)
+        labels.append([-100] * (len(ids) - len(response)) + response)
+    width = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask, lab = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
+    for i, (ids, lb) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(ids)], mask[i, : len(ids)], lab[i, : len(ids)] = torch.tensor(ids), 1, torch.tensor(lb)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "persona_ids": torch.tensor([0, 1, 2, 0])}
 
 
 # -- a tiny tokenizer with a chat template, and models sized for it -----------------------------------------------
@@ -132,6 +157,24 @@ def make_rows(personas=("play/a", "play/b"), per_persona: int = 4) -> list[dict[
         for k, name in enumerate(personas)
         for i in range(per_persona)
     ]
+
+
+# -- training arguments for short, quiet runs ------------------------------------------------------------------
+
+QUIET = {"disable_tqdm": True, "report_to": "none", "save_strategy": "no", "logging_steps": 1, "seed": 0}
+
+
+def codebook_args(tmp_path, **kwargs) -> CodebookTrainingArguments:
+    from peft_personamux.training import CodebookTrainingArguments
+
+    defaults = {"per_device_train_batch_size": 4, "num_train_epochs": 2, "learning_rate": 3e-2, **QUIET}
+    return CodebookTrainingArguments(output_dir=str(tmp_path), **{**defaults, **kwargs})
+
+
+def fit_args(tmp_path, **kwargs) -> PersonaFitArguments:
+    from peft_personamux.training import PersonaFitArguments
+
+    return PersonaFitArguments(output_dir=str(tmp_path), **{"max_steps": 4, "learning_rate": 0.2, **QUIET, **kwargs})
 
 
 # -- a codebook folder as `personamux pretrain` writes it ---------------------------------------------------------

@@ -45,8 +45,8 @@ def persona_prompt_gradients(
     ``batches`` are collator batches (``persona_ids`` rows of the table). Model weights get no gradient.
     """
     tuner = as_tuner(model)
-    layer = tuner._layer
-    config = tuner._config()
+    layer = tuner.personamux_layer
+    config = tuner.adapter_config()
     ph, per_code = config.placeholder_token_id, config.tokens_per_code
     captured: dict[str, torch.Tensor] = {}
 
@@ -113,7 +113,7 @@ def init_codebook_from_gradients(
     Each code keeps the mean norm of the codebook it replaces, so the soft prompt's scale is unchanged.
     """
     tuner = as_tuner(model)
-    layer, adapter = tuner._layer, tuner._adapter
+    layer, adapter = tuner.personamux_layer, tuner.current_adapter
     codebook = layer.personamux_codebook[adapter]
     passes = sum(int(b["input_ids"].shape[0]) for b in batches)
     gradients = persona_prompt_gradients(model, batches, options, progress)

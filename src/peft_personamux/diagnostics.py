@@ -45,7 +45,7 @@ def identity_gap(
 ) -> dict[str, float]:
     """Mean token loss with own mixtures, with deranged mixtures, and their gap (shuffled - own)."""
     tuner = as_tuner(model)
-    table = tuner._layer.personamux_mixture[tuner._adapter]
+    table = tuner.mixture_table()
     rows = sorted({int(p) for b in batches for p in b["persona_ids"].tolist()})
     if len(rows) < 2:
         raise ValueError("The identity diagnostic needs held-out lines of at least 2 personas.")

@@ -98,7 +98,7 @@ def mean_token_loss(model, batch: dict, bias_scale: float | None = None, chunk_s
     """Mean token loss of ``batch`` with the personas' current mixtures (no gradients)."""
     tuner = as_tuner(model)
     scale = tuner.bias_scale if bias_scale is None else bias_scale
-    table = tuner._layer.mixture[tuner._adapter]
+    table = tuner.mixture_table()
     with torch.no_grad():
         mixtures = table[batch["persona_ids"]]
         total, tokens = 0.0, 0
@@ -134,7 +134,7 @@ def fit_mixtures(
     steps = steps if steps is not None else {"adam": 100, "fisher": 6, "lbfgs": 20}[method]
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1, got {steps}.")
-    table = tuner._layer.mixture[tuner._adapter]
+    table = tuner.mixture_table()
     persona_rows = batch["persona_ids"].to(table.device)
     rows = sorted(set(persona_rows.tolist()))
     params = table.detach()[rows].clone().float().requires_grad_(method != "fisher")  # (personas, num_codes)

@@ -115,15 +115,16 @@ def response_nll(
     """
     tuner = as_tuner(model)
     device = batch["input_ids"].device
-    expanded, ids, scale = tuner._prepare(
+    prepared = tuner.prepare(
         batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("persona_ids"), bias_scale, "right"
     )
-    request = tuner._request(ids, scale, mixtures) if ids is not None else contextlib.nullcontext()
+    enabled = prepared.persona_ids is not None  # None: the adapter is off, the base model's own inputs
+    request = tuner.prompt_request(prepared.persona_ids, prepared.bias_scale, mixtures)
     base = tuner.model
     body = _decoder_body(base)
     labels_only = options.labels_only and body is not None and _plain_head(base)
-    input_ids, attention_mask, labels = expanded.input_ids, expanded.attention_mask, expanded.labels
-    starts = _prompt_starts(input_ids, tuner._config().placeholder_token_id) if ids is not None else None
+    input_ids, attention_mask, labels = prepared.input_ids, prepared.attention_mask, prepared.labels
+    starts = _prompt_starts(input_ids, tuner.adapter_config().placeholder_token_id) if enabled else None
     use_prefix = options.prefix_cache and body is not None and starts is not None and bool((starts > 0).any())
     kwargs: dict = {}
     if use_prefix:

@@ -39,7 +39,7 @@ def run_data_efficiency(evaluation, sizes: Sequence[int]) -> dict:
     sizes = sorted({n for n in sizes if n <= config.num_train})
     model = evaluation.personamux()
     zero_mixtures(model, personas)
-    out: dict = {"sizes": sizes, "zero": evaluation._pm_losses(split.test, 1.0), "personamux": {}, "sp": {}}
+    out: dict = {"sizes": sizes, "zero": evaluation.pm_losses(split.test, 1.0), "personamux": {}, "sp": {}}
     collator = evaluation.mux_collator(model)
     for n in sizes:
         rows = first_lines(split.train, personas, n)
@@ -54,7 +54,7 @@ def run_data_efficiency(evaluation, sizes: Sequence[int]) -> dict:
             chunk_size=config.fit_chunk_size,
             bias_scale=1.0,
         )
-        out["personamux"][str(n)] = evaluation._pm_losses(split.test, 1.0)
+        out["personamux"][str(n)] = evaluation.pm_losses(split.test, 1.0)
     zero_mixtures(model, personas)
     base, tokenizer = evaluation.base()
     prompts = SoftPrompts(base, config)

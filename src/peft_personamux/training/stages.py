@@ -176,7 +176,7 @@ def full_batch_arguments(args: PersonaFitArguments, num_examples: int) -> Person
     )
 
 
-def _register_for_fit(model, dataset, args: PersonaFitArguments) -> list[str]:
+def register_for_fit(model, dataset, args: PersonaFitArguments) -> list[str]:
     """Register the personas of ``dataset`` (reset to ``args.fit_start`` when ``args.reset_mixtures``)."""
     from ..fitting import mean_persona_mixture
 
@@ -198,7 +198,7 @@ def build_fit_trainer(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> PersonaMuxTrainer:
     """A stage 2 trainer for the personas of ``dataset``: registered (from zero), only their rows train."""
-    names = _register_for_fit(model, dataset, args)
+    names = register_for_fit(model, dataset, args)
     model.train_personas(names)  # W and b frozen: the optimizer holds only the mixture table
     extra = [LossLogCallback(title="Persona-Mux persona fitting")] if args.loss_log else []
     return PersonaMuxTrainer(
@@ -238,7 +238,7 @@ def fit_personas(
     heldout = set(eval_dataset["persona"]) if eval_dataset is not None else set()
     eval_names = [n for n in names if n in heldout]
     if args.fit_method in ("fisher", "lbfgs"):
-        _register_for_fit(model, dataset, args)
+        register_for_fit(model, dataset, args)
         fit = lambda: _fit_direct(model, tokenizer, dataset, args, text_personas)  # noqa: E731
     else:
         fit = build_fit_trainer(model, tokenizer, dataset, args, text_personas, callbacks).train

@@ -337,19 +337,6 @@ class PersonaMuxModel(PersonaRegistry, PersonaFiles, BaseTuner):
         super().delete_adapter(adapter_name)
         self.drop_registry(adapter_name)
 
-    # -- names before the split into registry/persona_io (callers not moved yet: loss, fitting, codebook_init) ---
-
-    _layer = personamux_layer
-    _adapter = current_adapter
-    _config = adapter_config
-    _request = prompt_request
-    _num_virtual = num_virtual
-
-    def _prepare(self, input_ids, attention_mask, labels, persona_ids, bias_scale, padding_side: str):
-        """``(expanded, persona rows or None, bias scale)``: `prepare` as a tuple."""
-        prepared = self.prepare(input_ids, attention_mask, labels, persona_ids, bias_scale, padding_side)
-        return prepared, prepared.persona_ids, prepared.bias_scale
-
 
 def persona_method(function: Callable) -> Callable:
     """Extension point: make ``function(model, ...)`` a method of every `PersonaMuxModel` (so of its PeftModel too).

@@ -222,5 +222,3 @@ class PersonaMuxStages:
             "bytes_global": file_size(self.codebook_dir / ADAPTER_WEIGHTS_NAME),
             "bytes_per_persona": {p: file_size(f) + text_bytes(self.text_persona(p)) for p, f in files.items()},
         }
-
-    _pm_losses = pm_losses  # the name data_efficiency.py still calls
