@@ -400,14 +400,25 @@ def test_serve_benchmark_runs_tiny(tmp_path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     try:
-        payload = module.main(["--tiny", "--clients", "1,2", "--requests", "2", "--output-dir", str(tmp_path)])
+        argv = ["--tiny", "--clients", "1,2", "--requests", "2", "--rounds", "2", "--no-cache-clients", "1"]
+        payload = module.main(argv + ["--output-dir", str(tmp_path)])
+        only = module.main(["--tiny", "--clients", "3", "--decode-step-only", "--output-dir", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "serve.json").read_text())
     assert data["benchmark"] == "serve" and {"cpu", "cpu_cores"} <= set(data["hardware"])
+    assert data["complete"] and data["rounds_done"] == 2
     modes = {(r["mode"], r["clients"]) for r in data["results"]}
     assert {("mixed", 2), ("one persona", 2), ("base", 2), ("mixed, no prefix cache", 1)} <= modes
-    assert all(r["new_tokens"] == r["requests"] * 8 for r in data["results"])  # min_tokens held the length
+    assert ("mixed, no prefix cache", 2) not in modes
+    for row in data["results"]:
+        assert row["rounds"] == 2 and row["requests"] == 2 * 2  # two requests per level and round
+        assert row["new_tokens"] == row["requests"] * 8  # min_tokens held the length
+        assert len(row["ratio_vs_base_by_round"]) == 2 and row["cpu_ms_per_token"] > 0
+    steps = data["decode_step"]
+    assert steps["persona"]["kv_length"] > steps["base"]["kv_length"] and steps["base"]["cpu_ms_per_step"] > 0
+    assert only["settings"]["rows"] == 3 and set(only["decode_step"]) == {"base", "persona"}
+    assert "cached positions" in (tmp_path / "serve_decode_step.md").read_text()
     assert "ratio vs base" in (tmp_path / "serve.md").read_text() and payload["ratios"]
 
 
@@ -423,6 +434,9 @@ def test_readme_serve_snippet_on_smollm2(tmp_path):
     import os
     import subprocess
     import sys
+
+    from peft_personamux.codebook_loading import resolve_codebook_dir
+    from peft_personamux.persona_files import list_persona_files
 
     port = _free_port()
     command = [
@@ -452,7 +466,8 @@ def test_readme_serve_snippet_on_smollm2(tmp_path):
             assert time.monotonic() < deadline, "the server did not start in 10 minutes"
             time.sleep(1)
         ids = [m.id for m in client(url).models.list()]
-        assert ids[0] == "smollm2-135m-instruct" and "hamlet/hamlet" in ids and len(ids) == 65
+        shipped = list_persona_files(resolve_codebook_dir(None))  # the base model, then every shipped persona
+        assert ids[0] == "smollm2-135m-instruct" and "hamlet/hamlet" in ids and len(ids) == 1 + len(shipped)
         messages = [{"role": "user", "content": "Who goes there?"}]  # the README's request
         answer = ask(url, "hamlet/hamlet", messages, max_tokens=30, extra_body={"repetition_penalty": 1.1})
         assert answer.strip() and "AI" not in answer  # bias 1: in character, not the assistant persona

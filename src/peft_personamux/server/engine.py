@@ -254,12 +254,15 @@ class BatchEngine:
             positions[i, :] = start
             positions[i, span] = torch.arange(start, start + len(own), device=self._device)
         mask = torch.cat([prefix_mask, own_mask], dim=1)
-        out = self._forward(ids, mask, positions, to_cache(kv))
+        out = self.forward(ids, mask, positions, to_cache(kv))
         next_positions = torch.tensor([n + len(own) for n, (_, own) in zip(lengths, parts)], device=self._device)
         return self._out_cache(out), mask, next_positions, out.logits[:, -1]
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-        """The base model on ``ids`` after ``cache``; logits of the last position only."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
+        """The base model on ``ids`` (batch, new) after ``cache``; logits of the last position only.
+
+        ``mask`` (batch, cached + new) is 0 over padding; ``positions`` (batch, new) are the ids' positions.
+        """
         kwargs = {self._cache_arg: cache}
         return self._base(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs
@@ -276,7 +279,7 @@ class BatchEngine:
         tokens = torch.tensor([[row.pending] for row in self._rows], device=self._device)  # (batch, 1)
         mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], dim=1)
         with self.lock:
-            out = self._forward(tokens, mask, self._positions[:, None], self._cache)
+            out = self.forward(tokens, mask, self._positions[:, None], self._cache)
         self._cache, self._mask, self._positions = self._out_cache(out), mask, self._positions + 1
         self.stats["steps"] += 1
         self.stats["row_steps"] += batch
