@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from .inputs import encode_with_placeholder
+from .inputs import IGNORE_INDEX, encode_with_placeholder
 from .prompting import DEFAULT_INSTRUCTION, format_example, has_chat_template
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label of tokens the loss skips (prompt, padding, soft prompt)
 _MAX_TRUNCATION_ROUNDS = 16  # decode/re-encode may shift token counts by a few; each round cuts at least one
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 PERSONA_PLACEHOLDER = "<|persona|>"
+IGNORE_INDEX = -100  # label of tokens the loss skips (prompt, padding, soft prompt)
 
 
 def encode_with_placeholder(
@@ -88,7 +89,7 @@ def insert_virtual_tokens(
             virtual = ids.new_full((num_virtual,), placeholder_token_id)
             new_ids = torch.cat([ids[:at], virtual, ids[at + count :]])
             if lab is not None:
-                new_lab = torch.cat([lab[:at], lab.new_full((num_virtual,), -100), lab[at + count :]])
+                new_lab = torch.cat([lab[:at], lab.new_full((num_virtual,), IGNORE_INDEX), lab[at + count :]])
         else:
             raise ValueError(
                 f"Row {row} has {count} persona placeholder tokens (id {placeholder_token_id}); expected at most one "
@@ -96,7 +97,7 @@ def insert_virtual_tokens(
                 "PERSONA_PLACEHOLDER and that the placeholder id is not an ordinary token of your data."
             )
         if lab is not None:
-            new_lab = torch.where(new_ids == placeholder_token_id, new_lab.new_full((), -100), new_lab)
+            new_lab = torch.where(new_ids == placeholder_token_id, new_lab.new_full((), IGNORE_INDEX), new_lab)
         rows_ids.append(new_ids)
         rows_labels.append(new_lab if lab is not None else None)
 
@@ -105,7 +106,7 @@ def insert_virtual_tokens(
     pad_id = _pad_value(input_ids, attention_mask, placeholder_token_id, pad_token_id)
     out_ids = input_ids.new_full((batch, length), pad_id)
     out_mask = attention_mask.new_zeros((batch, length))
-    out_labels = labels.new_full((batch, length), -100) if labels is not None else None
+    out_labels = labels.new_full((batch, length), IGNORE_INDEX) if labels is not None else None
     for row, ids in enumerate(rows_ids):
         span = slice(length - len(ids), length) if left else slice(0, len(ids))
         out_ids[row, span] = ids

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inputs import IGNORE_INDEX
 from .tuner.model import as_tuner
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # config attributes of heads that do more than a linear map (soft-capping, scaling): those models use the plain path
 _SPECIAL_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 

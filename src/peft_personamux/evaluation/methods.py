@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..collator import IGNORE_INDEX, build_generation_inputs, encode_example
+from ..loss import token_nll
 from .config import EvalConfig
 
 logger = logging.getLogger(__name__)
@@ -95,9 +95,9 @@ def row_nll(model, batch: Mapping[str, torch.Tensor], prefix: int = 0) -> tuple[
     device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     logits = logits[:, prefix:]  # (rows, width, vocab), aligned with input_ids
-    labels = batch["labels"].to(device)[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+    labels = batch["labels"].to(device)
+    nll = token_nll(logits, labels)  # (rows, width - 1)
+    return nll.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 @torch.no_grad()
