@@ -186,7 +186,7 @@ def prompt_positions(model, tokenizer, info, persona: str | None) -> int:
     encoded = encode_conversation(
         tokenizer, messages, config.placeholder_token_id, text_persona, info.instruction, persona is not None
     )
-    virtual = 0 if persona is None else config.tokens_per_code + config.num_bias_tokens
+    virtual = 0 if persona is None else config.num_virtual_tokens
     return num_positions(encoded.input_ids, config.placeholder_token_id, virtual)
 
 

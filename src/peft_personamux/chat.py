@@ -9,7 +9,6 @@ the first user turn (`conversation.encode_conversation`), replies stream token b
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -23,6 +22,7 @@ import torch
 
 from .codebook_loading import CodebookInfo, load_codebook_model, read_codebook_info, resolve_codebook_dir
 from .conversation import trim_history
+from .files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class ChatSession:
                 "system": self.args.system,
                 "messages": self.transcript,
             }
-            path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            write_json(path, record)
             return f"Saved {len(self.transcript)} messages to {path}."
         raise ValueError(f"Unknown command {name!r}; /help lists the commands.")
 
@@ -188,8 +188,8 @@ class ChatSession:
 
     def prompt(self, text: str) -> tuple[list[int], int]:
         """Token ids for the history plus ``text``, and how many old exchanges had to go to fit."""
-        config = self.model.peft_config["default"]
-        virtual = config.tokens_per_code + (config.num_bias_tokens if self.bias_scale > 0 else 0)
+        config = self.model.adapter_config()
+        virtual = config.num_virtual(self.bias_scale)
         system = [{"role": "system", "content": self.args.system}] if self.args.system else []
         messages = system + self.history + [{"role": "user", "content": text}]
         kept, encoded, dropped = trim_history(

@@ -7,20 +7,16 @@ text personas recorded beside them, so that prompts are formatted as in training
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import PRETRAIN_INFO_NAME, TEXT_PERSONAS_NAME, is_codebook_dir, read_json
 from .models import load_base_model, shakespeare_codebook_dir
 from .persona_files import list_persona_files
 from .prompting import DEFAULT_INSTRUCTION
 
 logger = logging.getLogger(__name__)
-
-# the names `personamux pretrain` writes (see cli.py)
-PRETRAIN_INFO_NAME = "personamux_pretrain.json"
-TEXT_PERSONAS_NAME = "text_personas.json"
 
 
 @dataclass
@@ -35,7 +31,7 @@ class CodebookInfo:
 def resolve_codebook_dir(path: str | None) -> Path:
     """``path``, or the shipped Shakespeare codebook; raises ``FileNotFoundError`` that says what to pass."""
     directory = Path(path) if path else shakespeare_codebook_dir()
-    if not (directory / "adapter_config.json").is_file():
+    if not is_codebook_dir(directory):
         raise FileNotFoundError(
             f"No Persona-Mux codebook in {directory}: pass --codebook with a folder written by `personamux "
             "pretrain` (adapter_config.json, adapter_model.safetensors, personas/)."
@@ -45,9 +41,7 @@ def resolve_codebook_dir(path: str | None) -> Path:
 
 def read_codebook_info(directory: str | Path) -> CodebookInfo:
     directory = Path(directory)
-    info_path, texts_path = directory / PRETRAIN_INFO_NAME, directory / TEXT_PERSONAS_NAME
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-    texts = json.loads(texts_path.read_text(encoding="utf-8")) if texts_path.is_file() else {}
+    info, texts = read_json(directory / PRETRAIN_INFO_NAME), read_json(directory / TEXT_PERSONAS_NAME)
     return CodebookInfo(directory, info.get("instruction") or DEFAULT_INSTRUCTION, dict(texts))
 
 

@@ -177,7 +177,7 @@ class PersonaMuxCollator:
     @classmethod
     def for_model(cls, model, tokenizer, **kwargs) -> PersonaMuxCollator:
         """A collator using ``model``'s placeholder id and persona table (a PeftModel or the tuner)."""
-        config = model.peft_config["default" if "default" in model.peft_config else next(iter(model.peft_config))]
+        config = model.adapter_config()
         kwargs.setdefault("persona_index", model.persona_index)
         return cls(tokenizer=tokenizer, placeholder_token_id=config.placeholder_token_id, **kwargs)
 

@@ -74,7 +74,7 @@ def _error_response(
 
 def create_app(engine: BatchEngine, personas: PersonaStore, settings: ServerSettings) -> FastAPI:
     model, tokenizer = engine.model, engine.tokenizer
-    config = model.peft_config["default"]
+    config = model.adapter_config()
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -149,7 +149,7 @@ def create_app(engine: BatchEngine, personas: PersonaStore, settings: ServerSett
         except ValueError as err:
             raise ApiError(400, str(err), "invalid_messages", "messages") from None
         bias = float(model.bias_scale if body.bias_scale is None else body.bias_scale)
-        virtual = 0 if persona is None else config.tokens_per_code + (config.num_bias_tokens if bias > 0 else 0)
+        virtual = 0 if persona is None else config.num_virtual(bias)
         prompt_tokens = num_positions(encoded.input_ids, config.placeholder_token_id, virtual)
         room = settings.max_context - prompt_tokens
         asked = body.max_completion_tokens or body.max_tokens

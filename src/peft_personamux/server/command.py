@@ -49,7 +49,7 @@ def build_app(model, tokenizer, info: CodebookInfo, args: ServeArguments):
         model, tokenizer, args.max_batch, args.batch_window_ms, args.max_queue, args.prefix_cache_size
     )
     store = PersonaStore(model, engine, info, args.persona_dir or None)
-    config = model.peft_config["default"]
+    config = model.adapter_config()
     named = config.base_model_name_or_path or getattr(model.get_base_model().config, "name_or_path", None)
     base_name = args.base_name or os.path.basename(str(named or "base").rstrip("/"))
     limit = getattr(model.get_base_model().config, "max_position_embeddings", None) or 2048

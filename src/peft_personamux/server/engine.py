@@ -98,7 +98,7 @@ class BatchEngine:
         self._eos = {
             t for t in ([eos] if isinstance(eos, int) else eos or []) + [tokenizer.eos_token_id] if t is not None
         }
-        self._banned = [model.peft_config["default"].placeholder_token_id]  # as the tuner's generate does
+        self._banned = [model.adapter_config().placeholder_token_id]  # as the tuner's generate does
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None

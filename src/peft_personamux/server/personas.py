@@ -73,9 +73,7 @@ class PersonaStore:
             with self.engine.lock:
                 fingerprint = self.model.codebook_fingerprint()
                 try:
-                    stored_name, mixture = read_persona_file(
-                        tmp, self.model.peft_config["default"].num_codes, fingerprint
-                    )
+                    stored_name, mixture = read_persona_file(tmp, self.model.adapter_config().num_codes, fingerprint)
                     name = validate_persona_name(name or stored_name)
                 except (PersonaFileError, ValueError) as err:
                     raise PersonaStoreError(422, str(err).replace(tmp, "the uploaded file")) from None

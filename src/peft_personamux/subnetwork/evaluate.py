@@ -242,7 +242,7 @@ def heldout_losses(
                         heldout[f"{granularity.value}_mask_other{tag}"][persona] = score(test_by[persona])[persona]
     model.train(was_training)
     if mux:
-        sizes["mixture"] = 4 * model.peft_config["default"].num_codes
+        sizes["mixture"] = 4 * model.adapter_config().num_codes
     return {
         "personas": personas,
         "sparsities": sparsities,
