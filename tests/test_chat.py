@@ -7,8 +7,7 @@ import os
 import sys
 
 import pytest
-from test_collator import make_tokenizer
-from tiny_codebook import make_codebook
+from tiny_models import make_codebook, make_tokenizer
 
 from peft_personamux import PERSONA_PLACEHOLDER
 from peft_personamux.chat import ChatArguments, ChatExit, ChatSession

@@ -1,14 +1,13 @@
 """Prompt format and collator: shapes, masks, labels, placeholders, truncation, generation inputs.
 
-The tiny tokenizer and model helpers live in tiny_models.py (imported from here too by older tests).
+The tiny tokenizer and model helpers live in tiny_models.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_base, make_rows, make_tokenizer  # noqa: F401  (make_base: test_subnetwork* take it from here)
-from tiny_models import make_mux_model as make_model
+from tiny_models import make_mux_model, make_rows, make_tokenizer
 
 from peft_personamux import PERSONA_PLACEHOLDER
 from peft_personamux.collator import (
@@ -168,7 +167,7 @@ def test_generation_inputs_are_left_padded(tokenizer):
 
 
 def test_collated_batch_runs_through_the_model(tokenizer):
-    model = make_model(tokenizer)
+    model = make_mux_model(tokenizer)
     model.add_personas(["play/a", "play/b"])
     collator = PersonaMuxCollator.for_model(model, tokenizer, text_personas={"play/a": "A prince."})
     assert collator.placeholder_token_id == model.peft_config["default"].placeholder_token_id

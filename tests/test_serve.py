@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from safetensors.torch import save_file  # noqa: E402
-from tiny_codebook import PERSONAS, make_codebook  # noqa: E402
+from tiny_models import PERSONAS, make_codebook  # noqa: E402
 
 from peft_personamux.codebook_loading import load_codebook_model, read_codebook_info  # noqa: E402
 from peft_personamux.conversation import encode_conversation  # noqa: E402

@@ -9,9 +9,8 @@ import torch
 from peft import get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_collator import make_rows, make_tokenizer
 from tiny_models import make_model as make_arch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import make_rows, make_tokenizer, tiny_base
 
 from peft_personamux import PersonaFileError, PersonaMuxConfig
 from peft_personamux.subnetwork import (
@@ -43,26 +42,6 @@ from peft_personamux.subnetwork.scores import (
 from peft_personamux.subnetwork.statistics import decoder_linears
 
 QUIET = {"progress": False}
-
-
-def tiny_base(tokenizer, seed: int = 0, intermediate: int = 64) -> LlamaForCausalLM:
-    """2 layers, hidden 32, 4 heads of 8, ``intermediate`` MLP neurons."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + 4,
-        hidden_size=32,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 @pytest.fixture(scope="module")

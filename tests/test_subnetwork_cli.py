@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_collator import make_base, make_rows, make_tokenizer
+from tiny_models import make_base, make_rows, make_tokenizer
 
 from peft_personamux import cli
 from peft_personamux.subnetwork import ChannelMask, WeightMask, list_subnetwork_files

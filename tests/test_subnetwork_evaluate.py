@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
-from test_collator import make_rows, make_tokenizer
-from test_subnetwork import tiny_base
+from tiny_models import make_rows, make_tokenizer, tiny_base
 
 from peft_personamux import PersonaMuxConfig
 from peft_personamux.subnetwork import SubnetworkConfig

@@ -138,6 +138,26 @@ def make_base(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     )
 
 
+def tiny_base(tokenizer, seed: int = 0, intermediate: int = 64) -> LlamaForCausalLM:
+    """For the subnetwork tests: 2 layers, hidden 32, 4 heads of 8, ``intermediate`` MLP neurons, in eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + 4,
+        hidden_size=32,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def make_mux_model(tokenizer, seed: int = 0, **config):
     """`make_base` wrapped in a small Persona-Mux adapter (4 codes of 2 tokens, 3 bias tokens)."""
     base = make_base(tokenizer, seed)
