@@ -181,6 +181,7 @@ def test_demo_on_a_tiny_model(workspace, tmp_path, capsys):
     assert cli.main(["demo", "--codebook", str(tmp_path / "codebook"), *common]) == 0
     out = capsys.readouterr().out
     assert f"Unseen character: {persona}" in out and "(2 pretrained personas)" in out
+    assert "at the start (the mean pretraining mixture)" in out  # --fit_start mean, the default on a codebook
 
 
 def test_evaluate_subcommand_is_wired(capsys):

@@ -29,14 +29,23 @@ class DemoArguments:
     num_train: int = field(default=16, metadata={"help": "Training lines of the new persona (paper: 100)."})
     num_eval: int = field(default=6, metadata={"help": "Held-out lines for the loss before/after."})
     fit_method: str = field(
-        default="fisher",
+        default="lbfgs",
         metadata={
-            "help": "'fisher' (default): Levenberg-Marquardt steps on the 64 weights, one pass over the lines each "
-            "(docs/fitting.md); 'adam': the paper's full-batch Adam recipe (use --steps 100)."
+            "help": "'lbfgs' (default): L-BFGS on the 64 weights, no learning rate (docs/fitting.md); 'fisher': "
+            "Levenberg-Marquardt steps; 'adam': the paper's full-batch Adam recipe (use --steps 100)."
         },
     )
     steps: int = field(
-        default=6, metadata={"help": "Fitting steps: Fisher steps, or full-batch Adam steps (paper: 100)."}
+        default=8,
+        metadata={"help": "Fitting steps: L-BFGS iterations, Fisher steps, or full-batch Adam steps (paper: 100)."},
+    )
+    fit_start: str = field(
+        default="mean",
+        metadata={
+            "help": "'mean' (default): start from the mean mixture of the codebook's pretraining personas; 'zero': "
+            "the paper's start (a singular point of the model's first RMSNorm, docs/fitting.md). --from_scratch "
+            "always starts from zero."
+        },
     )
     learning_rate: float = field(
         default=1e-3,
@@ -140,6 +149,7 @@ def demo(model_args: ModelArguments, args: DemoArguments) -> int:
         print(f"Text persona ({seconds(step)}): {text_personas[persona]}")
     text = text_personas.get(persona) if text_personas else None
     instruction = info.get("instruction", DEFAULT_INSTRUCTION)
+    start = "zero" if args.from_scratch else args.fit_start
     fit_args = PersonaFitArguments(
         output_dir=str(out / "fit"),
         max_steps=args.steps,
@@ -152,33 +162,35 @@ def demo(model_args: ModelArguments, args: DemoArguments) -> int:
         seed=args.seed,
         fit_method=args.fit_method,
         fisher_steps=args.steps,
+        lbfgs_steps=args.steps,
+        fit_start=start,
     )
+    eval_kwargs = {
+        "text_personas": text_personas,
+        "instruction": instruction,
+        "max_prompt_tokens": max_prompt,
+        "max_response_tokens": args.max_response_tokens,
+    }
+    model.add_personas([persona], exist_ok=True)  # at the zero mixture until the fit resets it to its start
+    zero = evaluate_loss(model, tokenizer, heldout, [persona], 1.0, **eval_kwargs)[persona]
     step = time.perf_counter()
     result = fit_personas(model, tokenizer, train, fit_args, heldout, text_personas, save_dir=out)[persona]
     fit_seconds = time.perf_counter() - step
-    how = "Fisher steps" if args.fit_method == "fisher" else "full-batch Adam steps"
+    how = {"lbfgs": "L-BFGS iterations", "fisher": "Fisher steps", "adam": "full-batch Adam steps"}[args.fit_method]
+    where = "the mean pretraining mixture" if start == "mean" else "the zero mixture"
     print(
         f"Fitted {persona} ({model.peft_config['default'].num_codes} weights) in {fit_seconds:.1f} s: {args.steps} "
-        f"{how} over {len(train)} lines."
+        f"{how} over {len(train)} lines, from {where}."
     )
-    gain = result["loss_before"] - result["loss_after"]
+    gain = zero - result["loss_after"]
     print(
-        f"Held-out loss: {result['loss_before']:.3f} before fitting (mixture 0), {result['loss_after']:.3f} after "
-        f"({gain:+.3f} nats per token {'better' if gain > 0 else 'worse'})."
+        f"Held-out loss: {zero:.3f} at the zero mixture, {result['loss_before']:.3f} at the start ({where}), "
+        f"{result['loss_after']:.3f} fitted ({gain:+.3f} nats per token against zero, "
+        f"{result['loss_before'] - result['loss_after']:+.3f} against the start)."
     )
     step = time.perf_counter()
     for scale in (0.5, 0.0):
-        loss = evaluate_loss(
-            model,
-            tokenizer,
-            heldout,
-            [persona],
-            scale,
-            text_personas=text_personas,
-            instruction=instruction,
-            max_prompt_tokens=max_prompt,
-            max_response_tokens=args.max_response_tokens,
-        )[persona]
+        loss = evaluate_loss(model, tokenizer, heldout, [persona], scale, **eval_kwargs)[persona]
         print(f"Held-out loss at bias scale {scale:g}: {loss:.3f}")
     print(f"(bias-scale losses in {seconds(step)})")
 
