@@ -221,17 +221,8 @@ def fit_mixtures(
         optimizer = torch.optim.Adam([params], lr=lr, eps=eps)
         for _ in tqdm(range(steps), desc="fit (adam)", disable=not progress):
             optimizer.zero_grad()
-            loss_value = 0.0
-            step_nll = torch.zeros(n, device=table.device)
-            for sl, nll, _, _ in _row_losses(tuner, batch, params, scale, chunk_size, index, False, options, cache):
-                loss = nll.sum() / num_tokens
-                loss.backward()
-                loss_value += loss.item()
-                step_nll[sl] = nll.detach()
-            record(persona_losses(step_nll))  # the loss at the parameters before this step
+            full_batch_loss()  # the loss at the parameters before this step
             optimizer.step()
-            result.losses.append(loss_value)
-            result.example_passes += n
     else:
         # one damping factor per persona: their losses are independent sums, so each accepts its own steps
         lam = torch.full((len(rows),), damping, device=table.device)
