@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..collator import IGNORE_INDEX, PersonaMuxCollator, encode_example
+from ..loss import token_nll
 from ..prompting import DEFAULT_INSTRUCTION
 from .calibrate import calibrate_subnetwork
 from .channels import SubnetworkBank
@@ -67,10 +68,10 @@ def plain_losses(
         for i, e in enumerate(encoded):
             n = len(e.input_ids)
             ids[i, :n], att[i, :n], labels[i, :n] = torch.tensor(e.input_ids), 1, torch.tensor(e.labels)
-        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()  # (rows, width, vocab)
-        target = labels[:, 1:].to(device)
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-        for row, s, n in zip(chunk, nll.sum(-1).tolist(), (target != IGNORE_INDEX).sum(-1).tolist()):
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits  # (rows, width, vocab)
+        labels = labels.to(device)
+        nll = token_nll(logits, labels)  # (rows, width - 1)
+        for row, s, n in zip(chunk, nll.sum(-1).tolist(), (labels[:, 1:] != IGNORE_INDEX).sum(-1).tolist()):
             sums[row["persona"]] += s
             counts[row["persona"]] += n
     return {p: sums[p] / counts[p] for p in sorted(sums) if counts[p]}
