@@ -151,6 +151,26 @@ def test_padding_masks_and_labels(side):
     assert ex.left_padded == (side == "left")
 
 
+def test_prepare_widens_ids_mask_and_labels_together_and_resolves_personas():
+    model = mux()
+    tuner = model.base_model
+    ph = model.peft_config["default"].placeholder_token_id
+    ids = torch.tensor([[5, ph, 6, 7], [8, 9, 10, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, 6, 7], [-100, 9, 10, -100]])
+    prepared = tuner.prepare(ids, mask, labels, persona_ids=["b", "c"], bias_scale=0)
+    width = SMALL["tokens_per_code"]  # no bias tokens at scale 0
+    assert prepared.input_ids.shape == prepared.attention_mask.shape == prepared.labels.shape == (2, 3 + width)
+    assert ((prepared.input_ids == ph).sum(-1) == width).all() and (
+        prepared.labels[prepared.input_ids == ph] == -100
+    ).all()
+    assert prepared.persona_ids.tolist() == [1, 2] and prepared.bias_scale == 0.0
+    assert tuner.num_virtual(1.0) == N_VIRTUAL and tuner.num_virtual(0.0) == width
+    with model.disable_adapter():  # the caller's inputs, exactly as given, and nothing to write
+        off = tuner.prepare(ids, mask, labels)
+    assert off.persona_ids is None and torch.equal(off.input_ids, ids) and torch.equal(off.labels, labels)
+
+
 # -- personas and bias scale ---------------------------------------------------------------------------------------
 
 
@@ -488,3 +508,23 @@ def test_tokenizer_kwargs_never_trust_remote_code(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="trust_remote_code"):
         get_peft_model(make_model(), config)
     assert seen == {"use_fast": False}
+
+
+def test_persona_method_attaches_a_function_and_refuses_a_taken_name():
+    from peft_personamux.tuner.model import PersonaMuxModel, persona_method
+
+    def personas_counted(model) -> int:
+        return model.num_personas
+
+    try:
+        persona_method(personas_counted)
+        assert mux().personas_counted() == 3  # reachable on the PeftModel
+    finally:
+        delattr(PersonaMuxModel, "personas_counted")
+
+    def forward(model):  # pragma: no cover - never attached
+        return None
+
+    with pytest.raises(ValueError, match="already has a method 'forward'"):
+        persona_method(forward)
+    assert callable(mux().blend_personas)  # attached by peft_personamux.arithmetic on import
