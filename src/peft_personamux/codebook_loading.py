@@ -28,14 +28,19 @@ class CodebookInfo:
     text_personas: dict[str, str] = field(default_factory=dict)  # persona -> description
 
 
-def resolve_codebook_dir(path: str | None) -> Path:
-    """``path``, or the shipped Shakespeare codebook; raises ``FileNotFoundError`` that says what to pass."""
-    directory = Path(path) if path else shakespeare_codebook_dir()
+def resolve_codebook_dir(path: str | None, shipped: Path | None = None) -> Path:
+    """``path``, or the shipped codebook (``shipped``, default the Shakespeare one), when it holds an adapter; else
+    ``FileNotFoundError`` that says what to pass, or how to make the shipped one."""
+    directory = Path(path) if path else shipped or shakespeare_codebook_dir()
     if not is_codebook_dir(directory):
-        raise FileNotFoundError(
-            f"No Persona-Mux codebook in {directory}: pass --codebook with a folder written by `personamux "
-            "pretrain` (adapter_config.json, adapter_model.safetensors, personas/)."
+        hint = (
+            "The shipped Shakespeare codebook is not in this installation yet: make one with `personamux pretrain "
+            f"--output_dir {directory}`, or run `personamux demo --from-scratch`."
+            if path is None
+            else "Pass --codebook with a folder written by `personamux pretrain` (adapter_config.json, "
+            "adapter_model.safetensors, personas/)."
         )
+        raise FileNotFoundError(f"No Persona-Mux codebook in {directory}. {hint}")
     return directory
 
 

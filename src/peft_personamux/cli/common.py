@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..argparsing import make_parser, parse_dataclasses
-from ..files import is_codebook_dir
 from ..models import shakespeare_codebook_dir
 from ..prompting import DEFAULT_INSTRUCTION
 
@@ -63,16 +62,12 @@ def default_codebook_dir() -> Path:
 
 def codebook_dir(path: str | None) -> Path:
     """``path`` (or the shipped codebook) when it holds an adapter; else ``SystemExit`` saying how to make one."""
-    directory = Path(path) if path else default_codebook_dir()
-    if not is_codebook_dir(directory):
-        hint = (
-            "The shipped Shakespeare codebook is not in this installation yet: make one with `personamux pretrain "
-            f"--output_dir {directory}`, or run `personamux demo --from-scratch`."
-            if path is None
-            else "Pass a folder written by `personamux pretrain` (adapter_config.json, adapter_model.safetensors)."
-        )
-        raise SystemExit(f"No Persona-Mux codebook in {directory}. {hint}")
-    return directory
+    from ..codebook_loading import resolve_codebook_dir
+
+    try:
+        return resolve_codebook_dir(path, default_codebook_dir())
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
 
 
 def load_base(model_args: ModelArguments):
