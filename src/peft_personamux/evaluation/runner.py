@@ -4,8 +4,12 @@ Stages (each a JSON file under ``<output_dir>/stages/``; a finished one is read 
 interrupted run continues where it stopped):
 
 ``base_icl`` → ``lora`` → ``sp`` → ``codebook`` (only when pretraining here) → ``pm_zero`` → ``pm_adam`` →
-``pm_fisher`` → ``random_codebook`` → ``pm_embedding`` → ``judge`` → ``who_said_it``; then `report` writes
-results.json, results.md and the plots from the stages.
+``pm_fisher`` → ``random_codebook`` → ``pm_embedding`` → ``judge`` → ``who_said_it``; then `results` assembles
+results.json from the stages and `report` writes it with results.md and the plots.
+
+Files by job: `cache` (run plan, stage cache), `stages/` (the stages, as mixins of `Evaluation`: baselines,
+Persona-Mux, embedding, judging), `results` (assembly), `report` (rendering); `common` holds what runner and report
+share.
 """
 
 from __future__ import annotations
