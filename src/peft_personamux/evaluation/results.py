@@ -103,10 +103,6 @@ def build_results(
     }
 
 
-def _without_bookkeeping(stage: dict | None) -> dict | None:
-    return None if stage is None else {k: v for k, v in stage.items() if k not in ("done", "seconds")}
-
-
 def _zero_shot(stages: dict, personas: list[str]) -> dict:
     """Held-out loss at bias 1 of mixtures made without fitting (zero, mean, embedding map) beside fitted ones."""
     stage = stages.get("pm_embedding") or {}
