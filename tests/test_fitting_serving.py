@@ -52,12 +52,18 @@ def test_fit_lowers_loss_and_touches_only_fitted_rows(method):
     assert result.example_passes > 0 and result.seconds > 0
 
 
-def test_fisher_needs_fewer_passes_than_adam_recipe():
+@pytest.fixture(scope="module")
+def adam_fit():
+    """Persona "x" fitted with the paper's recipe (100 full-batch Adam steps): what the faster fits must match."""
     model = mux()
     model.add_personas(["x"])
     batch = fit_batch(model, ["x"], per_persona=12)
     adam = fit_mixtures(model, batch, method="adam", steps=100, progress=False)
-    adam_loss = mean_token_loss(model, batch)
+    return model, batch, adam, mean_token_loss(model, batch)
+
+
+def test_fisher_needs_fewer_passes_than_adam_recipe(adam_fit):
+    model, batch, adam, adam_loss = adam_fit
     model.set_mixture("x", torch.zeros(6))
     fisher = fit_mixtures(model, batch, method="fisher", steps=6, progress=False)
     fisher_loss = mean_token_loss(model, batch)
@@ -65,12 +71,8 @@ def test_fisher_needs_fewer_passes_than_adam_recipe():
     assert fisher_loss <= adam_loss * 1.01
 
 
-def test_lbfgs_converges_where_the_adam_recipe_does_with_fewer_passes():
-    model = mux()
-    model.add_personas(["x"])
-    batch = fit_batch(model, ["x"], per_persona=12)
-    adam = fit_mixtures(model, batch, method="adam", steps=100, progress=False)
-    adam_loss = mean_token_loss(model, batch)
+def test_lbfgs_converges_where_the_adam_recipe_does_with_fewer_passes(adam_fit):
+    model, batch, adam, adam_loss = adam_fit
     model.set_mixture("x", torch.zeros(6))
     lbfgs = fit_mixtures(model, batch, method="lbfgs", steps=10, progress=False)
     lbfgs_loss = mean_token_loss(model, batch)
