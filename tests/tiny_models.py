@@ -119,18 +119,20 @@ def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_base(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    """A random 2-layer Llama with hidden size 32 for ``tokenizer``."""
+def make_base(
+    tokenizer, seed: int = 0, intermediate: int = 64, heads: int = 2, positions: int = 512
+) -> LlamaForCausalLM:
+    """A random 2-layer Llama with hidden size 32 for ``tokenizer`` (``heads`` attention heads, 2 key/value heads)."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer) + SPARE_IDS,
             hidden_size=32,
-            intermediate_size=64,
+            intermediate_size=intermediate,
             num_hidden_layers=2,
-            num_attention_heads=2,
+            num_attention_heads=heads,
             num_key_value_heads=2,
-            max_position_embeddings=512,
+            max_position_embeddings=positions,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=None,
@@ -139,21 +141,8 @@ def make_base(tokenizer, seed: int = 0) -> LlamaForCausalLM:
 
 
 def tiny_base(tokenizer, seed: int = 0, intermediate: int = 64) -> LlamaForCausalLM:
-    """For the subnetwork tests: 2 layers, hidden 32, 4 heads of 8, ``intermediate`` MLP neurons, in eval mode."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + 4,
-        hidden_size=32,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config).eval()
+    """For the subnetwork tests: `make_base` with 4 heads of 8 and ``intermediate`` MLP neurons, in eval mode."""
+    model = make_base(tokenizer, seed, intermediate, heads=4, positions=256).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
