@@ -8,8 +8,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset
+from tiny_models import small_llama
 
 from peft_personamux.data import (
     DataFileNotFoundError,
@@ -429,7 +429,7 @@ def test_summarize():
 @pytest.fixture(scope="module")
 def tiny_lm():
     from tokenizers import Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
@@ -438,20 +438,8 @@ def tiny_lm():
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config), tokenizer
+    model = small_llama(len(vocab), max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return model, tokenizer
 
 
 @pytest.mark.parametrize("chat_template", [None, "{% for m in messages %}U: {{ m['content'] }}\n{% endfor %}A:"])

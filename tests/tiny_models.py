@@ -140,6 +140,14 @@ def make_base(
     )
 
 
+def small_llama(vocab_size: int, seed: int = 0, **config) -> LlamaForCausalLM:
+    """A random 2-layer Llama of hidden size 16 for a test's own tokenizer (``config`` overrides LlamaConfig)."""
+    defaults = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    config = LlamaConfig(vocab_size=vocab_size, **{**defaults, "num_key_value_heads": 2, **config})
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
 def tiny_base(tokenizer, seed: int = 0, intermediate: int = 64) -> LlamaForCausalLM:
     """For the subnetwork tests: `make_base` with 4 heads of 8 and ``intermediate`` MLP neurons, in eval mode."""
     model = make_base(tokenizer, seed, intermediate, heads=4, positions=256).eval()
