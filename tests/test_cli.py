@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import make_base, make_rows, make_tokenizer
+from tiny_models import make_workspace
 
 from peft_personamux import cli
 from peft_personamux.cli import common as cli_common
@@ -19,14 +19,7 @@ QUIET = ["--disable_tqdm", "True", "--report_to", "none"]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny model folder, a persona dataset file and a file of lines."""
-    root = tmp_path_factory.mktemp("cli")
-    tokenizer = make_tokenizer()
-    make_base(tokenizer).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    rows = make_rows(personas=("pa/a", "pa/b", "pb/c", "pc/d"), per_persona=6)
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "lines.txt").write_text("Is this the night?\tAy, the night.\nGood night, prince.\n\nNow is the winter.\n")
-    return root
+    return make_workspace(tmp_path_factory.mktemp("cli"), ("pa/a", "pa/b", "pb/c", "pc/d"))
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))

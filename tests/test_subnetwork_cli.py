@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from tiny_models import make_base, make_rows, make_tokenizer
+from tiny_models import make_base, make_tokenizer, make_workspace
 
 from peft_personamux import cli
 from peft_personamux.subnetwork import ChannelMask, WeightMask, list_subnetwork_files
@@ -14,14 +12,7 @@ from peft_personamux.subnetwork.statistics import unwrap_model
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("subnetwork_cli")
-    tokenizer = make_tokenizer()
-    make_base(tokenizer).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    rows = make_rows(personas=("pa/a", "pb/b"), per_persona=6)
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "lines.txt").write_text("Is this the night?\tAy, the night.\nGood night, prince.\n\nNow is the winter.\n")
-    return root
+    return make_workspace(tmp_path_factory.mktemp("subnetwork_cli"), ("pa/a", "pb/b"))
 
 
 def run(workspace, tmp_path, *extra):

@@ -176,6 +176,18 @@ def make_rows(personas=("play/a", "play/b"), per_persona: int = 4) -> list[dict[
     ]
 
 
+def make_workspace(root: Path, personas: tuple[str, ...]) -> Path:
+    """``root`` with what the command tests run on: ``tiny/`` (a saved `make_base` model and its tokenizer),
+    ``data.jsonl`` (6 rows of each persona) and ``lines.txt`` (a user's lines, one with a prompt)."""
+    tokenizer = make_tokenizer()
+    make_base(tokenizer).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    rows = make_rows(personas=personas, per_persona=6)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "lines.txt").write_text("Is this the night?\tAy, the night.\nGood night, prince.\n\nNow is the winter.\n")
+    return root
+
+
 # -- training arguments for short, quiet runs ------------------------------------------------------------------
 
 QUIET = {"disable_tqdm": True, "report_to": "none", "save_strategy": "no", "logging_steps": 1, "seed": 0}
