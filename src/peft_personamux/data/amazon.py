@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from ._common import check_positive, normalize_whitespace, to_dataset, truncate
+from .common import check_positive, normalize_whitespace, to_dataset, truncate
 from .errors import DataFileNotFoundError, DataFormatError
 
 logger = logging.getLogger(__name__)

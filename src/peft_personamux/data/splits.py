@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 from datasets import Dataset
 
-from ._common import COLUMNS, column
+from .common import COLUMNS, column
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..files import write_json
-from ._common import column, normalize_whitespace
+from .common import column, normalize_whitespace
 from .errors import DataFormatError
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from ._common import check_positive, keep_frequent_personas, normalize_whitespace, slugify, to_dataset
+from .common import check_positive, keep_frequent_personas, normalize_whitespace, slugify, to_dataset
 from .errors import DataFileNotFoundError, DataFormatError
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from ..data import split_persona_examples, split_personas
-from ..data._common import keep_frequent_personas, to_dataset, truncate
+from ..data.common import keep_frequent_personas, to_dataset, truncate
 from ..data.text_persona import persona_display_name
 from .config import EvalConfig
 
