@@ -1,4 +1,5 @@
-"""Loss along the ray t * m from the zero mixture, m a pretraining persona's own mixture, on its own lines.
+"""Loss along the ray t * m from the zero mixture, m a pretraining persona's own mixture, on its own lines; and the
+norms of the pretraining mixtures and of their prompt tokens against a vocabulary embedding's.
 
 Run from the repository root: ``python docs/results/zero_ray.py`` (a few minutes on 2 CPU cores). It uses the split
 of configs/eval_headroom.json (the pretraining sample: the personas with the most lines) and the shipped codebook,
@@ -32,7 +33,8 @@ def main(personas: int = 4, lines: int = 8) -> dict:
     files = model.available_persona_files()
     rows = evaluation.split.pretrain
     names = [n for n in sorted({r["persona"] for r in rows}) if n in files][:personas]
-    out: dict = {"t": SCALES, "personas": {}}
+    out: dict = {"norms": norms(model, base), "t": SCALES, "personas": {}}
+    print(out["norms"])
     for name in names:
         model.load_persona(name)
         own = model.get_mixture(name).float().clone()  # (num_codes,)
@@ -47,6 +49,28 @@ def main(personas: int = 4, lines: int = 8) -> dict:
     with open("docs/results/zero_ray.json", "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     return out
+
+
+def norms(model, base) -> dict:
+    """Mean norms: the persona files' mixtures, their prompt tokens, the mean mixture and its tokens, embeddings."""
+    from peft_personamux.evaluation.methods import codebook_tensors
+    from peft_personamux.fitting import mean_persona_mixture
+    from peft_personamux.persona_files import read_persona_file
+
+    codebook = codebook_tensors(model)[0].detach().float()  # (codes, tokens, hidden)
+    num_codes, fingerprint = codebook.shape[0], model.codebook_fingerprint()
+    files = model.available_persona_files().values()
+    rows = torch.stack([read_persona_file(path, num_codes, fingerprint)[1].float() for path in files])
+    mean = mean_persona_mixture(model)
+    return {
+        "personas": rows.shape[0],
+        "mixture_norm": float(rows.norm(dim=1).mean()),
+        "prompt_token_norm": float(torch.einsum("pc,ckd->pkd", rows, codebook).norm(dim=-1).mean()),
+        "mean_mixture_norm": float(mean.norm()),
+        "mean_prompt_token_norms": torch.einsum("c,ckd->kd", mean, codebook).norm(dim=-1).tolist(),
+        "embedding_norm": float(base.get_input_embeddings().weight.detach().norm(dim=1).mean()),
+        "rms_norm_eps": base.config.rms_norm_eps,
+    }
 
 
 if __name__ == "__main__":
