@@ -55,6 +55,8 @@ def test_summary_capture_ratio_and_learned_over_random():
     assert summary["capture_ratio_of_means"] == pytest.approx(0.5)
     assert summary["learned_over_random"] == pytest.approx(5.0)
     assert summary["capture_ratio_per_persona"]["mean"] == pytest.approx(0.5)
+    result["free8"]["test"] = {"p": 4.8, "q": 6.2}  # free-prompt gains +0.3 and -0.1: mean 0.1, its CI includes 0
+    assert summarize_headroom(result)["test"]["capture_ratios"]["mix64"] is None
 
 
 def test_gradient_capture_of_a_span_that_holds_the_gradient_and_of_one_orthogonal_to_it():

@@ -339,7 +339,10 @@ def summarize_headroom(result: dict) -> dict:
         out[split]["improvement"] = {m: summarize(v) for m, v in over_zero.items()}
         out[split]["gain_over_start"] = {m: summarize(v) for m, v in over_start.items() if m in FITTED}
         mean_gain = {m: out[split]["gain_over_start"][m]["mean"] for m in out[split]["gain_over_start"]}
-        free = mean_gain["free8"]
+        free, free_ci = mean_gain["free8"], out[split]["gain_over_start"]["free8"]["ci95"]
+        # a ratio to a free-prompt gain that is not distinguishable from 0 measures nothing: left out (None)
+        if not free or (free_ci is not None and abs(free) <= free_ci):
+            free = None
         out[split]["capture_ratios"] = {m: (g / free if free else None) for m, g in mean_gain.items() if m != "free8"}
         out[split]["capture_ratio_of_means"] = out[split]["capture_ratios"]["mix64"]
         per_persona_capture = [
