@@ -2,22 +2,25 @@
 
 For every unseen character, fitted on its training lines and scored on its held-out lines:
 
-* ``zero``: the zero mixture (bias tokens only, the starting point of every fit);
-* ``mean64``: the mean mixture of the codebook's pretraining personas, unfitted (what they all share);
+* ``zero``: the zero mixture (bias tokens only);
+* ``mean64``: the mean mixture of the codebook's pretraining personas, unfitted: **the start of every fit** below
+  (at zero the mixed tokens sit at the first RMSNorm's singular point, see docs/fitting.md);
 * ``free8``: 8 free soft-prompt vectors after the bias (8 x hidden numbers per character, the ceiling of any
   8-token codebook). It is Persona-Mux on an *identity* codebook of ``8 * hidden`` codes, so the same fit applies;
-* ``mix64``: the 64 weights on the learned codebook, fitted from zero; ``mix64_mean``: the same, from ``mean64``;
+* ``mix64``: the 64 weights on the learned codebook; ``mix64_zero`` (optional): the same fitted from zero, the
+  paper's start;
 * ``random64``: the 64 weights on a random codebook of the same shape and per-code norm;
 * ``grad64`` (when ``gradient_personas`` > 0): the 64 weights on a codebook computed, not trained: the principal
-  directions of the pretraining personas' prompt gradients at the zero mixture (`codebook_init`).
+  directions of the pretraining personas' prompt gradients at the start (`codebook_init`).
 
-Every persona is fitted on its own (``fitting.fit_mixtures``, L-BFGS by default: the full-batch loss is
-deterministic), and every fit keeps its training-loss curve: a fit that has not flattened measures the optimiser,
-not the headroom. The capture ratio is ``(zero - mix64) / (zero - free8)``. **Gradient capture** is the first-order
-version of the same question, at no fitting cost: the share of each unseen character's prompt gradient at the zero
-mixture (a vector of 8 x hidden numbers) that lies in a codebook's 64-dimensional span; a random span holds
-64 / (8 x hidden) of it. With the fitted mixtures, each character's held-out lines are also scored under every
-other character (likelihood identification: accuracy of the true one against chance 1 / N).
+The random and gradient spans get the start prompt as a 65th code, so every span starts at the same loss. Every
+persona is fitted on its own (``fitting.fit_mixtures``, L-BFGS by default: the full-batch loss is deterministic), and
+every fit keeps its training-loss curve: a fit that has not flattened measures the optimiser, not the headroom. The
+capture ratio is ``(start - mix64) / (start - free8)``, left out when the free prompt's gain is within its CI.
+**Gradient capture** is the first-order version of the same question, at no fitting cost: the share of each unseen
+character's prompt gradient at the start (8 x hidden numbers) that lies in a codebook's 64-dimensional span; a
+random span holds 64 / (8 x hidden) of it. With the fitted mixtures, each character's held-out lines are also scored
+under every other character (likelihood identification: accuracy of the true one against chance 1 / N).
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from .metrics import summarize
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("zero", "free8", "mix64", "random64")  # always present; mean64, mix64_mean and grad64 when available
 FITTED = ("free8", "mix64", "mix64_zero", "random64", "grad64")
 
 
