@@ -34,6 +34,7 @@ from peft_personamux.evaluation.methods import (
     plain_format,
     random_codebook_like,
 )
+from peft_personamux.evaluation.stages.subnetwork import identification_summary
 from peft_personamux.inputs import PERSONA_PLACEHOLDER
 from peft_personamux.prompting import DEFAULT_INSTRUCTION
 
@@ -212,6 +213,10 @@ def test_shipped_configs_are_valid(name):
         ("codebook_warmup_epochs", 5.0, "`codebook_epochs`"),
         ("fit_lr", 0.0, "`fit_lr` must be positive"),
         ("num_unseen_personas", 0, "`num_unseen_personas`"),
+        ("subnetwork_sparsities", [0.0], "`subnetwork_sparsities` must hold numbers strictly between 0 and 1"),
+        ("subnetwork_sparsities", [0.3, 0.3], "`subnetwork_sparsities` has duplicates"),
+        ("subnetwork_sparsities", 0.3, "`subnetwork_sparsities` must be a list"),
+        ("subnetwork_statistic", "l1", "`subnetwork_statistic`"),
     ],
 )
 def test_config_validation_names_the_field(field, value, message):
@@ -259,8 +264,17 @@ METHOD_ROWS = [
     "personamux_fisher_bias0.5",
     "personamux_fisher_bias0",
     "random_codebook",
+    *(f"{v}@{s}" for s in ("0.1", "0.3") for v in ("weight_mask", "channel_mask", "channel_mask+soft_prompt")),
     "reference",
 ]
+
+
+def test_subnetwork_identification_summary_by_hand():
+    matrix = [[1.0, 2.0, 4.0], [3.0, 2.5, 1.5], [2.0, 3.0, 1.0]]  # row i: persona i's lines under each mask
+    out = identification_summary(matrix, ["a", "b", "c"])
+    assert out["predicted"] == ["a", "c", "c"]
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["chance"] == pytest.approx(1 / 3)
+    assert out["own_mask_advantage"] == pytest.approx([2.0, -0.25, 1.5])  # (2+4)/2-1, (3+1.5)/2-2.5, (2+3)/2-1
 
 
 @pytest.mark.slow
@@ -316,6 +330,17 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     for name in ("headroom_curves.png", "identification.png", "data_efficiency.png"):
         assert (out / name).stat().st_size > 1000, name
     assert "## Headroom and likelihood identification" in (out / "results.md").read_text()
+    sub = results["subnetwork"]  # masks: same split and metrics as every other row
+    assert set(sub["rows"]) == {k for k in METHOD_ROWS if "@" in k}
+    for row in sub["rows"].values():
+        assert 0 <= row["identification_accuracy"] <= 1 and row["own_mask_advantage"]["n"] == len(personas)
+        assert row["general_loss"]["n"] == len(personas) and row["seconds_per_persona"]["mean"] > 0
+    masks = results["methods"]
+    assert masks["channel_mask@0.3"]["bytes_per_persona"] < masks["weight_mask@0.3"]["bytes_per_persona"]
+    assert masks["channel_mask+soft_prompt@0.3"]["params_per_persona"] == (
+        masks["channel_mask@0.3"]["params_per_persona"] + config.num_codes
+    )
+    assert "## Persona subnetworks (masks, no training)" in (out / "results.md").read_text()
 
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
     main = table[: len(METHOD_ROWS) + 1]  # header + one row per method

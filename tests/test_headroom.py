@@ -100,3 +100,53 @@ def test_pretraining_sample_takes_the_personas_with_most_lines():
     rows = [{"persona": p, "line": str(i)} for p, n in (("x", 3), ("y", 5), ("z", 1)) for i in range(n)]
     sample = pretraining_sample(rows, personas=2, lines=2)
     assert [(r["persona"], r["line"]) for r in sample] == [("x", "0"), ("x", "1"), ("y", "0"), ("y", "1")]
+
+
+def test_headroom_run_continues_where_an_interrupted_one_stopped(tmp_path):
+    """Every save() holds what is done; a run given the last one refits nothing done and ends with the same numbers."""
+    import json
+
+    from tiny_models import make_codebook, make_rows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_personamux.evaluation.headroom import HeadroomSettings, run_headroom
+
+    model_dir, codebook_dir = make_codebook(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    personas = ["new/a", "new/b"]
+    rows = make_rows(personas, per_persona=6)
+    train = [r for i, r in enumerate(rows) if i % 6 < 4]
+    test = [r for i, r in enumerate(rows) if i % 6 >= 4]
+    pretrain = make_rows(("play/p0", "play/p1"), per_persona=3)
+    settings = HeadroomSettings(steps=2, chunk_size=4, gradient_personas=2, gradient_lines=3, zero_start=True)
+
+    def run(**kwargs) -> dict:
+        return run_headroom(
+            base, tokenizer, codebook_dir, personas, train, test, {}, settings, pretrain_rows=pretrain, **kwargs
+        )
+
+    full = run()
+    saves: list[dict] = []
+
+    class Interrupted(Exception):
+        pass
+
+    def save(partial: dict) -> None:
+        saves.append(json.loads(json.dumps(partial)))  # as the stage cache stores it
+        if len(saves) == 9:  # mix64_zero, mix64 and random64 done; grad64 half-way
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(save=save)
+    last = saves[-1]
+    assert {"zero", "mean64", "gradient_capture", "mix64"} <= set(last) and "free8" not in last
+    resumed = run(partial=last)
+    for method in ("zero", "mean64", "mix64_zero", "mix64", "random64", "grad64", "free8"):
+        # grad64's codebook is recomputed on resume (an SVD): equal up to float noise, which a fit may amplify
+        assert resumed[method]["test"] == pytest.approx(full[method]["test"], abs=1e-4), method
+    assert resumed["mix64"]["curves"] == last["mix64"]["curves"]  # restored, not refitted
+    flat = [v for row in resumed["identification"]["loss_matrix"] for v in row]
+    assert flat == pytest.approx([v for row in full["identification"]["loss_matrix"] for v in row], abs=1e-6)
+    assert resumed["identification_free8"]["accuracy"] == full["identification_free8"]["accuracy"]
+    assert "mixtures" not in resumed["free8"] and not any(k.endswith("_in_progress") for k in resumed)

@@ -66,7 +66,14 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
         "random_codebook": {**random_fit, "forward": random_fit["forward"] + n + t, "generations": g},
     }
     stages["pm_embedding"] = {"backward": 0, "forward": 2 * t, "generations": 0}  # + embedding lines, forward only
-    methods = 4 + 2 * scales + 1 + 1  # rows of the table and the real lines
+    sparsities = len(c.subnetwork_sparsities)
+    if sparsities:  # calibration (train lines), per variant: own-mask scoring, identification, generations
+        stages["subnetwork"] = {
+            "backward": 0,
+            "forward": n + sparsities * 3 * (t + u * t),
+            "generations": sparsities * 3 * g,
+        }
+    methods = 4 + 2 * scales + 1 + 3 * sparsities + 1  # rows of the table and the real lines
     judge = {"backward": 0, "forward": 0, "generations": 0, "judge_sequences": 2 * methods * g}
     judge["judge_sequences"] += g * c.discrimination_real_candidates
     stages["judge"] = judge

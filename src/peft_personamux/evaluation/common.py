@@ -8,6 +8,17 @@ from .config import EvalConfig
 from .data import Split
 
 REFERENCE = "reference"  # pseudo-method: the real test lines, scored like generations
+SUBNETWORK_VARIANTS = ("weight_mask", "channel_mask", "channel_mask+soft_prompt")  # rows of the subnetwork stage
+_SUBNETWORK_LABELS = {
+    "weight_mask": "Weight mask (faithful subnetwork)",
+    "channel_mask": "Channel mask (servable subnetwork)",
+    "channel_mask+soft_prompt": "Channel mask + Persona-Mux (fisher)",
+}
+
+
+def subnetwork_key(variant: str, sparsity: float) -> str:
+    """Result key of one subnetwork row, e.g. ``channel_mask@0.3``."""
+    return f"{variant}@{sparsity:g}"
 
 
 def method_keys(config: EvalConfig) -> list[tuple[str, str, str, str]]:
@@ -30,14 +41,33 @@ def method_keys(config: EvalConfig) -> list[tuple[str, str, str, str]]:
                 )
             )
     rows.append(("random_codebook", "random_codebook", "1.0", f"Random codebook ({config.random_codebook_method})"))
+    for sparsity in config.subnetwork_sparsities:
+        for variant in SUBNETWORK_VARIANTS:
+            rows.append(
+                (
+                    subnetwork_key(variant, sparsity),
+                    "subnetwork",
+                    "1.0",
+                    f"{_SUBNETWORK_LABELS[variant]}, sparsity {sparsity:g}",
+                )
+            )
     return rows
+
+
+def method_source(stages: dict, stage: str, key: str) -> dict:
+    """The stage entry holding row ``key``'s numbers (its heldout_loss, generations, bytes, params)."""
+    if stage == "base_icl":
+        return stages[stage][key]
+    if stage == "subnetwork":
+        return stages[stage]["methods"][key]
+    return stages[stage]
 
 
 def collect_generations(stages: dict, split: Split, config: EvalConfig) -> dict[str, dict[str, list[dict]]]:
     """Generations of every method row (and the real test lines as ``reference``), by persona."""
     out: dict[str, dict[str, list[dict]]] = {}
     for key, stage, scale, _ in method_keys(config):
-        source = stages[stage][key] if stage == "base_icl" else stages[stage]
+        source = method_source(stages, stage, key)
         out[key] = source["generations"][scale]
     out[REFERENCE] = {
         p: [{"prompt": r["prompt"], "reference": r["response"], "text": r["response"]} for r in rows]

@@ -218,6 +218,18 @@ class EvalConfig:
             "skipped); empty: no curve. The paper's setting: [8, 32, 100]."
         },
     )
+    subnetwork_sparsities: list[float] = field(
+        default_factory=lambda: [0.1, 0.3],
+        metadata={
+            "help": "Stage `subnetwork` (issue 11): rows for the faithful weight mask, the channel mask and the "
+            "channel mask + Persona-Mux (fisher) at each of these sparsities, calibrated on each unseen persona's "
+            "training lines (forward passes only); empty: no such rows."
+        },
+    )
+    subnetwork_statistic: str = field(
+        default="sample_l2",
+        metadata={"help": "Channel statistic of the masks: 'sample_l2' (the authors' code) or 'sample_rms'."},
+    )
     only_headroom: bool = field(
         default=False,
         metadata={"help": "Run only the data and headroom stages; write headroom.json/.md/.png (no results.json)."},
@@ -261,6 +273,17 @@ class EvalConfig:
             )
         if self.headroom_method not in ("lbfgs", "adam", "fisher"):
             raise ValueError(f"`headroom_method` must be 'lbfgs', 'adam' or 'fisher', got {self.headroom_method!r}.")
+        if not isinstance(self.subnetwork_sparsities, list):
+            raise ValueError(f"`subnetwork_sparsities` must be a list, got {self.subnetwork_sparsities!r}.")
+        for value in self.subnetwork_sparsities:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise ValueError(f"`subnetwork_sparsities` must hold numbers strictly between 0 and 1, got {value!r}.")
+        if len(set(self.subnetwork_sparsities)) != len(self.subnetwork_sparsities):
+            raise ValueError(f"`subnetwork_sparsities` has duplicates: {self.subnetwork_sparsities!r}.")
+        if self.subnetwork_statistic not in ("sample_l2", "sample_rms"):
+            raise ValueError(
+                f"`subnetwork_statistic` must be 'sample_l2' or 'sample_rms', got {self.subnetwork_statistic!r}."
+            )
         if not isinstance(self.headroom_gradient_personas, int) or self.headroom_gradient_personas < 0:
             raise ValueError(
                 "`headroom_gradient_personas` must be a non-negative integer, got "

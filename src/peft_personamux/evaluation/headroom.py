@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +149,14 @@ def run_headroom(
     settings: HeadroomSettings | None = None,
     device: torch.device | str = "cpu",
     pretrain_rows: Sequence[Mapping[str, str]] = (),
+    partial: dict | None = None,
+    save: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Fit and score every row of the module docstring for every persona in ``personas``."""
+    """Fit and score every row of the module docstring for every persona in ``personas``.
+
+    ``save(result)`` is called after each scoring, each fitted persona and each identification, with what is done so
+    far; passing that back as ``partial`` continues from there (a fitted persona's mixture is restored, not refitted).
+    """
     from peft import PeftModel
 
     from ..codebook_init import codebook_from_gradients, persona_prompt_gradients
@@ -160,12 +166,17 @@ def run_headroom(
     learned.add_personas(list(personas), exist_ok=True)
     learned.freeze()
     config = learned.peft_config[learned.active_adapter]
-    result: dict = {
-        "personas": list(personas),
-        "train_lines": len(train_rows),
-        "test_lines": len(test_rows),
-        "settings": {k: v for k, v in vars(settings).items() if k != "fit_options"},
-    }
+    result: dict = dict(partial or {})
+    result.update(
+        personas=list(personas),
+        train_lines=len(train_rows),
+        test_lines=len(test_rows),
+        settings={k: v for k, v in vars(settings).items() if k != "fit_options"},
+    )
+
+    def checkpoint() -> None:
+        if save is not None:
+            save(result)
 
     def collate(model, rows) -> dict:
         collator = PersonaMuxCollator.for_model(model, tokenizer, **collator_kwargs)
@@ -177,31 +188,41 @@ def run_headroom(
             "test": per_persona(test_rows, *row_losses(model, test, settings.chunk_size)),
         }
 
-    def fitted(model, train, test, label: str, start: torch.Tensor) -> dict:
-        out = fit_each(model, train, personas, settings, label, start)
+    def fitted(model, train, test, label: str, start: torch.Tensor) -> None:
+        """``result[label]``: every persona fitted from ``start`` and scored; restored when already there."""
+        if label in result:
+            for name, mixture in result[label]["mixtures"].items():
+                model.set_mixture(name, torch.tensor(mixture))
+            return
+        progress = result.setdefault(f"{label}_in_progress", {})
+        out = fit_each(model, train, personas, settings, label, start, progress, checkpoint)
         out.update(scores(model, train, test))
-        return out
+        out["mixtures"] = {name: model.get_mixture(name).tolist() for name in personas}
+        result[label] = out
+        del result[f"{label}_in_progress"]
+        checkpoint()
+
+    def identify(model, test, key: str) -> None:
+        if key not in result:
+            result[key] = identification(model, test, test_rows, personas, settings.chunk_size)
+            checkpoint()
 
     train, test = collate(learned, train_rows), collate(learned, test_rows)
-    zero_mixtures(learned, personas)
-    result["zero"] = scores(learned, train, test)
+    if "zero" not in result:
+        zero_mixtures(learned, personas)
+        result["zero"] = scores(learned, train, test)
+        checkpoint()
     codebook, _ = codebook_tensors(learned)
     kept = codebook.detach().clone().float()  # (num_codes, tokens_per_code, hidden)
     zeros = torch.zeros(config.num_codes)
     mean = pretraining_mean_mixture(learned)
-    if mean is not None:
-        for name in personas:
-            learned.set_mixture(name, mean)
-        result["mean64"] = scores(learned, train, test)
     start = zeros if mean is None else mean  # every fit but mix64_zero starts at this mixture's prompt
     start_prompt = torch.einsum("c,ckd->kd", start, kept)  # (tokens_per_code, hidden)
-    # the unseen personas' prompt gradients at the start, for gradient capture (one pass over train)
-    unseen = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), progress=False)
-    gradients = torch.stack([unseen[learned.persona_index(p)].flatten() for p in personas])  # (personas, 8 * hidden)
-    if settings.zero_start:
-        result["mix64_zero"] = fitted(learned, train, test, "mix64_zero", start=zeros)  # the paper's stage-2 start
-    result["mix64"] = fitted(learned, train, test, "mix64", start=start)
-    result["identification"] = identification(learned, test, test_rows, personas, settings.chunk_size)
+    for name in personas:
+        learned.set_mixture(name, start)
+    if mean is not None and "mean64" not in result:
+        result["mean64"] = scores(learned, train, test)
+        checkpoint()
     spans = {"mix64": kept, "random64": random_codebook_like(kept, settings.seed)}
     if settings.gradient_personas and pretrain_rows:
         rows = pretraining_sample(pretrain_rows, settings.gradient_personas, settings.gradient_lines)
@@ -213,9 +234,18 @@ def run_headroom(
         code_norm = float(kept.flatten(1).norm(dim=1).mean())
         spans["grad64"], explained = codebook_from_gradients(pre, config.num_codes, code_norm)
         result["grad64_codebook"] = {"personas": len(names), "lines": len(rows), "explained_variance": explained}
-    result["gradient_capture"] = {
-        label: gradient_capture(span, gradients, personas) for label, span in spans.items()
-    } | {"random_expected": config.num_codes / gradients.shape[1]}
+    if "gradient_capture" not in result:
+        # the unseen personas' prompt gradients at the start (one pass over train), before any fit moves them
+        unseen = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), progress=False)
+        gradients = torch.stack([unseen[learned.persona_index(p)].flatten() for p in personas])  # (personas, 8*hidden)
+        result["gradient_capture"] = {
+            label: gradient_capture(span, gradients, personas) for label, span in spans.items()
+        } | {"random_expected": config.num_codes / gradients.shape[1]}
+        checkpoint()
+    if settings.zero_start:
+        fitted(learned, train, test, "mix64_zero", start=zeros)  # the paper's stage-2 start
+    fitted(learned, train, test, "mix64", start=start)
+    identify(learned, test, "identification")
     # other spans start at the same prompt: it is one more code, at weight 1 (fitted like the others)
     offset_start = torch.cat([zeros, torch.ones(1)])
     for label in ("random64", "grad64"):
@@ -224,29 +254,46 @@ def run_headroom(
         model = span_model(base, learned, torch.cat([spans[label], start_prompt[None]])).to(device)
         model.add_personas(list(personas))
         span_train, span_test = collate(model, train_rows), collate(model, test_rows)
-        result[label] = fitted(model, span_train, span_test, label, start=offset_start)
+        fitted(model, span_train, span_test, label, start=offset_start)
         if label == "grad64" and settings.identify_all:
-            result["identification_grad64"] = identification(
-                model, span_test, test_rows, personas, settings.chunk_size
-            )
+            identify(model, span_test, "identification_grad64")
         del model
     free = free_prompt_model(base, learned, config.tokens_per_code).to(device)  # base is clean: learned wraps a copy
     del learned
     free.add_personas(list(personas))
     train, test = collate(free, train_rows), collate(free, test_rows)
-    result["free8"] = fitted(free, train, test, "free8", start=start_prompt.flatten())
+    fitted(free, train, test, "free8", start=start_prompt.flatten())
     if settings.identify_all:
-        result["identification_free8"] = identification(free, test, test_rows, personas, settings.chunk_size)
+        identify(free, test, "identification_free8")
+    result["free8"].pop("mixtures", None)  # 4,608 numbers per persona: not worth keeping once identified
     result["summary"] = summarize_headroom(result)
     return result
 
 
-def fit_each(model, train: Mapping[str, torch.Tensor], personas, settings: HeadroomSettings, label: str, start):
-    """Fit every persona on its own rows from the mixture ``start``; curves, passes and seconds per persona."""
+def fit_each(
+    model,
+    train: Mapping[str, torch.Tensor],
+    personas,
+    settings: HeadroomSettings,
+    label: str,
+    start,
+    progress: dict | None = None,
+    checkpoint: Callable[[], None] | None = None,
+):
+    """Fit every persona on its own rows from the mixture ``start``; curves, passes and seconds per persona.
+
+    ``progress`` (a dict this fills: curves, mixtures, passes, seconds so far) lets an interrupted call continue:
+    personas already in it get their mixture back instead of a new fit; ``checkpoint()`` runs after each persona.
+    """
     from ..fitting import fit_mixtures
 
-    curves, passes, seconds = {}, 0, 0.0
+    progress = {} if progress is None else progress
+    for key, empty in (("curves", {}), ("mixtures", {}), ("example_passes", 0), ("seconds", 0.0)):
+        progress.setdefault(key, empty)
     for name in tqdm(personas, desc=f"headroom {label}"):
+        if name in progress["curves"]:
+            model.set_mixture(name, torch.tensor(progress["mixtures"][name]))
+            continue
         row = model.persona_index(name)
         model.set_mixture(name, start)
         keep = train["persona_ids"] == row
@@ -262,10 +309,14 @@ def fit_each(model, train: Mapping[str, torch.Tensor], personas, settings: Headr
             progress=False,
             options=settings.fit_options,
         )
-        curves[name] = out.persona_curves[row]
-        passes, seconds = passes + out.example_passes, seconds + out.seconds
-    logger.info("headroom %s: %d passes in %.0f s", label, passes, seconds)
-    return {"curves": curves, "example_passes": passes, "seconds": seconds}
+        progress["curves"][name] = out.persona_curves[row]
+        progress["mixtures"][name] = model.get_mixture(name).tolist()
+        progress["example_passes"] += out.example_passes
+        progress["seconds"] += out.seconds
+        if checkpoint is not None:
+            checkpoint()
+    logger.info("headroom %s: %d passes in %.0f s", label, progress["example_passes"], progress["seconds"])
+    return {k: progress[k] for k in ("curves", "example_passes", "seconds")}
 
 
 def gradient_capture(span: torch.Tensor, gradients: torch.Tensor, personas: Sequence[str]) -> dict:

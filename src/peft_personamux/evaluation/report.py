@@ -132,6 +132,8 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         lines += ["", "## Headroom and likelihood identification", "", *headroom_markdown(results["headroom"])]
     if results.get("data_efficiency"):
         lines += ["", "## Data efficiency (held-out loss)", "", *data_efficiency_markdown(results["data_efficiency"])]
+    if results.get("subnetwork"):
+        lines += ["", "## Persona subnetworks (masks, no training)", "", *subnetwork_markdown(results["subnetwork"])]
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", "## Stage times (s)", "", "| Stage | Seconds |", "|---|---|"]
@@ -162,6 +164,27 @@ def _zero_shot_markdown(zero_shot: dict) -> list[str]:
         f"| {row['label']} | {_cell(row['heldout_loss'])} | {_cell(row['distance_to_fitted'])} |"
         for row in zero_shot["rows"].values()
     ]
+    return lines
+
+
+def subnetwork_markdown(sub: dict) -> list[str]:
+    """Identification, own-mask advantage, general-text loss and cost of every subnetwork row."""
+    lines = [
+        "Each unseen persona's held-out lines scored under every persona's mask (with its mixture, for the combined "
+        f"rows): identification accuracy against chance {100 * sub['chance']:.1f}%, and the own-mask advantage (mean "
+        "loss under the other personas' masks minus under its own: near 0 means a pruned model, not a persona). "
+        f"General text: loss on a fixed non-Shakespeare text (base model {sub['general_loss_base']:.3f}). Seconds: "
+        f"calibration forward passes ({_cell(sub['calibration_seconds'], 1)} s per persona) plus building the mask.",
+        "",
+        "| Row | Identification | Own-mask advantage | General-text loss ↓ | Seconds / persona | Bytes / persona |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in sub["rows"].values():
+        lines.append(
+            f"| {row['label']} | {100 * row['identification_accuracy']:.1f}% | {_cell(row['own_mask_advantage'])} | "
+            f"{_cell(row['general_loss'])} | {_cell(row['seconds_per_persona'], 1)} | "
+            f"{_int(row['bytes_per_persona'])} |"
+        )
     return lines
 
 

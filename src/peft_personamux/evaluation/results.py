@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..machine import hardware
-from .common import REFERENCE, method_keys
+from .common import REFERENCE, method_keys, method_source
 from .config import EvalConfig
 from .data import Split
 from .data_efficiency import summarize_data_efficiency
@@ -37,7 +37,7 @@ def build_results(
     accuracy = stages["who_said_it"]["accuracy"]
     methods: dict[str, dict] = {}
     for key, stage, scale, label in method_keys(config):
-        source = stages[stage][key] if stage == "base_icl" else stages[stage]
+        source = method_source(stages, stage, key)
         per = {
             p: {
                 "heldout_loss": source["heldout_loss"][scale].get(p),
@@ -97,6 +97,7 @@ def build_results(
             if "headroom" in stages
             else None
         ),
+        "subnetwork": _subnetwork(stages, config, personas) if "subnetwork" in stages else None,
         "data_efficiency": (
             summarize_data_efficiency(stages["data_efficiency"], personas) if "data_efficiency" in stages else None
         ),
@@ -197,3 +198,28 @@ def _fitting(stages: dict, config: EvalConfig, num_personas: int) -> dict[str, d
             **{k: v for k, v in stages["codebook"].items() if k not in ("done",)},
         }
     return out
+
+
+def _subnetwork(stages: dict, config: EvalConfig, personas: list[str]) -> dict:
+    """Per subnetwork row: likelihood identification, own-mask advantage, general-text loss and calibration cost."""
+    stage = stages["subnetwork"]
+    rows = {}
+    for key, name, _, label in method_keys(config):
+        if name != "subnetwork":
+            continue
+        entry, ident = stage["methods"][key], stage["identification"][key]
+        rows[key] = {
+            "label": label,
+            "identification_accuracy": ident["accuracy"],
+            "own_mask_advantage": summarize(ident["own_mask_advantage"]),
+            "general_loss": summarize([entry["general_loss"][p] for p in personas]),
+            "seconds_per_persona": summarize([entry["seconds_per_persona"][p] for p in personas]),
+            "bytes_per_persona": _mean([entry["bytes_per_persona"][p] for p in personas]),
+        }
+    return {
+        "chance": 1.0 / len(personas),
+        "general_loss_base": stage["general"]["base"],
+        "calibration_seconds": summarize([stage["statistics_seconds"][p] for p in personas]),
+        "rows": rows,
+        "identification": stage["identification"],
+    }

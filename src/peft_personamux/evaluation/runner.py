@@ -4,12 +4,13 @@ Stages (each a JSON file under ``<output_dir>/stages/``; a finished one is read 
 interrupted run continues where it stopped):
 
 ``base_icl`` → ``lora`` → ``sp`` → ``codebook`` (only when pretraining here) → ``pm_zero`` → ``pm_adam`` →
-``pm_fisher`` → ``random_codebook`` → ``pm_embedding`` → ``judge`` → ``who_said_it``; then `results` assembles
-results.json from the stages and `report` writes it with results.md and the plots.
+``pm_fisher`` → ``random_codebook`` → ``headroom`` → ``data_efficiency`` → ``subnetwork`` → ``pm_embedding`` →
+``judge`` → ``who_said_it``; then `results` assembles results.json from the stages and `report` writes it with
+results.md and the plots.
 
 Files by job: `cache` (run plan, stage cache), `stages/` (the stages, as mixins of `Evaluation`: baselines,
-Persona-Mux, embedding, judging), `results` (assembly), `report` (rendering); `common` holds what runner and report
-share.
+Persona-Mux, embedding, subnetwork, judging), `results` (assembly), `report` (rendering); `common` holds what runner
+and report share.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from .stages.baselines import BaselineStages
 from .stages.embedding import EmbeddingStage
 from .stages.judging import JudgeStages
 from .stages.personamux import PersonaMuxStages
+from .stages.subnetwork import SubnetworkStage
 
 logger = logging.getLogger(__name__)
 
 
-class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, JudgeStages):
+class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, SubnetworkStage, JudgeStages):
     """One run: the split, the models (loaded lazily, so that a resumed run loads only what it still needs), stages."""
 
     def __init__(self, config: EvalConfig, overwrite: bool = False) -> None:
@@ -92,7 +94,7 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, JudgeStages):
             stages = {}
             if self.codebook_dir == self.out / "codebook":
                 stages["codebook"] = self.stage("codebook", self.codebook_stage)
-            stages["headroom"] = self.stage("headroom", lambda p, s: self.headroom_stage())
+            stages["headroom"] = self.stage("headroom", self.headroom_stage)
             return stages
         logger.info(
             "Plan: %s example passes with backward, %s forward-only, %s generations, %s judge sequences (%s).",
@@ -116,13 +118,16 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, JudgeStages):
             "random_codebook", lambda p, s: self.pm_fit_stage(self.config.random_codebook_method, True)
         )
         if self.config.headroom:
-            stages["headroom"] = self.stage("headroom", lambda p, s: self.headroom_stage())
+            stages["headroom"] = self.stage("headroom", self.headroom_stage)
         if self.config.data_efficiency_sizes:
             from .data_efficiency import run_data_efficiency
 
             stages["data_efficiency"] = self.stage(
                 "data_efficiency", lambda p, s: run_data_efficiency(self, self.config.data_efficiency_sizes)
             )
+        if self.config.subnetwork_sparsities:
+            fitted = stages["pm_fisher"]["mixtures"]
+            stages["subnetwork"] = self.stage("subnetwork", lambda p, s: self.subnetwork_stage(fitted, p, s))
         self.free_models()
         stages["pm_embedding"] = self.stage(
             "pm_embedding", lambda p, s: self.pm_embedding_stage(stages["pm_fisher"]["mixtures"])

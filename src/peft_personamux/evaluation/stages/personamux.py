@@ -134,7 +134,7 @@ class PersonaMuxStages:
     def mux_collator(self, model) -> PersonaMuxCollator:
         return PersonaMuxCollator.for_model(model, self.tokenizer, **self.mux_collator_kwargs())
 
-    def headroom_stage(self) -> dict:
+    def headroom_stage(self, partial: dict, save) -> dict:
         from ..headroom import HeadroomSettings, run_headroom
 
         base, tokenizer = self.base()
@@ -151,6 +151,8 @@ class PersonaMuxStages:
             settings,
             self.device,
             pretrain_rows=self.split.pretrain,
+            partial=partial,
+            save=save,
         )
 
     def pm_zero_stage(self, partial: dict, save) -> dict:
