@@ -207,6 +207,13 @@ class EvalConfig:
         default=True,
         metadata={"help": "Likelihood identification for grad64 and free8 too (mix64 always); 12 x 12 scorings each."},
     )
+    headroom_gradient_capture: bool = field(
+        default=True,
+        metadata={
+            "help": "Gradient capture: the share of each unseen persona's prompt gradient at the start inside each "
+            "codebook's span (one backward pass over the training lines)."
+        },
+    )
     headroom_gradient_lines: int = field(
         default=8, metadata={"help": "Lines per pretraining persona for the grad64 codebook's gradients."}
     )

@@ -57,6 +57,7 @@ class HeadroomSettings:
     gradient_lines: int = 8  # their lines each
     zero_start: bool = True  # the mix64_zero row (the paper's start)
     identify_all: bool = True  # identification for grad64 and free8 too
+    gradient_capture: bool = True  # share of each prompt gradient in each span (a backward pass over train)
     fit_options: LossOptions = FAST  # loss shortcuts while fitting (scores always use exact float32)
 
     @classmethod
@@ -73,6 +74,7 @@ class HeadroomSettings:
             gradient_lines=config.headroom_gradient_lines,
             zero_start=config.headroom_zero_start,
             identify_all=config.headroom_identify_all,
+            gradient_capture=config.headroom_gradient_capture,
         )
 
 
@@ -234,7 +236,7 @@ def run_headroom(
         code_norm = float(kept.flatten(1).norm(dim=1).mean())
         spans["grad64"], explained = codebook_from_gradients(pre, config.num_codes, code_norm)
         result["grad64_codebook"] = {"personas": len(names), "lines": len(rows), "explained_variance": explained}
-    if "gradient_capture" not in result:
+    if settings.gradient_capture and "gradient_capture" not in result:
         # the unseen personas' prompt gradients at the start (one pass over train), before any fit moves them
         unseen = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), progress=False)
         gradients = torch.stack([unseen[learned.persona_index(p)].flatten() for p in personas])  # (personas, 8*hidden)

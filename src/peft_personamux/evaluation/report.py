@@ -174,7 +174,7 @@ def subnetwork_markdown(sub: dict) -> list[str]:
         f"rows): identification accuracy against chance {100 * sub['chance']:.1f}%, and the own-mask advantage (mean "
         "loss under the other personas' masks minus under its own: near 0 means a pruned model, not a persona). "
         f"General text: loss on a fixed non-Shakespeare text (base model {sub['general_loss_base']:.3f}). Seconds: "
-        f"calibration forward passes ({_cell(sub['calibration_seconds'], 1)} s per persona) plus building the mask.",
+        f"calibration forward passes ({_cell(sub['calibration_seconds'], 2)} s per persona) plus building the mask.",
         "",
         "| Row | Identification | Own-mask advantage | General-text loss ↓ | Seconds / persona | Bytes / persona |",
         "|---|---|---|---|---|---|",
@@ -182,7 +182,7 @@ def subnetwork_markdown(sub: dict) -> list[str]:
     for row in sub["rows"].values():
         lines.append(
             f"| {row['label']} | {100 * row['identification_accuracy']:.1f}% | {_cell(row['own_mask_advantage'])} | "
-            f"{_cell(row['general_loss'])} | {_cell(row['seconds_per_persona'], 1)} | "
+            f"{_cell(row['general_loss'])} | {_cell(row['seconds_per_persona'], 2)} | "
             f"{_int(row['bytes_per_persona'])} |"
         )
     return lines
