@@ -150,3 +150,33 @@ def test_headroom_run_continues_where_an_interrupted_one_stopped(tmp_path):
     assert flat == pytest.approx([v for row in full["identification"]["loss_matrix"] for v in row], abs=1e-6)
     assert resumed["identification_free8"]["accuracy"] == full["identification_free8"]["accuracy"]
     assert "mixtures" not in resumed["free8"] and not any(k.endswith("_in_progress") for k in resumed)
+
+
+def test_an_unfinished_headroom_stage_is_summarised_and_written(tmp_path):
+    from peft_personamux.evaluation.headroom_report import write_headroom_outputs
+
+    personas = ["p/a", "p/b", "p/c"]
+
+    def row(train, test, curves=False):
+        out = {"train": dict(zip(personas, train)), "test": dict(zip(personas, test))}
+        return out | ({"curves": {p: [t + 0.1, t] for p, t in zip(personas, train)}} if curves else {})
+
+    partial = {  # as stages/headroom.json holds it while random64 is being fitted
+        "done": False,
+        "personas": personas,
+        "train_lines": 30,
+        "test_lines": 9,
+        "zero": row([4.0, 4.2, 4.4], [4.1, 4.3, 4.5]),
+        "mean64": row([3.9, 4.1, 4.3], [4.0, 4.2, 4.4]),
+        "mix64": row([3.7, 3.9, 4.1], [3.9, 4.1, 4.3], curves=True),
+        "random64_in_progress": {"curves": {"p/a": [3.9, 3.8]}, "mixtures": {"p/a": [0.0]}},
+        "identification": {"loss_matrix": [[1, 2, 3], [2, 1, 3], [3, 2, 1]], "accuracy": 1.0, "chance": 1 / 3},
+    }
+    out = write_headroom_outputs(partial, tmp_path, "test")
+    gain = out["summary"]["test"]["gain_over_start"]["mix64"]
+    assert gain["mean"] == pytest.approx(0.1) and gain["n"] == 3
+    assert out["summary"]["test"]["capture_ratio_of_means"] is None  # no free8 yet: no ratio
+    assert out["summary"]["test"]["learned_over_random"] is None
+    text = (tmp_path / "headroom.md").read_text()
+    assert "Partial" in text and "random64 (1)" in text and "| p/a | 4.100 | 4.000 | 3.900 |" in text
+    assert (tmp_path / "headroom_curves.png").is_file() and (tmp_path / "identification.png").is_file()

@@ -394,19 +394,19 @@ def summarize_headroom(result: dict) -> dict:
         out[split]["improvement"] = {m: summarize(v) for m, v in over_zero.items()}
         out[split]["gain_over_start"] = {m: summarize(v) for m, v in over_start.items() if m in FITTED}
         mean_gain = {m: out[split]["gain_over_start"][m]["mean"] for m in out[split]["gain_over_start"]}
-        free, free_ci = mean_gain["free8"], out[split]["gain_over_start"]["free8"]["ci95"]
+        free, free_ci = mean_gain.get("free8"), (out[split]["gain_over_start"].get("free8") or {}).get("ci95")
         # a ratio to a free-prompt gain that is not distinguishable from 0 measures nothing: left out (None)
         if not free or (free_ci is not None and abs(free) <= free_ci):
             free = None
         out[split]["capture_ratios"] = {m: (g / free if free else None) for m, g in mean_gain.items() if m != "free8"}
-        out[split]["capture_ratio_of_means"] = out[split]["capture_ratios"]["mix64"]
-        per_persona_capture = [
-            g / f if abs(f) > 1e-9 else None for g, f in zip(over_start["mix64"], over_start["free8"])
+        out[split]["capture_ratio_of_means"] = out[split]["capture_ratios"].get("mix64")
+        per_persona_capture = [  # rows still missing (an interrupted run) give no ratio
+            g / f if abs(f) > 1e-9 else None for g, f in zip(over_start.get("mix64", []), over_start.get("free8", []))
         ]
         out[split]["capture_ratio_per_persona"] = summarize(per_persona_capture)
-        rand = mean_gain["random64"]
+        rand = mean_gain.get("random64")
         out[split]["over_random"] = {
             m: (mean_gain[m] / rand if rand else None) for m in ("mix64", "mix64_zero", "grad64") if m in mean_gain
         }
-        out[split]["learned_over_random"] = out[split]["over_random"]["mix64"]
+        out[split]["learned_over_random"] = out[split]["over_random"].get("mix64")
     return out

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .headroom import FITTED
+from ..files import finite_or_none, write_json
+from .headroom import FITTED, summarize_headroom
 
 LABELS = {
     "zero": "zero mixture",
@@ -88,10 +89,41 @@ def headroom_markdown(result: dict) -> list[str]:
         "|---" * (len(shown) + 2) + "|",
     ]
     for p in result["personas"]:
-        curve = result["mix64"]["curves"][p]
+        curve = _curve(result["mix64"]["curves"][p]) if "mix64" in result else "—"
         cells = " | ".join(f"{result[m]['test'][p]:.3f}" for m in shown)
-        lines.append(f"| {p} | {cells} | {_curve(curve)} |")
+        lines.append(f"| {p} | {cells} | {curve} |")
     return lines
+
+
+def write_headroom_outputs(headroom: dict, output_dir: str | Path, command: str) -> dict:
+    """headroom.json, headroom.md (its tables), headroom_curves.png and identification.png in ``output_dir``.
+
+    ``headroom`` may be an unfinished stage (``stages/headroom.json`` of an interrupted run): its finished rows are
+    summarised and written, and the report names the rows still missing or in progress.
+    """
+    output_dir = Path(output_dir)
+    headroom = dict(headroom)
+    unfinished = sorted(k[: -len("_in_progress")] for k in headroom if k.endswith("_in_progress"))
+    if "summary" not in headroom:
+        headroom["summary"] = summarize_headroom(headroom)
+    headroom = finite_or_none(headroom)
+    write_json(output_dir / "headroom.json", headroom, indent=1)
+    if any(m in headroom for m in FITTED):
+        plot_headroom(headroom, output_dir / "headroom_curves.png")
+    if "identification" in headroom:
+        plot_identification(headroom, output_dir / "identification.png")
+    lines = ["# Headroom", "", f"Command: `{command}`", ""]
+    if not headroom.get("done", True):
+        done = {k: len(headroom[f"{k}_in_progress"]["curves"]) for k in unfinished}
+        lines += [
+            "**Partial: the stage had not finished.** Rows in progress (characters fitted so far, not scored): "
+            + (", ".join(f"{k} ({n})" for k, n in done.items()) or "none")
+            + ".",
+            "",
+        ]
+    lines += headroom_markdown(headroom)
+    (output_dir / "headroom.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return headroom
 
 
 def plot_headroom(result: dict, path: str | Path) -> str:
@@ -100,7 +132,7 @@ def plot_headroom(result: dict, path: str | Path) -> str:
 
     methods = [m for m in FITTED if m in result]
     fig = Figure(figsize=(3.5 * len(methods), 3.5))
-    axes = fig.subplots(1, len(methods), sharey=False)
+    axes = fig.subplots(1, len(methods), sharey=False, squeeze=False)[0]  # one panel also comes as a list
     for ax, method in zip(axes, methods):
         for p, curve in result[method]["curves"].items():
             zero = curve[0]

@@ -290,7 +290,9 @@ def run_evaluation(
         evaluation = Evaluation(config, overwrite)
         stages = evaluation.run()
         if config.only_headroom:
-            return _headroom_outputs(stages["headroom"], Path(config.output_dir), command)
+            from .headroom_report import write_headroom_outputs
+
+            return write_headroom_outputs(stages["headroom"], Path(config.output_dir), command or " ".join(sys.argv))
         results = _results(config, evaluation, stages, start, command)
     finally:
         torch.set_num_threads(threads)
@@ -313,16 +315,3 @@ def _results(config: EvalConfig, evaluation: Evaluation, stages: dict, start: fl
     results = finite_or_none(results)  # what results.json holds
     write_outputs(results, stages["generations"], Path(config.output_dir))
     return results
-
-
-def _headroom_outputs(headroom: dict, output_dir: Path, command: str | None) -> dict:
-    """``only_headroom``: headroom.json, headroom.md (its tables) and headroom_curves.png."""
-    from .headroom_report import headroom_markdown, plot_headroom, plot_identification
-
-    headroom = finite_or_none(headroom)
-    write_json(output_dir / "headroom.json", headroom, indent=1)
-    plot_headroom(headroom, output_dir / "headroom_curves.png")
-    plot_identification(headroom, output_dir / "identification.png")
-    lines = ["# Headroom", "", f"Command: `{command or ' '.join(sys.argv)}`", "", *headroom_markdown(headroom)]
-    (output_dir / "headroom.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return headroom
