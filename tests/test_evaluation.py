@@ -354,3 +354,21 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     assert again["stage_seconds"]["lora"] == results["stage_seconds"]["lora"]
     with pytest.raises(ValueError, match="another config"):
         run_evaluation(load_config(config_dir() / "eval_quick.json", **{**overrides, "num_train": 13}))
+
+
+def test_plan_counts_headroom_data_efficiency_and_subnetwork_stages():
+    from peft_personamux.evaluation.cache import plan
+    from peft_personamux.evaluation.data import make_split
+
+    config = load_config(config_dir() / "eval_quick.json", headroom_gradient_personas=0, headroom_zero_start=False)
+    split = make_split(config)
+    n, t, u = len(split.train), len(split.test), len(split.personas)
+    full = plan(config, split, pretrain_here=True)
+    evals = math.ceil(1.25 * config.headroom_steps)  # the L-BFGS evaluation budget
+    assert full["headroom"]["backward"] == 3 * evals * n + n  # free8, mix64, random64; one gradient pass
+    assert full["subnetwork"] == {"backward": 0, "forward": n + 2 * 3 * (t + u * t), "generations": 2 * 3 * 2 * u}
+    assert "data_efficiency" in full and full["total"]["backward"] == sum(
+        s["backward"] for k, s in full.items() if k != "total"
+    )
+    only = plan(dataclasses.replace(config, only_headroom=True), split, pretrain_here=False)
+    assert set(only) == {"codebook", "headroom", "total"} and only["total"]["judge_sequences"] == 0

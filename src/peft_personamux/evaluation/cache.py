@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -66,7 +67,25 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
         "random_codebook": {**random_fit, "forward": random_fit["forward"] + n + t, "generations": g},
     }
     stages["pm_embedding"] = {"backward": 0, "forward": 2 * t, "generations": 0}  # + embedding lines, forward only
-    sparsities = len(c.subnetwork_sparsities)
+    if c.headroom or c.only_headroom:  # fits: at most 1.25 evaluations per L-BFGS iteration (the budget)
+        evals = math.ceil(1.25 * c.headroom_steps) if c.headroom_method == "lbfgs" else c.headroom_steps + 1
+        spans = 3 + int(c.headroom_zero_start) + int(c.headroom_gradient_personas > 0)
+        identified = 1 + (int(c.headroom_gradient_personas > 0) + 1 if c.headroom_identify_all else 0)
+        gradients = n * int(c.headroom_gradient_capture) + c.headroom_gradient_personas * c.headroom_gradient_lines
+        stages["headroom"] = {
+            "backward": spans * evals * n + gradients,
+            "forward": (2 + spans) * (n + t) + identified * u * t,
+            "generations": 0,
+        }
+    sizes = [k for k in c.data_efficiency_sizes if k <= c.num_train]
+    if sizes and not c.only_headroom:  # per size: a Fisher fit and an SP fit on the first k lines of each persona
+        lines = sum(min(k, c.num_train) * u for k in sizes)
+        stages["data_efficiency"] = {
+            "backward": lines * (c.fisher_steps + 1 + c.sp_steps),
+            "forward": lines * c.fisher_steps + 2 * len(sizes) * t + t,
+            "generations": 0,
+        }
+    sparsities = len(c.subnetwork_sparsities) if not c.only_headroom else 0
     if sparsities:  # calibration (train lines), per variant: own-mask scoring, identification, generations
         stages["subnetwork"] = {
             "backward": 0,
@@ -77,6 +96,9 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
     judge = {"backward": 0, "forward": 0, "generations": 0, "judge_sequences": 2 * methods * g}
     judge["judge_sequences"] += g * c.discrimination_real_candidates
     stages["judge"] = judge
+    if c.only_headroom:
+        stages = {k: v for k, v in stages.items() if k in ("codebook", "headroom")}
+        judge = {"judge_sequences": 0}
     total = {k: sum(s.get(k, 0) for s in stages.values()) for k in ("backward", "forward", "generations")}
     total["judge_sequences"] = judge["judge_sequences"]
     total["personas"] = u

@@ -90,12 +90,6 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, SubnetworkSta
         """Run (or read back) every stage; returns them by name."""
         self.cache.put("data", {**self.split.summary(), "done": True})
         self.plan = plan(self.config, self.split, pretrain_here=self.codebook_dir == self.out / "codebook")
-        if self.config.only_headroom:
-            stages = {}
-            if self.codebook_dir == self.out / "codebook":
-                stages["codebook"] = self.stage("codebook", self.codebook_stage)
-            stages["headroom"] = self.stage("headroom", self.headroom_stage)
-            return stages
         logger.info(
             "Plan: %s example passes with backward, %s forward-only, %s generations, %s judge sequences (%s).",
             f"{self.plan['total']['backward']:,}",
@@ -104,6 +98,12 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, SubnetworkSta
             f"{self.plan['total']['judge_sequences']:,}",
             {k: v for k, v in self.plan.items() if k != "total"},
         )
+        if self.config.only_headroom:
+            stages = {}
+            if self.codebook_dir == self.out / "codebook":
+                stages["codebook"] = self.stage("codebook", self.codebook_stage)
+            stages["headroom"] = self.stage("headroom", self.headroom_stage)
+            return stages
         stages = {
             "base_icl": self.stage("base_icl", self.base_icl_stage),
             "lora": self.stage("lora", self.lora_stage),
