@@ -23,6 +23,7 @@ def main(run_dir: str, prefix: str) -> None:
     if not stage:
         raise SystemExit(f"{run_dir}/stages/headroom.json does not exist or is empty: no headroom stage has started.")
     target = Path(prefix)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         command = f"python docs/results/headroom_partial.py {run_dir} {prefix}"
         write_headroom_outputs(stage, tmp, command)
@@ -32,8 +33,11 @@ def main(run_dir: str, prefix: str) -> None:
             ("headroom_curves.png", "_curves.png"),
             ("identification.png", "_identification.png"),
         ):
+            destination = target.parent / (target.name + suffix)
             if (Path(tmp) / name).is_file():
-                shutil.copy(Path(tmp) / name, target.parent / (target.name + suffix))
+                shutil.copy(Path(tmp) / name, destination)
+            else:  # not written this time (no fitted row yet): an older file would belie the report
+                destination.unlink(missing_ok=True)
     print(f"Wrote {target}.md")
 
 

@@ -81,12 +81,13 @@ def persona_prompt_gradients(
 
 @torch.no_grad()
 def codebook_from_gradients(
-    gradients: Mapping[int, torch.Tensor], num_codes: int, code_norm: float
+    gradients: Mapping[int, torch.Tensor], num_codes: int, code_norm: float, seed: int | None = None
 ) -> tuple[torch.Tensor, float]:
     """Codebook (num_codes, tokens_per_code, hidden) from the top principal directions of centred gradients.
 
     Returns the codebook and the share of the centred gradients' energy its span holds. With fewer personas than
-    codes, the remaining codes are random directions orthogonal to the data's.
+    codes, the remaining codes are random directions orthogonal to the data's (drawn with ``seed`` when given, so
+    that the same gradients always give the same codebook).
     """
     stacked = torch.stack([g.flatten() for g in gradients.values()])  # (personas, tokens_per_code * hidden)
     shape = next(iter(gradients.values())).shape
@@ -96,7 +97,8 @@ def codebook_from_gradients(
     directions = vh[:keep]
     explained = float((singular[:keep] ** 2).sum() / (singular**2).sum().clamp(min=1e-30))
     if keep < num_codes:
-        extra = torch.randn(num_codes - keep, directions.shape[1], dtype=directions.dtype)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        extra = torch.randn(num_codes - keep, directions.shape[1], dtype=directions.dtype, generator=generator)
         extra -= extra @ directions.T @ directions
         directions = torch.cat([directions, torch.linalg.qr(extra.T).Q.T])
     return (directions * code_norm).reshape(num_codes, *shape), explained

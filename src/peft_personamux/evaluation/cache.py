@@ -86,10 +86,10 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
             "generations": 0,
         }
     sparsities = len(c.subnetwork_sparsities) if not c.only_headroom else 0
-    if sparsities:  # calibration (train lines), per variant: own-mask scoring, identification, generations
+    if sparsities:  # calibration (train lines); per variant every persona's lines under every persona's mask
         stages["subnetwork"] = {
             "backward": 0,
-            "forward": n + sparsities * 3 * (t + u * t),
+            "forward": n + sparsities * 3 * u * t,
             "generations": sparsities * 3 * g,
         }
     methods = 4 + 2 * scales + 1 + 3 * sparsities + 1  # rows of the table and the real lines

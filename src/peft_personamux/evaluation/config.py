@@ -285,7 +285,7 @@ class EvalConfig:
         for value in self.subnetwork_sparsities:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
                 raise ValueError(f"`subnetwork_sparsities` must hold numbers strictly between 0 and 1, got {value!r}.")
-        if len(set(self.subnetwork_sparsities)) != len(self.subnetwork_sparsities):
+        if len({f"{v:g}" for v in self.subnetwork_sparsities}) != len(self.subnetwork_sparsities):  # row keys
             raise ValueError(f"`subnetwork_sparsities` has duplicates: {self.subnetwork_sparsities!r}.")
         if self.subnetwork_statistic not in ("sample_l2", "sample_rms"):
             raise ValueError(

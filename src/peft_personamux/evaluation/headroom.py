@@ -234,7 +234,8 @@ def run_headroom(
             learned.set_mixture(name, start)
         pre = persona_prompt_gradients(learned, _chunks(collate(learned, rows), settings.chunk_size))
         code_norm = float(kept.flatten(1).norm(dim=1).mean())
-        spans["grad64"], explained = codebook_from_gradients(pre, config.num_codes, code_norm)
+        # seeded: a resumed run must rebuild the very span its saved grad64 mixtures were fitted in
+        spans["grad64"], explained = codebook_from_gradients(pre, config.num_codes, code_norm, seed=settings.seed)
         result["grad64_codebook"] = {"personas": len(names), "lines": len(rows), "explained_variance": explained}
     if settings.gradient_capture and "gradient_capture" not in result:
         # the unseen personas' prompt gradients at the start (one pass over train), before any fit moves them

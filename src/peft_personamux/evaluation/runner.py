@@ -104,6 +104,8 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, SubnetworkSta
                 stages["codebook"] = self.stage("codebook", self.codebook_stage)
             stages["headroom"] = self.stage("headroom", self.headroom_stage)
             return stages
+        if self.config.subnetwork_sparsities and not (self.cache.get("subnetwork") or {}).get("done"):
+            self.check_subnetwork_model()
         stages = {
             "base_icl": self.stage("base_icl", self.base_icl_stage),
             "lora": self.stage("lora", self.lora_stage),

@@ -18,13 +18,21 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ...subnetwork import Granularity, SubnetworkBank, SubnetworkConfig, apply_weight_mask, collect_statistics
-from ...subnetwork.calibrate import calibrate_subnetwork
+from ...files import ADAPTER_WEIGHTS_NAME
+from ...subnetwork import (
+    ChannelLayout,
+    Granularity,
+    SubnetworkBank,
+    SubnetworkConfig,
+    apply_weight_mask,
+    calibrate_subnetwork,
+    collect_statistics,
+)
 from ...subnetwork.evaluate import general_loss
 from ...subnetwork.statistics import unwrap_model
-from ..common import SUBNETWORK_VARIANTS, subnetwork_key
+from ..common import SUBNETWORK_VARIANTS, file_size, subnetwork_key
 from ..methods import codebook_tensors, mux_format, persona_losses
-from ..metrics import count_parameters
+from ..metrics import count_parameters, text_bytes
 
 WEIGHT, CHANNEL, COMBINED = SUBNETWORK_VARIANTS
 
@@ -33,9 +41,10 @@ def identification_summary(matrix: list[list[float]], personas: list[str]) -> di
     """``matrix[i][j]``: loss of persona i's held-out lines under persona j's mask; accuracy of argmin vs chance,
     and the own-mask advantage (mean loss under the others' masks minus under the own)."""
     predicted = [min(range(len(row)), key=row.__getitem__) for row in matrix]
-    gaps = [
-        sum(v for j, v in enumerate(row) if j != i) / max(len(row) - 1, 1) - row[i] for i, row in enumerate(matrix)
-    ]
+    if len(matrix) < 2:  # no other persona to compare with
+        gaps = [None] * len(matrix)
+    else:
+        gaps = [(sum(row) - row[i]) / (len(row) - 1) - row[i] for i, row in enumerate(matrix)]
     return {
         "loss_matrix": matrix,
         "predicted": [personas[j] for j in predicted],
@@ -54,9 +63,19 @@ class SubnetworkStage:
             statistic=c.subnetwork_statistic, max_length=c.max_prompt_tokens + c.max_response_tokens
         )
 
+    def check_subnetwork_model(self) -> None:
+        """Fail before the first stage, not hours later, when the base model cannot take channel masks."""
+        try:
+            ChannelLayout.of(self.base()[0])
+        except ValueError as error:
+            raise ValueError(
+                f"`subnetwork_sparsities` {self.config.subnetwork_sparsities} asks for subnetwork rows, but {error} "
+                "Set `subnetwork_sparsities` to [] in the config to leave those rows out."
+            ) from None
+
     def subnetwork_stage(self, fitted_mixtures: dict[str, list[float]], partial: dict, save) -> dict:
         """Every subnetwork row; ``fitted_mixtures`` (the pm_fisher stage's) are the soft prompts of the combined
-        rows. Resumable per persona's statistics and per sparsity."""
+        rows. Saved after each sparsity (a resumed run recomputes the statistics: forward passes only)."""
         config = self.config
         base, tokenizer = self.base()
         mux = self.personamux()
@@ -66,13 +85,13 @@ class SubnetworkStage:
         inner = unwrap_model(mux)  # the base LM under the soft prompt: its own Linear modules, its own hooks
         sub_config = self.subnetwork_config()
         plain = self.plain_formats(self.personas)
-        test = {p: self.split.rows_of("test", p) for p in self.personas}
         out = partial or {"methods": {}, "statistics_seconds": {}, "identification": {}, "general": {}}
 
         def score(model, rows) -> dict[str, float]:
             return persona_losses(model, tokenizer, rows, plain, self.placeholder_id, config)
 
-        out["general"].setdefault("base", general_loss(base, tokenizer))
+        if "base" not in out["general"]:
+            out["general"]["base"] = general_loss(base, tokenizer)
         stats, seconds = {}, out["statistics_seconds"]
         for p in tqdm(self.personas, desc="subnetwork: calibrate"):
             start = time.perf_counter()
@@ -81,18 +100,21 @@ class SubnetworkStage:
         for sparsity in config.subnetwork_sparsities:
             if all(subnetwork_key(v, sparsity) in out["methods"] for v in SUBNETWORK_VARIANTS):
                 continue
-            rows = self._sparsity_rows(sparsity, stats, (base, inner, mux), score, test, sub_config, out)
+            rows = self._sparsity_rows(sparsity, stats, (base, inner, mux), score, sub_config, out)
             out["methods"].update(rows)
             save(out)
         return out
 
-    def _sparsity_rows(self, sparsity, stats, models, score, test, sub_config, out) -> dict[str, dict]:
+    def _sparsity_rows(self, sparsity, stats, models, score, sub_config, out) -> dict[str, dict]:
         """The three rows at one sparsity (``models``: the base LM, the LM under the soft prompt, the Persona-Mux
-        model); identification matrices go into ``out``."""
+        model). Every persona's held-out lines are scored under every persona's mask; the diagonal is the row's
+        held-out loss, the matrix goes to ``out["identification"]``."""
         config, personas, tokenizer = self.config, self.personas, self.tokenizer
         base, inner, mux = models
         plain = self.plain_formats(personas)
         num_codes = mux.base_model.adapter_config().num_codes
+        fisher = self.cache.get("pm_fisher") or {}
+        fit_seconds = (fisher.get("fit") or {}).get("seconds", 0.0) / len(personas)  # all personas fitted at once
         entries = {
             v: {
                 "heldout_loss": {"1.0": {}},
@@ -108,63 +130,58 @@ class SubnetworkStage:
         bank, mux_bank = SubnetworkBank(base), SubnetworkBank(inner)
         for granularity, variant in ((Granularity.WEIGHT, WEIGHT), (Granularity.CHANNEL, CHANNEL)):
             cfg = dataclasses.replace(sub_config, granularity=granularity, sparsity=sparsity)
-            masks = {}
-            for p in tqdm(personas, desc=f"subnetwork {variant} @{sparsity:g}"):
+            entry = entries[variant]
+            columns = {}  # columns[q][p]: persona p's held-out loss under persona q's mask
+            for q in tqdm(personas, desc=f"subnetwork {variant} @{sparsity:g}"):
                 start = time.perf_counter()
-                masks[p] = calibrate_subnetwork(
-                    base, tokenizer, [], p, config=cfg, statistics=stats[p], progress=False
-                )
-                build = time.perf_counter() - start
-                entry = entries[variant]
-                entry["seconds_per_persona"][p] = out["statistics_seconds"][p] + build
-                entry["bytes_per_persona"][p] = masks[p].packed_bytes
-                entry["params_per_persona"] = masks[p].num_bits
+                mask = calibrate_subnetwork(base, tokenizer, [], q, config=cfg, statistics=stats[q], progress=False)
+                entry["seconds_per_persona"][q] = out["statistics_seconds"][q] + time.perf_counter() - start
+                entry["bytes_per_persona"][q] = mask.packed_bytes
+                entry["params_per_persona"] = mask.num_bits  # one bit per masked unit
                 if granularity == Granularity.CHANNEL:
-                    bank.add(masks[p])
-                    mux_bank.add(masks[p])
-                with self._masked(base, bank, masks[p], granularity):
-                    entry["heldout_loss"]["1.0"][p] = score(base, test[p])[p]
-                    entry["generations"]["1.0"][p] = self.generate(base, plain[p], p)
-                    entry["general_loss"][p] = general_loss(base, tokenizer)
-            matrix = []  # matrix[i][j]: persona i's held-out lines under persona j's mask
-            for p in tqdm(personas, desc=f"subnetwork {variant} @{sparsity:g}: identification"):
-                row = []
-                for q in personas:
-                    with self._masked(base, bank, masks[q], granularity):
-                        row.append(score(base, test[p])[p])
-                matrix.append(row)
+                    bank.add(mask)
+                    mux_bank.add(mask)
+                with self._masked(base, bank, mask, granularity):
+                    columns[q] = score(base, self.split.test)
+                    entry["generations"]["1.0"][q] = self.generate(base, plain[q], q)
+                    entry["general_loss"][q] = general_loss(base, tokenizer)
+                entry["heldout_loss"]["1.0"][q] = columns[q][q]
+            matrix = [[columns[q][p] for q in personas] for p in personas]  # (personas, personas): lines x mask
             out["identification"][subnetwork_key(variant, sparsity)] = identification_summary(matrix, personas)
-            del masks
         combined = entries[COMBINED]
-        combined["params_global"] = count_parameters(*codebook_tensors(mux))  # the codebook and bias tokens
-        combined["params_per_persona"] = entries[CHANNEL]["params_per_persona"] + num_codes
-        matrix = [[0.0] * len(personas) for _ in personas]
-        for j, q in enumerate(tqdm(personas, desc=f"subnetwork {COMBINED} @{sparsity:g}")):
-            combined["bytes_per_persona"][q] = entries[CHANNEL]["bytes_per_persona"][q] + 4 * num_codes
-            combined["seconds_per_persona"][q] = entries[CHANNEL]["seconds_per_persona"][q]
+        codebook, bias = codebook_tensors(mux)
+        combined["params_global"] = count_parameters(codebook, bias)
+        combined["bytes_global"] = file_size(self.codebook_dir / ADAPTER_WEIGHTS_NAME)
+        combined["params_per_persona"] = entries[CHANNEL]["params_per_persona"] + num_codes  # bits + 64 floats
+        columns = {}
+        for q in tqdm(personas, desc=f"subnetwork {COMBINED} @{sparsity:g}"):
+            mask_bytes = entries[CHANNEL]["bytes_per_persona"][q]
+            combined["bytes_per_persona"][q] = mask_bytes + 4 * num_codes + text_bytes(self.text_persona(q))
+            combined["seconds_per_persona"][q] = entries[CHANNEL]["seconds_per_persona"][q] + fit_seconds
             combined["general_loss"][q] = entries[CHANNEL]["general_loss"][q]  # plain text: the soft prompt is off
             with mux_bank.apply(q):
-                for i, p in enumerate(personas):  # persona p's lines, persona q's mask and mixture
-                    matrix[i][j] = self.pm_losses_of(test[p], q)
-                combined["heldout_loss"]["1.0"][q] = matrix[j][j]
+                columns[q] = {p: self.pm_loss_under(q, p) for p in personas}
                 n = len(self.generation_rows(q))
                 fmt = mux_format(config.instruction, self.text_persona(q))
                 combined["generations"]["1.0"][q] = self.generate(mux, fmt, q, persona_ids=[q] * n, bias_scale=1.0)
+            combined["heldout_loss"]["1.0"][q] = columns[q][q]
+        matrix = [[columns[q][p] for q in personas] for p in personas]  # (personas, personas): lines x mask+mixture
         out["identification"][subnetwork_key(COMBINED, sparsity)] = identification_summary(matrix, personas)
-        for entry in entries.values():
-            entry["general_loss_mean"] = sum(entry["general_loss"].values()) / len(personas)
         return {subnetwork_key(v, sparsity): entry for v, entry in entries.items()}
 
-    def pm_losses_of(self, rows: list[dict], persona: str) -> float:
-        """Loss of ``rows`` (any persona's lines) under ``persona``'s mixture and text persona, at bias 1."""
+    def pm_loss_under(self, persona: str, owner: str) -> float:
+        """Loss of ``owner``'s held-out lines under ``persona``'s mixture, at bias 1, the prompt keeping ``owner``'s
+        text persona (only the mixture and the mask are swapped, as in the other identification matrices)."""
         from datasets import Dataset
 
         from ...training import evaluate_loss
 
-        relabelled = Dataset.from_list([{**r, "persona": persona} for r in rows])
-        return evaluate_loss(self.personamux(), self.tokenizer, relabelled, [persona], 1.0, **self.eval_kwargs())[
-            persona
-        ]
+        kwargs = self.eval_kwargs()
+        if kwargs["text_personas"] is not None:
+            own = self.text_persona(owner)
+            kwargs["text_personas"] = {persona: own} if own else None
+        rows = Dataset.from_list([{**r, "persona": persona} for r in self.split.rows_of("test", owner)])
+        return evaluate_loss(self.personamux(), self.tokenizer, rows, [persona], 1.0, **kwargs)[persona]
 
     @staticmethod
     def _masked(base, bank: SubnetworkBank, mask, granularity: Granularity):
