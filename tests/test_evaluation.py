@@ -34,7 +34,7 @@ from peft_personamux.evaluation.methods import (
     plain_format,
     random_codebook_like,
 )
-from peft_personamux.evaluation.stages.subnetwork import identification_summary
+from peft_personamux.evaluation.metrics import identification_summary
 from peft_personamux.inputs import PERSONA_PLACEHOLDER
 from peft_personamux.prompting import DEFAULT_INSTRUCTION
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..collator import PersonaMuxCollator
 from ..loss import FAST, LossOptions, PrefixCache, response_nll
 from .methods import codebook_tensors, random_codebook_like, zero_mixtures
-from .metrics import summarize
+from .metrics import identification_summary, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -366,14 +366,7 @@ def identification(model, test: Mapping[str, torch.Tensor], test_rows, personas:
         columns.append(per_persona(test_rows, *row_losses(model, test, chunk_size, model.persona_index(name))))
     for true in personas:
         matrix.append([columns[j][true] for j in range(len(personas))])
-    predicted = [min(range(len(personas)), key=lambda j: row[j]) for row in matrix]
-    correct = [int(p == i) for i, p in enumerate(predicted)]
-    return {
-        "loss_matrix": matrix,
-        "predicted": [personas[p] for p in predicted],
-        "accuracy": sum(correct) / len(personas),
-        "chance": 1 / len(personas),
-    }
+    return identification_summary(matrix, list(personas))
 
 
 def summarize_headroom(result: dict) -> dict:

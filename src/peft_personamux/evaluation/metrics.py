@@ -145,3 +145,21 @@ def count_parameters(*tensors) -> int:
 def text_bytes(*texts: str | None) -> int:
     """UTF-8 size of the texts a prompt-only method has to store per persona."""
     return sum(len(t.encode("utf-8")) for t in texts if t)
+
+
+def identification_summary(matrix: list[list[float]], personas: list[str]) -> dict:
+    """Likelihood identification from ``matrix[i][j]``, the loss of persona i's held-out lines under persona j's
+    mixture or mask: the argmin per row, its accuracy against chance, and the own-persona advantage (mean loss under
+    the others' minus under its own; None with one persona)."""
+    predicted = [min(range(len(row)), key=row.__getitem__) for row in matrix]
+    if len(matrix) < 2:  # no other persona to compare with
+        gaps = [None] * len(matrix)
+    else:
+        gaps = [(sum(row) - row[i]) / (len(row) - 1) - row[i] for i, row in enumerate(matrix)]
+    return {
+        "loss_matrix": matrix,
+        "predicted": [personas[j] for j in predicted],
+        "accuracy": sum(int(j == i) for i, j in enumerate(predicted)) / len(personas),
+        "chance": 1 / len(personas),
+        "own_mask_advantage": gaps,
+    }

@@ -32,26 +32,9 @@ from ...subnetwork.evaluate import general_loss
 from ...subnetwork.statistics import unwrap_model
 from ..common import SUBNETWORK_VARIANTS, file_size, subnetwork_key
 from ..methods import codebook_tensors, mux_format, persona_losses
-from ..metrics import count_parameters, text_bytes
+from ..metrics import count_parameters, identification_summary, text_bytes
 
 WEIGHT, CHANNEL, COMBINED = SUBNETWORK_VARIANTS
-
-
-def identification_summary(matrix: list[list[float]], personas: list[str]) -> dict:
-    """``matrix[i][j]``: loss of persona i's held-out lines under persona j's mask; accuracy of argmin vs chance,
-    and the own-mask advantage (mean loss under the others' masks minus under the own)."""
-    predicted = [min(range(len(row)), key=row.__getitem__) for row in matrix]
-    if len(matrix) < 2:  # no other persona to compare with
-        gaps = [None] * len(matrix)
-    else:
-        gaps = [(sum(row) - row[i]) / (len(row) - 1) - row[i] for i, row in enumerate(matrix)]
-    return {
-        "loss_matrix": matrix,
-        "predicted": [personas[j] for j in predicted],
-        "accuracy": sum(int(j == i) for i, j in enumerate(predicted)) / len(personas),
-        "chance": 1 / len(personas),
-        "own_mask_advantage": gaps,
-    }
 
 
 class SubnetworkStage:
