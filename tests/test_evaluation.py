@@ -263,6 +263,9 @@ METHOD_ROWS = [
     "personamux_fisher_bias1",
     "personamux_fisher_bias0.5",
     "personamux_fisher_bias0",
+    "personamux_lbfgs_bias1",
+    "personamux_lbfgs_bias0.5",
+    "personamux_lbfgs_bias0",
     "random_codebook",
     *(f"{v}@{s}" for s in ("0.1", "0.3") for v in ("weight_mask", "channel_mask", "channel_mask+soft_prompt")),
     "reference",
@@ -305,13 +308,32 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     assert pm["params_global"] == config.num_codes * config.tokens_per_code * 32 + config.num_bias_tokens * 32
     assert pm["bytes_per_persona"] > 4 * config.num_codes
     assert results["methods"]["sp"]["params_per_persona"] == config.sp_num_virtual_tokens * 32
-    assert set(results["loss_improvement"]) == {"sp", "personamux_adam", "personamux_fisher", "random_codebook"}
+    assert set(results["loss_improvement"]) == {
+        "sp",
+        "personamux_adam",
+        "personamux_fisher",
+        "personamux_lbfgs",
+        "random_codebook",
+    }
     fitting = results["fitting"]
+    lbfgs = fitting["personamux_lbfgs"]  # each persona on its own, from the mean of the pretraining personas
+    assert lbfgs["start"] == "mean" and set(lbfgs["curves"]) == set(personas)
+    assert all(len(c) >= 2 and min(c) <= c[0] for c in lbfgs["curves"].values())  # never ends above its start
+    evals = math.ceil(1.25 * config.lbfgs_steps)
+    assert config.num_train * len(personas) <= lbfgs["example_passes"] <= evals * config.num_train * len(personas)
     assert fitting["personamux_adam"]["example_passes"] == config.fit_steps * config.num_train * len(personas)
     assert len(fitting["personamux_adam"]["curve"]) == config.fit_steps
     assert fitting["personamux_fisher"]["seconds"] > 0 and "codebook_pretraining" in fitting
     zero_shot = results["zero_shot"]
-    assert list(zero_shot["rows"]) == ["zero", "mean_mixture", "embedding", "personamux_fisher", "personamux_adam"]
+    assert list(zero_shot["rows"]) == [
+        "zero",
+        "mean_mixture",
+        "embedding",
+        "personamux_fisher",
+        "personamux_adam",
+        "personamux_lbfgs",
+    ]
+
     assert all(row["heldout_loss"]["n"] == len(personas) for row in zero_shot["rows"].values())
     assert zero_shot["rows"]["embedding"]["distance_to_fitted"]["n"] == len(personas)
     assert zero_shot["map"]["personas"] >= 3 and zero_shot["map"]["embedding_dim"] == 32
@@ -358,6 +380,18 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
         run_evaluation(load_config(config_dir() / "eval_quick.json", **{**overrides, "num_train": 13}))
 
 
+def test_lbfgs_rows_follow_lbfgs_steps():
+    from peft_personamux.evaluation.common import method_keys
+
+    config = load_config(config_dir() / "eval_quick.json")
+    keys = [key for key, *_ in method_keys(config)]
+    assert keys == METHOD_ROWS[:-1]
+    off = [key for key, *_ in method_keys(dataclasses.replace(config, lbfgs_steps=0))]
+    assert off == [k for k in keys if "lbfgs" not in k]
+    with pytest.raises(ValueError, match="lbfgs_steps"):
+        load_config(config_dir() / "eval_quick.json", lbfgs_steps=-1)
+
+
 def test_plan_counts_headroom_data_efficiency_and_subnetwork_stages():
     from peft_personamux.evaluation.cache import plan
     from peft_personamux.evaluation.data import make_split
@@ -370,6 +404,8 @@ def test_plan_counts_headroom_data_efficiency_and_subnetwork_stages():
     assert full["headroom"]["backward"] == 3 * evals * n + n  # free8, mix64, random64; one gradient pass
     # 2 sparsities x 3 rows: all held-out lines under each of the u masks; 2 generations per persona and row
     assert full["subnetwork"] == {"backward": 0, "forward": n + 2 * 3 * u * t, "generations": 2 * 3 * u * 2}
+    assert full["pm_lbfgs"]["backward"] == math.ceil(1.25 * config.lbfgs_steps) * n  # each persona on its own
+    assert "pm_lbfgs" not in plan(dataclasses.replace(config, lbfgs_steps=0), split, pretrain_here=True)
     assert "data_efficiency" in full and full["total"]["backward"] == sum(
         s["backward"] for k, s in full.items() if k != "total"
     )

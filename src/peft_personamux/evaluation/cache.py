@@ -66,6 +66,9 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
         "pm_fisher": {**fisher, "forward": fisher["forward"] + n + scales * t, "generations": scales * g},
         "random_codebook": {**random_fit, "forward": random_fit["forward"] + n + t, "generations": g},
     }
+    if c.lbfgs_steps:  # each persona on its own, at most 1.25 loss evaluations (with gradient) per iteration
+        lbfgs = math.ceil(1.25 * c.lbfgs_steps) * n
+        stages["pm_lbfgs"] = {"backward": lbfgs, "forward": n + scales * t, "generations": scales * g}
     stages["pm_embedding"] = {"backward": 0, "forward": 2 * t, "generations": 0}  # + embedding lines, forward only
     if c.headroom or c.only_headroom:  # fits: at most 1.25 evaluations per L-BFGS iteration (the budget)
         evals = math.ceil(1.25 * c.headroom_steps) if c.headroom_method == "lbfgs" else c.headroom_steps + 1
@@ -92,7 +95,7 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
             "forward": n + sparsities * 3 * u * t,
             "generations": sparsities * 3 * g,
         }
-    methods = 4 + 2 * scales + 1 + 3 * sparsities + 1  # rows of the table and the real lines
+    methods = 4 + (3 if c.lbfgs_steps else 2) * scales + 1 + 3 * sparsities + 1  # rows of the table and the real lines
     judge = {"backward": 0, "forward": 0, "generations": 0, "judge_sequences": 2 * methods * g}
     judge["judge_sequences"] += g * c.discrimination_real_candidates
     stages["judge"] = judge

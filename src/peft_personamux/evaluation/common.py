@@ -21,6 +21,15 @@ def subnetwork_key(variant: str, sparsity: float) -> str:
     return f"{variant}@{sparsity:g}"
 
 
+_PM_LABELS = {"adam": "adam", "fisher": "fisher", "lbfgs": "lbfgs from mean"}
+
+
+def pm_methods(config: EvalConfig) -> tuple[str, ...]:
+    """The Persona-Mux fits of a run: the paper's Adam and the Fisher fit from zero, and (``lbfgs_steps`` > 0) each
+    persona fitted on its own with L-BFGS from the mean pretraining mixture."""
+    return ("adam", "fisher") + (("lbfgs",) if config.lbfgs_steps else ())
+
+
 def method_keys(config: EvalConfig) -> list[tuple[str, str, str, str]]:
     """(result key, stage, bias-scale key, label) of every row of the result tables, in table order."""
     rows = [
@@ -29,7 +38,7 @@ def method_keys(config: EvalConfig) -> list[tuple[str, str, str, str]]:
         ("lora", "lora", "1.0", f"LoRA (r={config.lora_r})"),
         ("sp", "sp", "1.0", f"Soft prompt ({config.sp_num_virtual_tokens} tokens)"),
     ]
-    for method in ("adam", "fisher"):
+    for method in pm_methods(config):
         for scale in config.bias_scales:
             suffix = {1.0: "", 0.5: ", half bias", 0.0: ", no bias"}.get(scale, f", bias x{scale:g}")
             rows.append(
@@ -37,7 +46,7 @@ def method_keys(config: EvalConfig) -> list[tuple[str, str, str, str]]:
                     f"personamux_{method}_bias{scale:g}",
                     f"pm_{method}",
                     str(float(scale)),
-                    f"Persona-Mux ({method}){suffix}",
+                    f"Persona-Mux ({_PM_LABELS[method]}){suffix}",
                 )
             )
     rows.append(("random_codebook", "random_codebook", "1.0", f"Random codebook ({config.random_codebook_method})"))

@@ -144,6 +144,14 @@ class EvalConfig:
         default=8, metadata={"help": "Steps of the fast 'fisher' method (fitting.fit_mixtures)."}
     )
     fisher_damping: float = field(default=1e-3, metadata={"help": "Initial Levenberg-Marquardt damping of 'fisher'."})
+    lbfgs_steps: int = field(
+        default=4,
+        metadata={
+            "help": "L-BFGS iterations of the 'Persona-Mux (lbfgs from mean)' rows: each persona fitted on its own "
+            "from the mean pretraining mixture (this project's stage 2, `add-persona --fit_method lbfgs --fit_start "
+            "mean`; at most 1.25 loss evaluations per iteration). 0: no such rows."
+        },
+    )
     fit_chunk_size: int = field(default=16, metadata={"help": "Rows per forward pass while fitting (memory only)."})
     bias_scales: list[float] = field(
         default_factory=lambda: [1.0, 0.5, 0.0],
@@ -257,7 +265,7 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer or null, got {value!r}.")
-        for name in ("num_bias_tokens", "icl_examples"):
+        for name in ("num_bias_tokens", "icl_examples", "lbfgs_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be a non-negative integer, got {getattr(self, name)!r}.")
         for name in ("lora_lr", "sp_lr", "codebook_lr", "fit_lr", "fit_eps", "fisher_damping", "temperature"):

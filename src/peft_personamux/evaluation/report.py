@@ -248,11 +248,13 @@ def write_plots(results: dict, output_dir: Path) -> dict[str, str]:
     fig = Figure(figsize=(15, 4))
     pm_ax, sp_ax, lora_ax = fig.subplots(1, 3)
     fitting = results["fitting"]
-    for key in ("personamux_adam", "personamux_fisher", "random_codebook"):
+    for key in ("personamux_adam", "personamux_fisher", "personamux_lbfgs", "random_codebook"):
+        if key not in fitting:
+            continue
         row = fitting[key]
         label = f"{row['label']}: {row['example_passes']:,} passes, {row['seconds']:.0f} s"
         pm_ax.plot(range(len(row["curve"])), row["curve"], marker=".", label=label)
-    pm_ax.set_xlabel("step (adam: loss before step k+1; fisher: after step k)")
+    pm_ax.set_xlabel("step (adam: loss before step k+1; fisher: after step k; lbfgs: loss evaluation k)")
     pm_ax.set_ylabel("mean train token loss, all unseen personas")
     pm_ax.set_title("Persona-Mux: fitting the mixture weights")
     curves = list(fitting["sp"]["curves"].values())

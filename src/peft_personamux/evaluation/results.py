@@ -124,6 +124,8 @@ def _zero_shot(stages: dict, personas: list[str]) -> dict:
         "personamux_fisher": ("Fitted (fisher)", stages["pm_fisher"]["heldout_loss"]["1.0"], None),
         "personamux_adam": ("Fitted (adam)", stages["pm_adam"]["heldout_loss"]["1.0"], None),
     }
+    if "pm_lbfgs" in stages:
+        sources["personamux_lbfgs"] = ("Fitted (lbfgs from mean)", stages["pm_lbfgs"]["heldout_loss"]["1.0"], None)
     rows = {}
     for key, (label, losses, distance) in sources.items():
         rows[key] = {
@@ -149,8 +151,11 @@ def _improvements(stages: dict, personas: list[str]) -> dict[str, dict]:
     for key, stage, label in (
         ("personamux_adam", "pm_adam", "Persona-Mux (adam)"),
         ("personamux_fisher", "pm_fisher", "Persona-Mux (fisher)"),
+        ("personamux_lbfgs", "pm_lbfgs", "Persona-Mux (lbfgs from mean)"),
         ("random_codebook", "random_codebook", "Random codebook"),
     ):
+        if stage not in stages:
+            continue
         after = stages[stage]
         rows[key] = (
             label,
@@ -188,8 +193,11 @@ def _fitting(stages: dict, config: EvalConfig, num_personas: int) -> dict[str, d
     for key, stage, label in (
         ("personamux_adam", "pm_adam", "Persona-Mux adam (all personas at once)"),
         ("personamux_fisher", "pm_fisher", "Persona-Mux fisher (all personas at once)"),
+        ("personamux_lbfgs", "pm_lbfgs", "Persona-Mux lbfgs from mean (one persona at a time)"),
         ("random_codebook", "random_codebook", f"Random codebook {config.random_codebook_method}"),
     ):
+        if stage not in stages:
+            continue
         fit = stages[stage]["fit"]
         out[key] = {"label": label, **fit, "seconds_per_persona": fit["seconds"] / num_personas}
     if "codebook" in stages:

@@ -4,9 +4,9 @@ Stages (each a JSON file under ``<output_dir>/stages/``; a finished one is read 
 interrupted run continues where it stopped):
 
 ``base_icl`` → ``lora`` → ``sp`` → ``codebook`` (only when pretraining here) → ``pm_zero`` → ``pm_adam`` →
-``pm_fisher`` → ``random_codebook`` → ``headroom`` → ``data_efficiency`` → ``subnetwork`` → ``pm_embedding`` →
-``judge`` → ``who_said_it``; then `results` assembles results.json from the stages and `report` writes it with
-results.md and the plots.
+``pm_fisher`` → ``pm_lbfgs`` → ``random_codebook`` → ``headroom`` → ``data_efficiency`` → ``subnetwork`` →
+``pm_embedding`` → ``judge`` → ``who_said_it``; then `results` assembles results.json from the stages and
+`report` writes it with results.md and the plots.
 
 Files by job: `cache` (run plan, stage cache), `stages/` (the stages, as mixins of `Evaluation`: baselines,
 Persona-Mux, embedding, subnetwork, judging), `results` (assembly), `report` (rendering); `common` holds what runner
@@ -116,6 +116,8 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, SubnetworkSta
         stages["pm_zero"] = self.stage("pm_zero", self.pm_zero_stage)
         stages["pm_adam"] = self.stage("pm_adam", lambda p, s: self.pm_fit_stage("adam", False))
         stages["pm_fisher"] = self.stage("pm_fisher", lambda p, s: self.pm_fit_stage("fisher", False))
+        if self.config.lbfgs_steps:
+            stages["pm_lbfgs"] = self.stage("pm_lbfgs", lambda p, s: self.pm_fit_stage("lbfgs", False))
         stages["random_codebook"] = self.stage(
             "random_codebook", lambda p, s: self.pm_fit_stage(self.config.random_codebook_method, True)
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from ...files import ADAPTER_WEIGHTS_NAME, PRETRAIN_INFO_NAME, write_json
 from ..common import file_size
 from ..methods import codebook_tensors, mux_format, random_codebook_like, zero_mixtures
 from ..metrics import count_parameters, text_bytes
+
+logger = logging.getLogger(__name__)
 
 
 class PersonaMuxStages:
@@ -155,6 +158,39 @@ class PersonaMuxStages:
             save=save,
         )
 
+    def fit_each_from_mean(self, model, batch: dict):
+        """``lbfgs_steps`` of L-BFGS for each persona on its own rows, from the mean pretraining mixture (zero when
+        the codebook folder has no persona files). Returns the merged `fitting.FitResult` and the start's name."""
+        from ...fitting import FitResult, fit_mixtures
+        from ..headroom import pretraining_mean_mixture
+
+        config = self.config
+        mean = pretraining_mean_mixture(model)
+        if mean is None:
+            logger.warning("The codebook folder has no persona files: the lbfgs fits start at the zero mixture.")
+        merged = FitResult("lbfgs")
+        for name in tqdm(self.personas, desc="Persona-Mux (lbfgs from mean): fit"):
+            row = model.persona_index(name)
+            if mean is not None:
+                model.set_mixture(name, mean)
+            keep = batch["persona_ids"] == row
+            out = fit_mixtures(
+                model,
+                {k: v[keep] for k, v in batch.items()},
+                method="lbfgs",
+                steps=config.lbfgs_steps,
+                chunk_size=config.fit_chunk_size,
+                bias_scale=1.0,
+                progress=False,
+            )
+            merged.persona_curves[row] = out.persona_curves[row]
+            merged.example_passes += out.example_passes
+            merged.seconds += out.seconds
+        curves = list(merged.persona_curves.values())
+        width = min(map(len, curves), default=0)
+        merged.losses = [sum(c[i] for c in curves) / len(curves) for i in range(width)]  # mean over personas
+        return merged, "zero" if mean is None else "mean"
+
     def pm_zero_stage(self, partial: dict, save) -> dict:
         """Losses with every mixture at zero: the starting point of every fit (W does not matter there)."""
         zero_mixtures(self.personamux(), self.personas)
@@ -172,17 +208,21 @@ class PersonaMuxStages:
         try:
             zero_mixtures(model, self.personas)
             batch = {k: v.to(self.device) for k, v in self.mux_collator(model)(self.split.train).items()}
-            fit = fit_mixtures(
-                model,
-                batch,
-                method=method,
-                steps=config.fit_steps if method == "adam" else config.fisher_steps,
-                lr=config.fit_lr,
-                eps=config.fit_eps,
-                damping=config.fisher_damping,
-                chunk_size=config.fit_chunk_size,
-                bias_scale=1.0,
-            )
+            if method == "lbfgs":
+                fit, start = self.fit_each_from_mean(model, batch)
+            else:
+                start = "zero"
+                fit = fit_mixtures(
+                    model,
+                    batch,
+                    method=method,
+                    steps=config.fit_steps if method == "adam" else config.fisher_steps,
+                    lr=config.fit_lr,
+                    eps=config.fit_eps,
+                    damping=config.fisher_damping,
+                    chunk_size=config.fit_chunk_size,
+                    bias_scale=1.0,
+                )
             train_after = self.pm_losses(self.split.train, 1.0)
             scales = [1.0] if random_codebook else config.bias_scales
             heldout = {str(float(s)): self.pm_losses(self.split.test, s) for s in scales}
@@ -206,11 +246,14 @@ class PersonaMuxStages:
             if random_codebook:
                 with torch.no_grad():
                     codebook.copy_(self.learned_codebook)
+        steps = {"adam": config.fit_steps, "fisher": config.fisher_steps, "lbfgs": config.lbfgs_steps}[method]
         return {
             "fit": {
                 "method": method,
-                "steps": len(fit.losses) - (1 if method == "fisher" else 0),
+                "start": start,
+                "steps": steps,
                 "curve": fit.losses,
+                "curves": {p: fit.persona_curves.get(model.persona_index(p), []) for p in self.personas},
                 "example_passes": fit.example_passes,
                 "seconds": fit.seconds,
                 "train_examples": len(self.split.train),
