@@ -282,8 +282,10 @@ def fit_each(
     start,
     progress: dict | None = None,
     checkpoint: Callable[[], None] | None = None,
+    desc: str | None = None,
 ):
-    """Fit every persona on its own rows from the mixture ``start``; curves, passes and seconds per persona.
+    """Fit every persona on its own rows from the mixture ``start``; curves, passes and seconds per persona
+    (``desc``: the progress bar's text, default ``headroom <label>``).
 
     ``progress`` (a dict this fills: curves, mixtures, passes, seconds so far) lets an interrupted call continue:
     personas already in it get their mixture back instead of a new fit; ``checkpoint()`` runs after each persona.
@@ -293,7 +295,8 @@ def fit_each(
     progress = {} if progress is None else progress
     for key, empty in (("curves", {}), ("mixtures", {}), ("example_passes", 0), ("seconds", 0.0)):
         progress.setdefault(key, empty)
-    for name in tqdm(personas, desc=f"headroom {label}"):
+    desc = desc or f"headroom {label}"
+    for name in tqdm(personas, desc=desc):
         if name in progress["curves"]:
             model.set_mixture(name, torch.tensor(progress["mixtures"][name]))
             continue
@@ -318,7 +321,7 @@ def fit_each(
         progress["seconds"] += out.seconds
         if checkpoint is not None:
             checkpoint()
-    logger.info("headroom %s: %d passes in %.0f s", label, progress["example_passes"], progress["seconds"])
+    logger.info("%s: %d passes in %.0f s", desc, progress["example_passes"], progress["seconds"])
     return {k: progress[k] for k in ("curves", "example_passes", "seconds")}
 
 

@@ -4,6 +4,7 @@ random codebook), the headroom study; and the Persona-Mux model they share."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import time
@@ -159,36 +160,30 @@ class PersonaMuxStages:
         )
 
     def fit_each_from_mean(self, model, batch: dict):
-        """``lbfgs_steps`` of L-BFGS for each persona on its own rows, from the mean pretraining mixture (zero when
-        the codebook folder has no persona files). Returns the merged `fitting.FitResult` and the start's name."""
-        from ...fitting import FitResult, fit_mixtures
-        from ..headroom import pretraining_mean_mixture
+        """``lbfgs_steps`` of L-BFGS for each persona on its own rows (`headroom.fit_each`), from the mean
+        pretraining mixture (zero when the codebook folder has no persona files). Returns a `fitting.FitResult`
+        (its curve: the mean over personas at each loss evaluation) and the start's name."""
+        from ...fitting import FitResult
+        from ..headroom import HeadroomSettings, fit_each, pretraining_mean_mixture
 
         config = self.config
         mean = pretraining_mean_mixture(model)
         if mean is None:
             logger.warning("The codebook folder has no persona files: the lbfgs fits start at the zero mixture.")
-        merged = FitResult("lbfgs")
-        for name in tqdm(self.personas, desc="Persona-Mux (lbfgs from mean): fit"):
-            row = model.persona_index(name)
-            if mean is not None:
-                model.set_mixture(name, mean)
-            keep = batch["persona_ids"] == row
-            out = fit_mixtures(
-                model,
-                {k: v[keep] for k, v in batch.items()},
-                method="lbfgs",
-                steps=config.lbfgs_steps,
-                chunk_size=config.fit_chunk_size,
-                bias_scale=1.0,
-                progress=False,
-            )
-            merged.persona_curves[row] = out.persona_curves[row]
-            merged.example_passes += out.example_passes
-            merged.seconds += out.seconds
-        curves = list(merged.persona_curves.values())
+        settings = dataclasses.replace(HeadroomSettings.from_config(config), method="lbfgs", steps=config.lbfgs_steps)
+        start = torch.zeros(codebook_tensors(model)[0].shape[0]) if mean is None else mean  # (num_codes,)
+        out = fit_each(
+            model, batch, self.personas, settings, "lbfgs", start, desc="Persona-Mux (lbfgs from mean): fit"
+        )
+        curves = [out["curves"][p] for p in self.personas]
         width = min(map(len, curves), default=0)
-        merged.losses = [sum(c[i] for c in curves) / len(curves) for i in range(width)]  # mean over personas
+        merged = FitResult(
+            "lbfgs",
+            losses=[sum(c[i] for c in curves) / len(curves) for i in range(width)],  # mean over personas
+            persona_curves={model.persona_index(p): out["curves"][p] for p in self.personas},
+            example_passes=out["example_passes"],
+            seconds=out["seconds"],
+        )
         return merged, "zero" if mean is None else "mean"
 
     def pm_zero_stage(self, partial: dict, save) -> dict:
