@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..files import TEXT_PERSONAS_NAME, write_json
+from .common import pm_methods
 from .config import EvalConfig
 from .data import Split
 
@@ -95,7 +96,7 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
             "forward": n + sparsities * 3 * u * t,
             "generations": sparsities * 3 * g,
         }
-    methods = 4 + (3 if c.lbfgs_steps else 2) * scales + 1 + 3 * sparsities + 1  # rows of the table and the real lines
+    methods = 4 + len(pm_methods(c)) * scales + 1 + 3 * sparsities + 1  # rows of the table and the real lines
     judge = {"backward": 0, "forward": 0, "generations": 0, "judge_sequences": 2 * methods * g}
     judge["judge_sequences"] += g * c.discrimination_real_candidates
     stages["judge"] = judge

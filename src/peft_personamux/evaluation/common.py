@@ -21,7 +21,7 @@ def subnetwork_key(variant: str, sparsity: float) -> str:
     return f"{variant}@{sparsity:g}"
 
 
-_PM_LABELS = {"adam": "adam", "fisher": "fisher", "lbfgs": "lbfgs from mean"}
+PM_LABELS = {"adam": "adam", "fisher": "fisher", "lbfgs": "lbfgs from mean"}
 
 
 def pm_methods(config: EvalConfig) -> tuple[str, ...]:
@@ -46,7 +46,7 @@ def method_keys(config: EvalConfig) -> list[tuple[str, str, str, str]]:
                     f"personamux_{method}_bias{scale:g}",
                     f"pm_{method}",
                     str(float(scale)),
-                    f"Persona-Mux ({_PM_LABELS[method]}){suffix}",
+                    f"Persona-Mux ({PM_LABELS[method]}){suffix}",
                 )
             )
     rows.append(("random_codebook", "random_codebook", "1.0", f"Random codebook ({config.random_codebook_method})"))

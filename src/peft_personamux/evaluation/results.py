@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..machine import hardware
-from .common import REFERENCE, method_keys, method_source
+from .common import PM_LABELS, REFERENCE, method_keys, method_source, pm_methods
 from .config import EvalConfig
 from .data import Split
 from .data_efficiency import summarize_data_efficiency
@@ -89,7 +89,7 @@ def build_results(
         },
         "who_said_it_all_test_lines": summarize(list(accuracy["_all_test_lines"].values())),
         "methods": methods,
-        "loss_improvement": _improvements(stages, personas),
+        "loss_improvement": _improvements(stages, config, personas),
         "fitting": _fitting(stages, config, len(personas)),
         "zero_shot": _zero_shot(stages, personas),
         "headroom": (
@@ -137,7 +137,7 @@ def _zero_shot(stages: dict, personas: list[str]) -> dict:
     return {"map": stage["map"], "rows": rows}
 
 
-def _improvements(stages: dict, personas: list[str]) -> dict[str, dict]:
+def _improvements(stages: dict, config: EvalConfig, personas: list[str]) -> dict[str, dict]:
     """Table 6: loss before fitting minus loss after, on the train lines and on the held-out lines, per persona."""
     zero = stages["pm_zero"]
     sp = stages["sp"]["personas"]
@@ -148,14 +148,8 @@ def _improvements(stages: dict, personas: list[str]) -> dict[str, dict]:
             {p: sp[p]["test_loss_before"] - sp[p]["test_loss_after"] for p in personas},
         )
     }
-    for key, stage, label in (
-        ("personamux_adam", "pm_adam", "Persona-Mux (adam)"),
-        ("personamux_fisher", "pm_fisher", "Persona-Mux (fisher)"),
-        ("personamux_lbfgs", "pm_lbfgs", "Persona-Mux (lbfgs from mean)"),
-        ("random_codebook", "random_codebook", "Random codebook"),
-    ):
-        if stage not in stages:
-            continue
+    fits = [(f"personamux_{m}", f"pm_{m}", f"Persona-Mux ({PM_LABELS[m]})") for m in pm_methods(config)]
+    for key, stage, label in (*fits, ("random_codebook", "random_codebook", "Random codebook")):
         after = stages[stage]
         rows[key] = (
             label,
@@ -190,14 +184,12 @@ def _fitting(stages: dict, config: EvalConfig, num_personas: int) -> dict[str, d
         "curve": [float(np.mean([c[i] for c in curves])) for i in range(width)],  # mean over personas
         "curves": {p: v["curve"] for p, v in sp.items()},
     }
+    how = {"adam": "all personas at once", "fisher": "all personas at once", "lbfgs": "one persona at a time"}
+    fits = [(f"personamux_{m}", f"pm_{m}", f"Persona-Mux {PM_LABELS[m]} ({how[m]})") for m in pm_methods(config)]
     for key, stage, label in (
-        ("personamux_adam", "pm_adam", "Persona-Mux adam (all personas at once)"),
-        ("personamux_fisher", "pm_fisher", "Persona-Mux fisher (all personas at once)"),
-        ("personamux_lbfgs", "pm_lbfgs", "Persona-Mux lbfgs from mean (one persona at a time)"),
+        *fits,
         ("random_codebook", "random_codebook", f"Random codebook {config.random_codebook_method}"),
     ):
-        if stage not in stages:
-            continue
         fit = stages[stage]["fit"]
         out[key] = {"label": label, **fit, "seconds_per_persona": fit["seconds"] / num_personas}
     if "codebook" in stages:
