@@ -66,6 +66,9 @@ def _row_losses(
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
         chunk = {k: batch[k][sl] for k in ("input_ids", "attention_mask", "labels", "persona_ids")}
+        used = chunk["attention_mask"].any(0).nonzero()  # columns any row of the chunk attends to
+        width = int(used.max()) + 1 if len(used) else chunk["input_ids"].shape[1]  # cut trailing (right) padding
+        chunk.update({k: chunk[k][:, :width] for k in ("input_ids", "attention_mask", "labels")})
         rows_mix = mixtures[sl] if index is None else mixtures[index[sl]]  # (rows, num_codes)
         if copies:
             rows_mix = rows_mix.detach().clone().requires_grad_(True)
@@ -199,22 +202,24 @@ def fit_mixtures(
             tolerance_change=1e-9,
         )
         best = {"loss": math.inf, "params": params.detach().clone()}
+        bar = tqdm(total=budget, desc="fit (lbfgs)", disable=not progress)  # one tick per loss evaluation
 
         def closure() -> torch.Tensor:
             if len(result.losses) >= budget:
                 raise _BudgetSpent
             optimizer.zero_grad()
             loss = full_batch_loss()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
             if loss < best["loss"]:
                 best.update(loss=loss, params=params.detach().clone())
             return torch.tensor(loss)
 
-        with tqdm(total=budget, desc="fit (lbfgs)", disable=not progress) as bar:
+        with bar:
             try:
                 optimizer.step(closure)
             except _BudgetSpent:
                 pass
-            bar.update(len(result.losses))
         with torch.no_grad():
             params.copy_(best["params"])
     elif method == "adam":

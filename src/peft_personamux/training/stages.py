@@ -16,11 +16,11 @@ from transformers import TrainerCallback
 
 from ..collator import PersonaMuxCollator
 from ..diagnostics import IdentityDiagnosticCallback
-from ..loss import LossOptions
+from ..loss import PLAIN, LossOptions
 from .arguments import CodebookTrainingArguments, PersonaFitArguments, PersonaMuxTrainingArguments
 from .callbacks import LossLogCallback, StageSwitchCallback, TrainPersonasCallback
 from .heldout import evaluate_loss
-from .trainer import PersonaMuxTrainer
+from .trainer import PersonaMuxTrainer, autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,10 @@ def _fit_direct(model, tokenizer, dataset, args: PersonaFitArguments, text_perso
 
     rows = [dict(zip(dataset.column_names, values)) for values in zip(*(dataset[c] for c in dataset.column_names))]
     device = next(p for p in model.parameters()).device
-    batch = {k: v.to(device) for k, v in mux_collator(model, tokenizer, args, text_personas)(rows).items()}
+    batch = mux_collator(model, tokenizer, args, text_personas)(rows)
+    order = batch["attention_mask"].sum(-1).argsort(stable=True)  # by length: chunks of similar rows, less padding
+    batch = {k: v[order].to(device) for k, v in batch.items()}
+    options = LossOptions(autocast_dtype=autocast_dtype(args, device)) if args.fast_loss else PLAIN
     fit = fit_mixtures(
         model,
         batch,
@@ -272,6 +275,7 @@ def _fit_direct(model, tokenizer, dataset, args: PersonaFitArguments, text_perso
         steps=args.fisher_steps if args.fit_method == "fisher" else args.lbfgs_steps,
         chunk_size=args.max_micro_batch_size or 16,
         progress=not args.disable_tqdm,
+        options=options,
     )
     logger.info(
         "%s fit: %d example passes in %.1f s, train loss %.4f -> %.4f.",

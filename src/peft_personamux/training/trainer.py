@@ -31,6 +31,14 @@ def load_persona_files(model, directory: str | os.PathLike) -> list[str]:
     return names
 
 
+def autocast_dtype(args, device: torch.device | str) -> torch.dtype | None:
+    """The fast loss's autocast dtype for training arguments ``args`` on ``device``: bf16 under ``--bf16``, else
+    ``args.autocast`` ('auto' measures this CPU); None: the weights' dtype."""
+    if args.bf16 and args.autocast == "auto":
+        return torch.bfloat16
+    return choose_autocast(device, args.autocast)
+
+
 class PersonaMuxTrainer(Trainer):
     """`Trainer` that keeps the persona columns, restores persona files when resuming, computes the loss with
     `loss.response_nll` (``fast_loss``), gives the mixture table its own learning rate and orders batches by
@@ -50,9 +58,7 @@ class PersonaMuxTrainer(Trainer):
 
     def autocast_dtype(self) -> torch.dtype | None:
         """The fast loss's autocast dtype (``args.autocast``, bf16 under ``--bf16``); None: the weights' dtype."""
-        if self.args.bf16 and self.args.autocast == "auto":
-            return torch.bfloat16
-        return choose_autocast(self.args.device, self.args.autocast)
+        return autocast_dtype(self.args, self.args.device)
 
     def create_optimizer(self, model=None):
         rate = getattr(self.args, "mixture_learning_rate", None)
