@@ -234,7 +234,8 @@ def write_report(
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     hw = payload["hardware"]
-    where = f"GPU {hw['gpu']}" if "gpu" in hw else f"CPU {hw['cpu']}, {hw['cpu_cores']} cores"
+    features = ", ".join(hw.get("cpu_features") or ["none of avx2/avx512/amx"])
+    where = f"GPU {hw['gpu']}" if "gpu" in hw else f"CPU {hw['cpu']} ({features}), {hw['cpu_cores']} cores"
     parts = [
         f"# {title}",
         "",

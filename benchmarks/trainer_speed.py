@@ -8,7 +8,7 @@ machine, the same rows (same data flags and seed) and the same objective, interl
 hits both alike. The current side uses its defaults (fast loss, length-grouped batches, bf16 autocast where this
 CPU's bf16 matmul is faster) plus ``--length_grouped``; the earlier side has no such flags.
 
-    python benchmarks/trainer_speed.py                 # SmolLM2-135M-Instruct, about 10 minutes on 2 cores
+    python benchmarks/trainer_speed.py                 # SmolLM2-135M-Instruct; 10-25 minutes on 2 cores
 """
 
 from __future__ import annotations

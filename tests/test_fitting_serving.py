@@ -154,3 +154,21 @@ def test_adam_recipe_with_several_chunks_matches_one_chunk():
     chunked = fit_mixtures(model, batch, method="adam", steps=3, chunk_size=3, progress=False)
     torch.testing.assert_close(model.get_mixture("x"), first, atol=1e-5, rtol=1e-4)
     assert chunked.losses == pytest.approx(one.losses, rel=1e-5)
+
+
+def test_right_padding_is_cut_per_chunk_without_changing_the_fit():
+    """Extra right padding (as when a full batch is padded to its longest row) changes neither losses nor result."""
+    model = mux()
+    model.add_personas(["x"])
+    batch = fit_batch(model, ["x"], per_persona=6)
+    plain = fit_mixtures(model, batch, method="lbfgs", steps=3, chunk_size=4, progress=False)
+    first = model.get_mixture("x")
+    model.set_mixture("x", torch.zeros(6))
+    pad = torch.zeros(batch["input_ids"].shape[0], 7, dtype=torch.long)
+    padded = dict(batch)
+    padded["input_ids"] = torch.cat([batch["input_ids"], pad + 1], dim=1)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], pad], dim=1)
+    padded["labels"] = torch.cat([batch["labels"], pad - 100], dim=1)
+    cut = fit_mixtures(model, padded, method="lbfgs", steps=3, chunk_size=4, progress=False)
+    assert cut.losses == pytest.approx(plain.losses, rel=1e-5)
+    torch.testing.assert_close(model.get_mixture("x"), first, atol=1e-5, rtol=1e-4)

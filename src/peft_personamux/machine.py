@@ -21,6 +21,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides float32 vs bf16 speed
+
+
+def cpu_features() -> list[str]:
+    """Which of `MATRIX_FLAGS` /proc/cpuinfo lists (two CPUs both named "AMD EPYC" can differ 40x in bf16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in MATRIX_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def hardware(device: torch.device | str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """CPU, GPU, thread count and library versions. ``device`` None: the first GPU when there is one, else the CPU."""
     import peft
@@ -33,6 +49,7 @@ def hardware(device: torch.device | str | None = None, dtype: str | None = None)
         "device": str(device),
         "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
+        "cpu_features": cpu_features(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),

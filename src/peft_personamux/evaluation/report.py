@@ -69,6 +69,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     config = results["config"]
     data = results["data"]
     hw = results["hardware"]
+    features = ", ".join(hw.get("cpu_features") or ["no avx2/avx512/amx"])  # bf16 speed depends on them
     n = len(data["unseen_personas"])
     lines = [
         "# Persona-Mux evaluation",
@@ -77,8 +78,9 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         "",
         f"Wall time of this call: {results['wall_seconds_this_call']:.1f} s; compute over all calls (stages, cached "
         f"ones included): {results['compute_seconds_all_calls']:.1f} s.",
-        f"Hardware: {hw.get('gpu', 'cpu')}, {hw['cpu']}, {hw['cpu_cores']} CPUs ({hw['torch_threads']} torch "
-        f"threads), {hw['platform']}; torch {hw['torch']}, transformers {hw['transformers']}, peft {hw['peft']}.",
+        f"Hardware: {hw.get('gpu', 'cpu')}, {hw['cpu']} ({features}), {hw['cpu_cores']} CPUs "
+        f"({hw['torch_threads']} torch threads), {hw['platform']}; torch {hw['torch']}, transformers "
+        f"{hw['transformers']}, peft {hw['peft']}.",
         "",
         f"Split: {n} unseen personas ({', '.join(data['unseen_personas'])}), "
         f"{sum(data['train_lines'].values())} train and {sum(data['test_lines'].values())} held-out lines; "
