@@ -120,3 +120,21 @@ def test_switch_and_size_tiny(load_script, tmp_path):
     # 64 float32 mixture weights plus metadata, against 8 virtual tokens x hidden 32 floats for prompt tuning
     assert data["results"]["personamux"]["per_persona_bytes"] < 1024
     assert data["ratios"]["prompt_tuning"]["bytes_vs_personamux"] > 1
+
+
+def test_trainer_speed_parses_the_trainer_summary_and_builds_both_sides(load_script, tmp_path):
+    """The end-to-end benchmark reads the Trainer's own summary line and runs the same rows on both code trees."""
+    module = load_script("trainer_speed")
+    line = "{'train_runtime': '63.8', 'train_samples_per_second': '0.752', 'train_steps_per_second': '0.094', "
+    line += "'train_loss': '5.273', 'epoch': '0.75'}"
+    assert module.RUNTIME.findall(line) == [("63.8", "0.752", "5.273")]
+    args = module.argparse.Namespace(
+        model=None, personas=4, lines=2, batch_size=4, steps=2, persona="x/y", fit_lines=8, fit_steps=2
+    )
+    stages = module.commands(args, tmp_path)
+    earlier, current = stages["stage 1 (pretrain)"]
+    assert current[: len(earlier)] == earlier and "--length_grouped" in current  # same rows, current flags added
+    earlier, current = stages["stage 2 (add-persona, Adam)"]
+    assert earlier == current and earlier[earlier.index("--fit_method") + 1] == "adam"
+    with pytest.raises(SystemExit, match="must be positive"):
+        module.main(["--steps", "0"])
