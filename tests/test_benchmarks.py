@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from peft_personamux.machine import MATRIX_FLAGS
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 # script -> top-level JSON keys it must write
@@ -43,7 +45,8 @@ def check_outputs(name: str, out: Path, payload: dict) -> dict:
     assert COMMON_KEYS | EXPECTED_KEYS[name] <= set(data)
     assert data["benchmark"] == name
     assert data["command"].startswith("python ") and f"{name}.py --tiny" in data["command"]
-    assert {"cpu", "cpu_cores", "torch", "torch_threads", "dtype"} <= set(data["hardware"])
+    assert {"cpu", "cpu_cores", "cpu_features", "torch", "torch_threads", "dtype"} <= set(data["hardware"])
+    assert set(data["hardware"]["cpu_features"]) <= set(MATRIX_FLAGS)  # what decides float32 vs bf16 speed
     assert data == json.loads(json.dumps(payload, default=str))  # main() returns what it wrote
     md = (out / f"{name}.md").read_text(encoding="utf-8")
     assert "|---|" in md and data["command"] in md and "torch" in md

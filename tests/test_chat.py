@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 from tiny_models import make_codebook, make_tokenizer
@@ -169,6 +170,7 @@ def test_chat_in_a_pseudo_terminal(codebook, tmp_path):
     try:
         child.expect("Talking to play/p0")
         child.expect("you> ")
+        time.sleep(0.5)  # let readline finish setting up the terminal: a ^C before that is typed, not a signal
         child.sendintr()  # Ctrl-C at the prompt does not leave
         child.expect("Ctrl-D leaves")
         child.sendline("Who goes there?")

@@ -9,16 +9,21 @@ from typing import Any
 import torch
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or what `platform` knows), for hardware lines in reports."""
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo (None where there is no such file or line)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what `platform` knows), for hardware lines in reports."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides float32 vs bf16 speed
@@ -26,15 +31,8 @@ MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # wha
 
 def cpu_features() -> list[str]:
     """Which of `MATRIX_FLAGS` /proc/cpuinfo lists (two CPUs both named "AMD EPYC" can differ 40x in bf16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in MATRIX_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
+    present = set((_cpuinfo("flags") or "").split())
+    return [flag for flag in MATRIX_FLAGS if flag in present]
 
 
 def hardware(device: torch.device | str | None = None, dtype: str | None = None) -> dict[str, Any]:
