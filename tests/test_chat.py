@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-import time
 
 import pytest
 from tiny_models import make_codebook, make_tokenizer
@@ -166,11 +166,12 @@ def test_chat_in_a_pseudo_terminal(codebook, tmp_path):
     args = ["-m", "peft_personamux.cli", "chat", "--model_name_or_path", str(model_dir), "--codebook"]
     args += [str(codebook_dir), "--persona", "play/p0", "--temperature", "0", "--max_new_tokens", "3000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb"}
-    child = pexpect.spawn(sys.executable, args, timeout=120, encoding="utf-8", env=env)
+    # a shell's background job (`pytest ... &`) inherits SIGINT ignored, and so would the chat: restore Ctrl-C
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    child = pexpect.spawn(sys.executable, args, timeout=120, encoding="utf-8", env=env, preexec_fn=restore_sigint)
     try:
         child.expect("Talking to play/p0")
         child.expect("you> ")
-        time.sleep(0.5)  # let readline finish setting up the terminal: a ^C before that is typed, not a signal
         child.sendintr()  # Ctrl-C at the prompt does not leave
         child.expect("Ctrl-D leaves")
         child.sendline("Who goes there?")
