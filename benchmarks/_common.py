@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from peft_personamux.machine import hardware  # noqa: F401  (the benchmarks call _common.hardware)
+from peft_personamux.machine import features_label, hardware  # noqa: F401  (the benchmarks call _common.hardware)
 
 logger = logging.getLogger("benchmarks")
 
@@ -234,8 +234,7 @@ def write_report(
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     hw = payload["hardware"]
-    features = ", ".join(hw.get("cpu_features") or ["none of avx2/avx512/amx"])
-    where = f"GPU {hw['gpu']}" if "gpu" in hw else f"CPU {hw['cpu']} ({features}), {hw['cpu_cores']} cores"
+    where = f"GPU {hw['gpu']}" if "gpu" in hw else f"CPU {hw['cpu']} ({features_label(hw)}), {hw['cpu_cores']} cores"
     parts = [
         f"# {title}",
         "",

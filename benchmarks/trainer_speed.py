@@ -77,7 +77,7 @@ def commands(args: argparse.Namespace, out: Path) -> dict[str, tuple[list[str], 
     stage2 += ["--num_train", str(args.fit_lines), "--num_eval", "0", "--output_dir", str(out / "fit")]
     stage2 += ["--max_steps", str(args.fit_steps), "--max_response_tokens", "48", "--fit_method", "adam"]
     return {
-        "stage 1 (pretrain)": (stage1, [*stage1, "--length_grouped", "true", "--identity_every", "0"]),
+        "stage 1 (pretrain)": (stage1, [*stage1, "--length_grouped", "true"]),
         "stage 2 (add-persona, Adam)": (stage2, stage2),
     }
 

@@ -156,8 +156,11 @@ def test_adam_recipe_with_several_chunks_matches_one_chunk():
     assert chunked.losses == pytest.approx(one.losses, rel=1e-5)
 
 
-def test_right_padding_is_cut_per_chunk_without_changing_the_fit():
-    """Extra right padding (as when a full batch is padded to its longest row) changes neither losses nor result."""
+def test_right_padding_is_cut_per_chunk_without_changing_the_fit(monkeypatch):
+    """Extra right padding (as when a full batch is padded to its longest row) is cut before the model runs, and
+    changes neither losses nor result."""
+    import peft_personamux.fitting as fitting
+
     model = mux()
     model.add_personas(["x"])
     batch = fit_batch(model, ["x"], per_persona=6)
@@ -169,6 +172,14 @@ def test_right_padding_is_cut_per_chunk_without_changing_the_fit():
     padded["input_ids"] = torch.cat([batch["input_ids"], pad + 1], dim=1)
     padded["attention_mask"] = torch.cat([batch["attention_mask"], pad], dim=1)
     padded["labels"] = torch.cat([batch["labels"], pad - 100], dim=1)
+    widths, response_nll = [], fitting.response_nll
+
+    def recording(tuner, chunk, *args, **kwargs):
+        widths.append(chunk["input_ids"].shape[1])
+        return response_nll(tuner, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(fitting, "response_nll", recording)
     cut = fit_mixtures(model, padded, method="lbfgs", steps=3, chunk_size=4, progress=False)
+    assert set(widths) == {batch["input_ids"].shape[1]}  # the 7 padding columns never reach the model
     assert cut.losses == pytest.approx(plain.losses, rel=1e-5)
     torch.testing.assert_close(model.get_mixture("x"), first, atol=1e-5, rtol=1e-4)

@@ -30,9 +30,14 @@ MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # wha
 
 
 def cpu_features() -> list[str]:
-    """Which of `MATRIX_FLAGS` /proc/cpuinfo lists (two CPUs both named "AMD EPYC" can differ 40x in bf16)."""
+    """Which of `MATRIX_FLAGS` /proc/cpuinfo lists (two CPUs both named "AMD EPYC" can differ 100x in bf16 matmul)."""
     present = set((_cpuinfo("flags") or "").split())
     return [flag for flag in MATRIX_FLAGS if flag in present]
+
+
+def features_label(hw: dict[str, Any]) -> str:
+    """``hardware()``'s CPU flags for a report line, e.g. "avx2" or "avx512f, avx512_bf16"."""
+    return ", ".join(hw.get("cpu_features") or ["no avx2/avx512/amx"])
 
 
 def hardware(device: torch.device | str | None = None, dtype: str | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import write_json
+from ..machine import features_label
 from .common import REFERENCE
 from .data_efficiency import data_efficiency_markdown, plot_data_efficiency
 from .headroom_report import headroom_markdown, plot_headroom, plot_identification
@@ -69,7 +70,6 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     config = results["config"]
     data = results["data"]
     hw = results["hardware"]
-    features = ", ".join(hw.get("cpu_features") or ["no avx2/avx512/amx"])  # bf16 speed depends on them
     n = len(data["unseen_personas"])
     lines = [
         "# Persona-Mux evaluation",
@@ -78,7 +78,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         "",
         f"Wall time of this call: {results['wall_seconds_this_call']:.1f} s; compute over all calls (stages, cached "
         f"ones included): {results['compute_seconds_all_calls']:.1f} s.",
-        f"Hardware: {hw.get('gpu', 'cpu')}, {hw['cpu']} ({features}), {hw['cpu_cores']} CPUs "
+        f"Hardware: {hw.get('gpu', 'cpu')}, {hw['cpu']} ({features_label(hw)}), {hw['cpu_cores']} CPUs "
         f"({hw['torch_threads']} torch threads), {hw['platform']}; torch {hw['torch']}, transformers "
         f"{hw['transformers']}, peft {hw['peft']}.",
         "",
