@@ -12,6 +12,7 @@ from peft_personamux.loss import (
     PLAIN,
     LossOptions,
     PrefixCache,
+    choose_attention,
     choose_autocast,
     mean_response_loss,
     response_nll,
@@ -22,6 +23,8 @@ FAST_OPTIONS = [
     LossOptions(labels_only=True, prefix_cache=False),
     LossOptions(labels_only=False, prefix_cache=True),
     LossOptions(labels_only=True, prefix_cache=True),
+    LossOptions(labels_only=True, prefix_cache=True, attention="eager"),
+    LossOptions(labels_only=True, prefix_cache=True, attention="sdpa"),
 ]
 
 
@@ -45,7 +48,7 @@ def loss_and_grads(model, batch, options, cache=None):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("options", FAST_OPTIONS, ids=["labels_only", "prefix", "both"])
+@pytest.mark.parametrize("options", FAST_OPTIONS, ids=["labels_only", "prefix", "both", "eager", "sdpa"])
 def test_fast_paths_give_the_plain_loss_and_gradients(arch, options):
     model = mux(arch)  # eval mode: GPT-2's dropout would make two passes differ
     batch = batch_for(model)
@@ -117,3 +120,28 @@ def test_choose_autocast_modes():
     assert choose_autocast("cpu", "auto") in (None, torch.bfloat16)
     with pytest.raises(ValueError, match="autocast"):
         choose_autocast("cpu", "fp8")
+
+
+def test_attention_switch_is_per_call_and_restored():
+    model = mux("llama")
+    config = model.base_model.model.config
+    before = config._attn_implementation
+    other = "eager" if before != "eager" else "sdpa"
+    seen = []
+    layer = model.base_model.model.model.layers[0].self_attn
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
+    try:
+        response_nll(model, batch_for(model), options=LossOptions(attention=other))
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {other}  # every pass (prefixes and rows) ran with the requested implementation
+    assert config._attn_implementation == before  # and the model is as it was
+
+
+def test_choose_attention_modes():
+    assert choose_attention("cpu", torch.bfloat16) == "eager"
+    assert choose_attention("cpu", None) is None  # float32: SDPA is the faster one
+    assert choose_attention("cpu", torch.bfloat16, "model") is None
+    assert choose_attention("cpu", None, "sdpa") == "sdpa"
+    with pytest.raises(ValueError, match="attention"):
+        choose_attention("cpu", None, "")

@@ -8,7 +8,10 @@ and the whole prompt with gradient. Training a soft prompt needs neither:
 * **prefix reuse**: the tokens before the soft prompt (the chat template's system turn, the text persona) do not
   depend on any trained weight, so their key/value states are computed once without gradient (`PrefixCache`) and
   the rest of each row runs on top of them;
-* **bf16 autocast** where the processor has bf16 matrix units (`choose_autocast` measures it).
+* **bf16 autocast** where the processor has bf16 matrix units (`choose_autocast` measures it);
+* **eager attention under CPU bf16 autocast** (`choose_attention`): torch's CPU flash-attention backward is the
+  largest single cost on short rows (30% of a step on a 2-core AMX Xeon); the plain matmul-softmax path is faster
+  there and gives the same loss within bf16 rounding.
 
 `response_nll` returns the same numbers as the plain path (see tests/test_loss.py) and is what the Trainer stages,
 persona fitting and loss evaluation call.
@@ -55,6 +58,7 @@ class LossOptions:
     labels_only: bool = True  # output head only at positions that predict a label
     prefix_cache: bool = True  # reuse the key/value states of the text before the soft prompt
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None runs in the weights' dtype
+    attention: str | None = None  # attention implementation for the call ("eager", "sdpa"); None: the model's own
 
 
 FAST = LossOptions()  # every exact shortcut, in the weights' dtype
@@ -113,6 +117,11 @@ def response_nll(
     flow to whatever requires them (codebook, bias, mixtures). With ``options.prefix_cache`` and no
     ``prefix_cache`` given, prefixes are computed for this call only.
     """
+    with _attention(as_tuner(model).model, options.attention):
+        return _response_nll(model, batch, bias_scale, mixtures, options, prefix_cache)
+
+
+def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, prefix_cache):
     tuner = as_tuner(model)
     device = batch["input_ids"].device
     prepared = tuner.prepare(
@@ -188,6 +197,22 @@ def bf16_matmul_speedup(rows: int = 1024, inner: int = 576, cols: int = 1536, re
     return timed(a, b) / max(timed(a.bfloat16(), b.bfloat16()), 1e-9)
 
 
+def choose_attention(device: torch.device | str, autocast_dtype: torch.dtype | None, mode: str = "auto") -> str | None:
+    """The attention implementation for training: ``"auto"`` (eager under bf16 autocast on CPU, else the model's
+    own), ``"model"`` (the model's own), or a transformers implementation name (``"eager"``, ``"sdpa"``).
+
+    Measured (benchmarks/train_speed.py): on CPU, bf16 autocast with eager attention trains faster than with SDPA,
+    whose flash-attention backward dominates short rows; in float32 SDPA is the faster one.
+    """
+    if not mode or not isinstance(mode, str):
+        raise ValueError(f"`attention` must be 'auto', 'model' or an attention implementation name, got {mode!r}.")
+    if mode == "model":
+        return None
+    if mode != "auto":
+        return mode
+    return "eager" if torch.device(device).type == "cpu" and autocast_dtype == torch.bfloat16 else None
+
+
 # -- internals -------------------------------------------------------------------------------------------------------
 
 
@@ -195,6 +220,25 @@ def _autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _attention(base: nn.Module, implementation: str | None):
+    """Run with ``base.config._attn_implementation = implementation`` (restored afterwards); None: unchanged.
+
+    Left unchanged under activation checkpointing: its recomputation runs in backward, outside this context.
+    """
+    config = getattr(base, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
+    if implementation is None or previous is None or previous == implementation or checkpointing:
+        yield
+        return
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def _decoder_body(base: nn.Module) -> nn.Module | None:

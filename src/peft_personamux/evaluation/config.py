@@ -153,6 +153,14 @@ class EvalConfig:
         },
     )
     fit_chunk_size: int = field(default=16, metadata={"help": "Rows per forward pass while fitting (memory only)."})
+    fit_autocast: str = field(
+        default="no",
+        metadata={
+            "help": "Autocast of the headroom and 'lbfgs from mean' fits (scores stay exact float32): 'no' (float32, "
+            "as every run before this field), 'auto' (bf16 where this CPU's bf16 matmul measures >= 1.25x float32, "
+            "with eager attention; training.md) or 'bf16'."
+        },
+    )
     bias_scales: list[float] = field(
         default_factory=lambda: [1.0, 0.5, 0.0],
         metadata={"help": "Bias scales Persona-Mux is scored at (paper: full 1, half 0.5, none 0)."},
@@ -286,6 +294,8 @@ class EvalConfig:
             raise ValueError(
                 f"`random_codebook_method` must be one of {FIT_METHODS}, got {self.random_codebook_method!r}."
             )
+        if self.fit_autocast not in ("auto", "bf16", "no"):
+            raise ValueError(f"`fit_autocast` must be 'auto', 'bf16' or 'no', got {self.fit_autocast!r}.")
         if self.headroom_method not in ("lbfgs", "adam", "fisher"):
             raise ValueError(f"`headroom_method` must be 'lbfgs', 'adam' or 'fisher', got {self.headroom_method!r}.")
         if not isinstance(self.subnetwork_sparsities, list):
@@ -328,6 +338,8 @@ class EvalConfig:
     def fingerprint(self) -> str:
         """Hash of every field that changes a number of the run (the stage cache is valid only for the same one)."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        if relevant["fit_autocast"] == "no":
+            del relevant["fit_autocast"]  # the only behaviour before the field existed: older stage caches stay valid
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

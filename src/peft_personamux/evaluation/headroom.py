@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collator import PersonaMuxCollator
-from ..loss import FAST, LossOptions, PrefixCache, response_nll
+from ..loss import FAST, LossOptions, PrefixCache, choose_attention, choose_autocast, response_nll
 from .methods import codebook_tensors, random_codebook_like, zero_mixtures
 from .metrics import identification_summary, summarize
 
@@ -61,9 +61,11 @@ class HeadroomSettings:
     fit_options: LossOptions = FAST  # loss shortcuts while fitting (scores always use exact float32)
 
     @classmethod
-    def from_config(cls, config) -> HeadroomSettings:
-        """The settings an `EvalConfig` asks for."""
+    def from_config(cls, config, device: torch.device | str = "cpu") -> HeadroomSettings:
+        """The settings an `EvalConfig` asks for, fitting on ``device``."""
+        dtype = choose_autocast(device, getattr(config, "fit_autocast", "no"))
         return cls(
+            fit_options=LossOptions(autocast_dtype=dtype, attention=choose_attention(device, dtype)),
             method=config.headroom_method,
             steps=config.headroom_steps,
             lr=config.fit_lr,

@@ -97,6 +97,14 @@ class PersonaMuxTrainingArguments(TrainingArguments):
             ">= 1.25x float32), 'bf16', or 'no'."
         },
     )
+    attention: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention implementation of the fast loss: 'auto' (eager under bf16 autocast on CPU, where "
+            "torch's flash-attention backward is slow on short rows; else the model's own), 'model', or a "
+            "transformers implementation name such as 'eager' or 'sdpa'."
+        },
+    )
     mixture_learning_rate: float | None = field(
         default=None,
         metadata={

@@ -16,11 +16,11 @@ from transformers import TrainerCallback
 
 from ..collator import PersonaMuxCollator
 from ..diagnostics import IdentityDiagnosticCallback
-from ..loss import PLAIN, LossOptions
+from ..loss import PLAIN
 from .arguments import CodebookTrainingArguments, PersonaFitArguments, PersonaMuxTrainingArguments
 from .callbacks import LossLogCallback, StageSwitchCallback, TrainPersonasCallback
 from .heldout import evaluate_loss
-from .trainer import PersonaMuxTrainer, autocast_dtype
+from .trainer import PersonaMuxTrainer, fast_loss_options
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _gradient_codebook(model, batches, trainer: PersonaMuxTrainer) -> dict:
 
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    options = LossOptions(autocast_dtype=trainer.autocast_dtype())
+    options = trainer.loss_options()
     init = init_codebook_from_gradients(model, batches, options, progress=not trainer.args.disable_tqdm)
     return {
         "gradient_codebook_explained": round(init.explained, 5),
@@ -267,7 +267,7 @@ def _fit_direct(model, tokenizer, dataset, args: PersonaFitArguments, text_perso
     batch = mux_collator(model, tokenizer, args, text_personas)(rows)
     order = batch["attention_mask"].sum(-1).argsort(stable=True)  # by length: chunks of similar rows, less padding
     batch = {k: v[order].to(device) for k, v in batch.items()}
-    options = LossOptions(autocast_dtype=autocast_dtype(args, device)) if args.fast_loss else PLAIN
+    options = fast_loss_options(args, device) if args.fast_loss else PLAIN
     fit = fit_mixtures(
         model,
         batch,

@@ -8,7 +8,7 @@ import os
 import torch
 from transformers import Trainer
 
-from ..loss import LossOptions, PrefixCache, choose_autocast, mean_response_loss
+from ..loss import LossOptions, PrefixCache, choose_attention, choose_autocast, mean_response_loss
 from ..persona_files import list_persona_files
 from ..sampling import PersonaBatchSampler, row_lengths
 
@@ -39,6 +39,14 @@ def autocast_dtype(args, device: torch.device | str) -> torch.dtype | None:
     return choose_autocast(device, args.autocast)
 
 
+def fast_loss_options(args, device: torch.device | str) -> LossOptions:
+    """The fast loss's options for training arguments ``args`` on ``device`` (autocast and attention choice)."""
+    dtype = autocast_dtype(args, device)
+    return LossOptions(
+        autocast_dtype=dtype, attention=choose_attention(device, dtype, getattr(args, "attention", "auto"))
+    )
+
+
 class PersonaMuxTrainer(Trainer):
     """`Trainer` that keeps the persona columns, restores persona files when resuming, computes the loss with
     `loss.response_nll` (``fast_loss``), gives the mixture table its own learning rate and orders batches by
@@ -48,7 +56,7 @@ class PersonaMuxTrainer(Trainer):
         if not getattr(self.args, "fast_loss", False) or return_outputs or self.args.world_size > 1:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # DDP needs its forward
         if getattr(self, "_loss_options", None) is None:
-            self._loss_options = LossOptions(autocast_dtype=self.autocast_dtype())
+            self._loss_options = fast_loss_options(self.args, self.args.device)
             self._prefix_cache = PrefixCache()
             logger.info("Fast loss: %s.", self._loss_options)
         model = self.accelerator.unwrap_model(model)
@@ -59,6 +67,10 @@ class PersonaMuxTrainer(Trainer):
     def autocast_dtype(self) -> torch.dtype | None:
         """The fast loss's autocast dtype (``args.autocast``, bf16 under ``--bf16``); None: the weights' dtype."""
         return autocast_dtype(self.args, self.args.device)
+
+    def loss_options(self) -> LossOptions:
+        """The fast loss's options: autocast dtype and attention implementation (`fast_loss_options`)."""
+        return fast_loss_options(self.args, self.args.device)
 
     def create_optimizer(self, model=None):
         rate = getattr(self.args, "mixture_learning_rate", None)

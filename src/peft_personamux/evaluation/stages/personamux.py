@@ -143,7 +143,7 @@ class PersonaMuxStages:
 
         base, tokenizer = self.base()
         c = self.config
-        settings = HeadroomSettings.from_config(c)
+        settings = HeadroomSettings.from_config(c, self.device)
         return run_headroom(
             base,
             tokenizer,
@@ -170,7 +170,9 @@ class PersonaMuxStages:
         mean = pretraining_mean_mixture(model)
         if mean is None:
             logger.warning("The codebook folder has no persona files: the lbfgs fits start at the zero mixture.")
-        settings = dataclasses.replace(HeadroomSettings.from_config(config), method="lbfgs", steps=config.lbfgs_steps)
+        settings = dataclasses.replace(
+            HeadroomSettings.from_config(config, self.device), method="lbfgs", steps=config.lbfgs_steps
+        )
         start = torch.zeros(codebook_tensors(model)[0].shape[0]) if mean is None else mean  # (num_codes,)
         out = fit_each(
             model, batch, self.personas, settings, "lbfgs", start, desc="Persona-Mux (lbfgs from mean): fit"
