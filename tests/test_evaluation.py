@@ -217,11 +217,22 @@ def test_shipped_configs_are_valid(name):
         ("subnetwork_sparsities", [0.3, 0.3], "`subnetwork_sparsities` has duplicates"),
         ("subnetwork_sparsities", 0.3, "`subnetwork_sparsities` must be a list"),
         ("subnetwork_statistic", "l1", "`subnetwork_statistic`"),
+        ("fit_autocast", "fp16", "`fit_autocast` must be 'auto', 'bf16' or 'no'"),
     ],
 )
 def test_config_validation_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**{field: value})
+
+
+def test_fit_autocast_keeps_older_fingerprints_and_reaches_the_fits():
+    from peft_personamux.evaluation.headroom import HeadroomSettings
+
+    assert EvalConfig(fit_autocast="no").fingerprint() == EvalConfig().fingerprint()
+    assert EvalConfig(fit_autocast="bf16").fingerprint() != EvalConfig().fingerprint()  # fits change: a new run
+    options = HeadroomSettings.from_config(EvalConfig(fit_autocast="bf16"), "cpu").fit_options
+    assert options.autocast_dtype is torch.bfloat16 and options.attention == "eager"
+    assert HeadroomSettings.from_config(EvalConfig(), "cpu").fit_options.autocast_dtype is None
 
 
 def test_config_files_reject_unknown_fields_and_allow_comments(tmp_path):
