@@ -143,5 +143,5 @@ def test_choose_attention_modes():
     assert choose_attention("cpu", None) is None  # float32: SDPA is the faster one
     assert choose_attention("cpu", torch.bfloat16, "model") is None
     assert choose_attention("cpu", None, "sdpa") == "sdpa"
-    with pytest.raises(ValueError, match="attention"):
-        choose_attention("cpu", None, "")
+    with pytest.raises(ValueError, match="`attention` must be one of .*got 'flash'"):
+        choose_attention("cpu", None, "flash")

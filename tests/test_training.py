@@ -82,6 +82,8 @@ def test_argument_defaults_and_validation(tmp_path):
         CodebookTrainingArguments(output_dir=str(tmp_path), max_prompt_tokens=0)
     with pytest.raises(ValueError, match="`max_micro_batch_size`"):
         PersonaFitArguments(output_dir=str(tmp_path), max_micro_batch_size=0)
+    with pytest.raises(ValueError, match="`attention` must be one of"):
+        CodebookTrainingArguments(output_dir=str(tmp_path), attention="flash")
     assert (fit.fit_method, fit.fisher_steps) == ("adam", 6)
     with pytest.raises(ValueError, match="`fit_method` must be 'adam', 'fisher' or 'lbfgs', got 'sgd'"):
         PersonaFitArguments(output_dir=str(tmp_path), fit_method="sgd")

@@ -204,8 +204,11 @@ def choose_attention(device: torch.device | str, autocast_dtype: torch.dtype | N
     Measured (benchmarks/train_speed.py): on CPU, bf16 autocast with eager attention trains faster than with SDPA,
     whose flash-attention backward dominates short rows; in float32 SDPA is the faster one.
     """
-    if not mode or not isinstance(mode, str):
-        raise ValueError(f"`attention` must be 'auto', 'model' or an attention implementation name, got {mode!r}.")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ("auto", "model", "eager", *ALL_ATTENTION_FUNCTIONS.keys())
+    if mode not in known:
+        raise ValueError(f"`attention` must be one of {', '.join(map(repr, known))}, got {mode!r}.")
     if mode == "model":
         return None
     if mode != "auto":
