@@ -1,13 +1,17 @@
 """Copy a finished `personamux pretrain` run into the package as the shipped codebook, and its logs into docs/.
 
     python docs/pretrained/ship.py runs/shakespeare-pretrain
+    python docs/pretrained/ship.py runs/shakespeare-pretrain --checkpoint 1000 --info OTHER/personamux_pretrain.json
 
 The adapter's base_model_name_or_path becomes the `smollm2-135m-instruct` sentinel (not this machine's path).
+``--checkpoint N`` ships the weights of ``RUN/checkpoint-N`` instead of the finished run's (an interim copy while a
+long run goes on); ``personamux_pretrain.json`` is written only when the run ends, so it then comes from ``--info``,
+which must describe the same data split and prompt format.
 """
 
+import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,17 +19,21 @@ PACKAGE = ROOT / "src" / "peft_personamux" / "pretrained" / "shakespeare"
 DOCS = ROOT / "docs" / "pretrained"
 
 
-def main(run: str) -> None:
+def main(run: str, checkpoint: int | None = None, info: str | None = None) -> None:
     run_dir = Path(run)
-    for name in ("adapter_config.json", "adapter_model.safetensors", "personas", "personamux_pretrain.json"):
-        if not (run_dir / name).exists():
-            raise SystemExit(f"{run_dir / name} is missing: is the run finished?")
+    weights_dir = run_dir if checkpoint is None else run_dir / f"checkpoint-{checkpoint}"
+    info_file = Path(info) if info else run_dir / "personamux_pretrain.json"
+    needed = [weights_dir / n for n in ("adapter_config.json", "adapter_model.safetensors", "personas")] + [info_file]
+    for path in needed:
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: is the run finished (or pass --checkpoint and --info)?")
+    info_text = info_file.read_text()  # read before the package directory (which may hold info_file) is replaced
     shutil.rmtree(PACKAGE, ignore_errors=True)
     PACKAGE.mkdir(parents=True)
-    shutil.copytree(run_dir / "personas", PACKAGE / "personas")
-    shutil.copy2(run_dir / "adapter_model.safetensors", PACKAGE)
-    shutil.copy2(run_dir / "personamux_pretrain.json", PACKAGE)
-    config = json.loads((run_dir / "adapter_config.json").read_text())
+    shutil.copytree(weights_dir / "personas", PACKAGE / "personas")
+    shutil.copy2(weights_dir / "adapter_model.safetensors", PACKAGE)
+    (PACKAGE / "personamux_pretrain.json").write_text(info_text)
+    config = json.loads((weights_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "smollm2-135m-instruct"
     (PACKAGE / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     for name in ("loss_log.jsonl", "loss_curve.png", "identity_log.jsonl"):
@@ -55,4 +63,9 @@ def plot_identity(log: Path, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/shakespeare-pretrain")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", nargs="?", default="runs/shakespeare-pretrain", help="the pretraining output_dir")
+    parser.add_argument("--checkpoint", type=int, help="ship RUN/checkpoint-N's weights (run not finished)")
+    parser.add_argument("--info", help="personamux_pretrain.json to ship (default: RUN's, written at the end)")
+    args = parser.parse_args()
+    main(args.run, args.checkpoint, args.info)
