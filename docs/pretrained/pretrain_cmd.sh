@@ -11,6 +11,6 @@ personamux pretrain \
   --per_device_train_batch_size 8 --learning_rate 1e-2 \
   --mixture_learning_rate 0.1 --personas_per_batch 2 --length_grouped true \
   --identity_every 250 --identity_lines 2 --identity_personas 64 \
-  --max_steps "${MAX_STEPS:-3000}" --warmup_epochs 0.08 \
+  --max_steps "${MAX_STEPS:-2000}" --warmup_epochs 0.08 \
   --logging_steps 10 --save_strategy steps --save_steps 250 --save_total_limit 2 \
   --seed 0 --report_to none --disable_tqdm true "$@"
