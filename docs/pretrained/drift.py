@@ -46,7 +46,8 @@ def main() -> None:
         raise SystemExit("Give at least two checkpoint folders.")
     rates = learning_rates(folders[-1] / "trainer_state.json")
     rows = []
-    print("| steps | tensor | norm at start | relative change | RMS change per element | random-walk scale | consistent scale |")
+    header = ("steps", "tensor", "norm at start", "relative change", "RMS change per element", "random-walk scale")
+    print("| " + " | ".join(header) + " | consistent scale |")
     print("|---|---|---|---|---|---|---|")
     for a, b in zip(folders, folders[1:]):
         start, end = int(a.name.rsplit("-", 1)[-1]), int(b.name.rsplit("-", 1)[-1])

@@ -39,10 +39,12 @@ def persona_prompt_gradients(
     batches: Sequence[Mapping[str, torch.Tensor]],
     options: LossOptions = FAST,
     progress: bool = True,
+    desc: str = "codebook init: gradients",
 ) -> dict[int, torch.Tensor]:
     """Per persona row: gradient of its mean token loss w.r.t. the mixed tokens, (tokens_per_code, hidden).
 
     ``batches`` are collator batches (``persona_ids`` rows of the table). Model weights get no gradient.
+    ``desc``: the progress bar's text.
     """
     tuner = as_tuner(model)
     layer = tuner.personamux_layer
@@ -64,7 +66,7 @@ def persona_prompt_gradients(
     was_training = tuner.training
     tuner.eval()
     try:
-        for batch in tqdm(batches, desc="codebook init: gradients", disable=not progress):
+        for batch in tqdm(batches, desc=desc, disable=not progress):
             nll, counts = response_nll(tuner, batch, options=options, prefix_cache=cache)
             nll.sum().backward()
             ids, embeds = captured["ids"], captured["embeds"]

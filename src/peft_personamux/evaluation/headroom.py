@@ -119,12 +119,21 @@ def free_prompt_model(base, learned, tokens_per_code: int):
 
 
 @torch.no_grad()
-def row_losses(model, batch: Mapping[str, torch.Tensor], chunk_size: int, persona_row: int | None = None):
-    """Summed NLL and label tokens per row, each row under its own persona or all under ``persona_row``."""
+def row_losses(
+    model,
+    batch: Mapping[str, torch.Tensor],
+    chunk_size: int,
+    persona_row: int | None = None,
+    desc: str | None = None,
+):
+    """Summed NLL and label tokens per row, each row under its own persona or all under ``persona_row``.
+
+    ``desc``: show a progress bar over the chunks with this text (none when None).
+    """
     cache = PrefixCache()
     nlls, tokens = [], []
     n = batch["input_ids"].shape[0]
-    for start in range(0, n, chunk_size):
+    for start in tqdm(range(0, n, chunk_size), desc=desc, disable=desc is None, leave=False):
         chunk = {k: v[start : start + chunk_size] for k, v in batch.items()}
         if persona_row is not None:
             chunk["persona_ids"] = torch.full_like(chunk["persona_ids"], persona_row)
@@ -186,10 +195,12 @@ def run_headroom(
         collator = PersonaMuxCollator.for_model(model, tokenizer, **collator_kwargs)
         return {k: v.to(device) for k, v in collator(list(rows)).items()}
 
-    def scores(model, train, test) -> dict:
+    def scores(model, train, test, label: str) -> dict:
         return {
-            "train": per_persona(train_rows, *row_losses(model, train, settings.chunk_size)),
-            "test": per_persona(test_rows, *row_losses(model, test, settings.chunk_size)),
+            "train": per_persona(
+                train_rows, *row_losses(model, train, settings.chunk_size, desc=f"score {label} train")
+            ),
+            "test": per_persona(test_rows, *row_losses(model, test, settings.chunk_size, desc=f"score {label} test")),
         }
 
     def fitted(model, train, test, label: str, start: torch.Tensor) -> None:
@@ -200,7 +211,7 @@ def run_headroom(
             return
         progress = result.setdefault(f"{label}_in_progress", {})
         out = fit_each(model, train, personas, settings, label, start, progress, checkpoint)
-        out.update(scores(model, train, test))
+        out.update(scores(model, train, test, label))
         out["mixtures"] = {name: model.get_mixture(name).tolist() for name in personas}
         result[label] = out
         del result[f"{label}_in_progress"]
@@ -214,7 +225,7 @@ def run_headroom(
     train, test = collate(learned, train_rows), collate(learned, test_rows)
     if "zero" not in result:
         zero_mixtures(learned, personas)
-        result["zero"] = scores(learned, train, test)
+        result["zero"] = scores(learned, train, test, "zero")
         checkpoint()
     codebook, _ = codebook_tensors(learned)
     kept = codebook.detach().clone().float()  # (num_codes, tokens_per_code, hidden)
@@ -225,7 +236,7 @@ def run_headroom(
     for name in personas:
         learned.set_mixture(name, start)
     if mean is not None and "mean64" not in result:
-        result["mean64"] = scores(learned, train, test)
+        result["mean64"] = scores(learned, train, test, "mean64")
         checkpoint()
     spans = {"mix64": kept, "random64": random_codebook_like(kept, settings.seed)}
     if settings.gradient_personas and pretrain_rows:
@@ -241,7 +252,7 @@ def run_headroom(
         result["grad64_codebook"] = {"personas": len(names), "lines": len(rows), "explained_variance": explained}
     if settings.gradient_capture and "gradient_capture" not in result:
         # the unseen personas' prompt gradients at the start (one pass over train), before any fit moves them
-        unseen = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), progress=False)
+        unseen = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), desc="gradient capture")
         gradients = torch.stack([unseen[learned.persona_index(p)].flatten() for p in personas])  # (personas, 8*hidden)
         result["gradient_capture"] = {
             label: gradient_capture(span, gradients, personas) for label, span in spans.items()
