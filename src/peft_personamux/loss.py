@@ -201,8 +201,8 @@ def choose_attention(device: torch.device | str, autocast_dtype: torch.dtype | N
     """The attention implementation for training: ``"auto"`` (eager under bf16 autocast on CPU, else the model's
     own), ``"model"`` (the model's own), or a transformers implementation name (``"eager"``, ``"sdpa"``).
 
-    Measured (benchmarks/train_speed.py): on CPU, bf16 autocast with eager attention trains faster than with SDPA,
-    whose flash-attention backward dominates short rows; in float32 SDPA is the faster one.
+    On CPU under bf16 autocast, torch's flash-attention backward is slow on short rows, so "auto" takes eager there
+    and keeps the model's own (SDPA) otherwise; `benchmarks/train_speed.py` measures both on a given CPU.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
