@@ -12,6 +12,7 @@ learning rates come from each checkpoint's ``trainer_state.json`` (logged every 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 from pathlib import Path
@@ -30,10 +31,14 @@ def lr_sums(rates: dict[int, float], start: int, end: int) -> tuple[float, float
     logged = sorted(rates)
     total, squares = 0.0, 0.0
     for step in range(start + 1, end + 1):
-        before = [s for s in logged if s <= step] or logged[:1]
-        lr = rates[before[-1]]
+        lr = rates[logged[max(bisect.bisect_right(logged, step) - 1, 0)]]
         total, squares = total + lr, squares + lr * lr
     return total, math.sqrt(squares)
+
+
+def step_of(folder: Path) -> int:
+    """The optimizer step of a ``checkpoint-N`` folder."""
+    return int(folder.name.rsplit("-", 1)[-1])
 
 
 def main() -> None:
@@ -41,7 +46,7 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint-N folders, two or more")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
-    folders = sorted(args.checkpoints, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    folders = sorted(args.checkpoints, key=step_of)
     if len(folders) < 2:
         raise SystemExit("Give at least two checkpoint folders.")
     rates = learning_rates(folders[-1] / "trainer_state.json")
@@ -50,7 +55,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " | consistent scale |")
     print("|---|---|---|---|---|---|---|")
     for a, b in zip(folders, folders[1:]):
-        start, end = int(a.name.rsplit("-", 1)[-1]), int(b.name.rsplit("-", 1)[-1])
+        start, end = step_of(a), step_of(b)
         consistent, walk = lr_sums(rates, start, end)
         before, after = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
         for key in sorted(before):

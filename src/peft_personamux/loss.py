@@ -197,6 +197,16 @@ def bf16_matmul_speedup(rows: int = 1024, inner: int = 576, cols: int = 1536, re
     return timed(a, b) / max(timed(a.bfloat16(), b.bfloat16()), 1e-9)
 
 
+def check_attention(mode: str) -> None:
+    """Raise ValueError naming the `attention` field unless ``mode`` is "auto", "model" or a transformers
+    attention implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ("auto", "model", "eager", *ALL_ATTENTION_FUNCTIONS.keys())
+    if mode not in known:
+        raise ValueError(f"`attention` must be one of {', '.join(map(repr, known))}, got {mode!r}.")
+
+
 def choose_attention(device: torch.device | str, autocast_dtype: torch.dtype | None, mode: str = "auto") -> str | None:
     """The attention implementation for training: ``"auto"`` (eager under bf16 autocast on CPU, else the model's
     own), ``"model"`` (the model's own), or a transformers implementation name (``"eager"``, ``"sdpa"``).
@@ -204,11 +214,7 @@ def choose_attention(device: torch.device | str, autocast_dtype: torch.dtype | N
     On CPU under bf16 autocast, torch's flash-attention backward is slow on short rows, so "auto" takes eager there
     and keeps the model's own (SDPA) otherwise; `benchmarks/train_speed.py` measures both on a given CPU.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    known = ("auto", "model", "eager", *ALL_ATTENTION_FUNCTIONS.keys())
-    if mode not in known:
-        raise ValueError(f"`attention` must be one of {', '.join(map(repr, known))}, got {mode!r}.")
+    check_attention(mode)
     if mode == "model":
         return None
     if mode != "auto":

@@ -25,7 +25,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..files import LOSS_CURVE_NAME, LOSS_LOG_NAME
-from ..loss import choose_attention
+from ..loss import check_attention
 from ..prompting import DEFAULT_INSTRUCTION
 
 
@@ -136,7 +136,7 @@ class PersonaMuxTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
         if self.autocast not in ("auto", "bf16", "no"):
             raise ValueError(f"`autocast` must be 'auto', 'bf16' or 'no', got {self.autocast!r}.")
-        choose_attention("cpu", None, self.attention)  # raises ValueError naming the field for an unknown value
+        check_attention(self.attention)
         if self.mixture_learning_rate is not None and not self.mixture_learning_rate > 0:
             raise ValueError(f"`mixture_learning_rate` must be positive or None, got {self.mixture_learning_rate!r}.")
 
