@@ -218,6 +218,7 @@ def test_shipped_configs_are_valid(name):
         ("subnetwork_sparsities", 0.3, "`subnetwork_sparsities` must be a list"),
         ("subnetwork_statistic", "l1", "`subnetwork_statistic`"),
         ("fit_autocast", "fp16", "`fit_autocast` must be 'auto', 'bf16' or 'no'"),
+        ("headroom_gradient_scale", "unit", "`headroom_gradient_scale` must be one of"),
     ],
 )
 def test_config_validation_names_the_field(field, value, message):
@@ -233,6 +234,15 @@ def test_fit_autocast_keeps_older_fingerprints_and_reaches_the_fits():
     options = HeadroomSettings.from_config(EvalConfig(fit_autocast="bf16"), "cpu").fit_options
     assert options.autocast_dtype is torch.bfloat16 and options.attention == "eager"
     assert HeadroomSettings.from_config(EvalConfig(), "cpu").fit_options.autocast_dtype is None
+
+
+def test_headroom_gradient_scale_keeps_older_fingerprints_and_reaches_the_settings():
+    from peft_personamux.evaluation.headroom import HeadroomSettings
+
+    assert EvalConfig(headroom_gradient_scale="equal").fingerprint() == EvalConfig().fingerprint()
+    assert EvalConfig(headroom_gradient_scale="whiten").fingerprint() != EvalConfig().fingerprint()
+    settings = HeadroomSettings.from_config(EvalConfig(headroom_gradient_scale="whiten"), "cpu")
+    assert settings.gradient_scale == "whiten"
 
 
 def test_config_files_reject_unknown_fields_and_allow_comments(tmp_path):

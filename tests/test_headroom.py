@@ -105,12 +105,11 @@ def test_pretraining_sample_takes_the_personas_with_most_lines():
 @pytest.mark.parametrize(
     "interrupt_at, refits",
     [
-        (
-            7,
-            7,
-        ),  # saves: zero, mean64, capture, mix64_zero (a, b, done), mix64 a | then mix64 b, random64, grad64, free8
-        # ... mix64 (b, done), identification, random64 (a, b, done), grad64 a | refit: grad64 b, free8 (a, b)
-        (14, 3),
+        # saves: zero, mean64, capture, mix64_zero (a, b, done), mix64 a | refit: mix64 b, random64, grad64, free8
+        (7, 7),
+        # ... mix64 (b, done), identification, random64 (a, b, done), identification_random64, grad64 a
+        # | refit: grad64 b, free8 (a, b)
+        (15, 3),
     ],
 )
 def test_headroom_run_continues_where_an_interrupted_one_stopped(tmp_path, monkeypatch, interrupt_at, refits):
@@ -159,7 +158,7 @@ def test_headroom_run_continues_where_an_interrupted_one_stopped(tmp_path, monke
     assert len(calls) == refits  # nothing done is fitted again
     for method in ("zero", "mean64", "mix64_zero", "mix64", "random64", "grad64", "free8"):
         assert resumed[method]["test"] == pytest.approx(full[method]["test"], abs=1e-6), method
-    for key in ("identification", "identification_grad64", "identification_free8"):
+    for key in ("identification", "identification_random64", "identification_grad64", "identification_free8"):
         flat = [v for row in resumed[key]["loss_matrix"] for v in row]
         assert flat == pytest.approx([v for row in full[key]["loss_matrix"] for v in row], abs=1e-6), key
     assert "mixtures" not in resumed["free8"] and not any(k.endswith("_in_progress") for k in resumed)

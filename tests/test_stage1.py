@@ -75,6 +75,29 @@ def test_gradient_codebook_spans_the_top_directions():
     assert cosine > 0.99 and explained > 0.99
 
 
+def test_whitened_gradient_codebook_scales_codes_by_inverse_singular_values():
+    torch.manual_seed(0)
+    steep, flat_dir = torch.randn(24), torch.randn(24)
+    flat_dir -= (flat_dir @ steep) / (steep @ steep) * steep  # orthogonal to ``steep``
+    # persona gradients vary 10x more along ``steep``: its code should come out 10x shorter
+    gradients = {
+        i: (10 * (i % 2 - 0.5) * steep / steep.norm() + (i // 2 - 0.5) * flat_dir / flat_dir.norm()).reshape(3, 8)
+        for i in range(4)
+    }
+    equal, _ = codebook_from_gradients(gradients, num_codes=3, code_norm=2.0, seed=0)
+    whitened, explained = codebook_from_gradients(gradients, num_codes=3, code_norm=2.0, seed=0, scale="whiten")
+    norms = whitened.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms.mean(), torch.tensor(2.0))
+    torch.testing.assert_close(norms[1] / norms[0], torch.tensor(10.0), rtol=1e-4, atol=0)
+    assert norms[2] == norms[1]  # the random remainder code gets the flattest direction's norm
+    # the same directions as the equal-norm codebook, only rescaled
+    cosine = torch.nn.functional.cosine_similarity(whitened.flatten(1), equal.flatten(1), dim=1)
+    torch.testing.assert_close(cosine, torch.ones(3))
+    assert explained > 0.99
+    with pytest.raises(ValueError, match="scale"):
+        codebook_from_gradients(gradients, num_codes=3, code_norm=2.0, scale="unit")
+
+
 def test_derangement_has_no_fixed_point():
     for n in (2, 3, 10):
         perm = derangement(n, seed=n)

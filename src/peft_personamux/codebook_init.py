@@ -23,6 +23,8 @@ from .tuner.model import as_tuner
 
 logger = logging.getLogger(__name__)
 
+CODE_SCALES = ("equal", "whiten")  # codebook_from_gradients: how the codes' norms are set
+
 
 @dataclass
 class GradientInit:
@@ -83,19 +85,30 @@ def persona_prompt_gradients(
 
 @torch.no_grad()
 def codebook_from_gradients(
-    gradients: Mapping[int, torch.Tensor], num_codes: int, code_norm: float, seed: int | None = None
+    gradients: Mapping[int, torch.Tensor],
+    num_codes: int,
+    code_norm: float,
+    seed: int | None = None,
+    scale: str = "equal",
 ) -> tuple[torch.Tensor, float]:
     """Codebook (num_codes, tokens_per_code, hidden) from the top principal directions of centred gradients.
 
     Returns the codebook and the share of the centred gradients' energy its span holds. With fewer personas than
     codes, the remaining codes are random directions orthogonal to the data's (drawn with ``seed`` when given, so
-    that the same gradients always give the same codebook).
+    that the same gradients always give the same codebook); so are directions of (numerically) zero variance.
+    ``scale``: ``"equal"`` gives every code the norm ``code_norm``; ``"whiten"`` makes code c's norm proportional
+    to ``1 / singular_c`` (mean norm ``code_norm``), so that a unit of mixture moves the loss about equally along
+    every code: the top directions are the steepest, and at equal norms a first optimiser step along them
+    overshoots.
     """
+    if scale not in CODE_SCALES:
+        raise ValueError(f"`scale` must be one of {CODE_SCALES}, got {scale!r}.")
     stacked = torch.stack([g.flatten() for g in gradients.values()])  # (personas, tokens_per_code * hidden)
     shape = next(iter(gradients.values())).shape
     centred = stacked - stacked.mean(0, keepdim=True)
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)  # vh: (min(P, D), D)
-    keep = min(num_codes, vh.shape[0])
+    rank = int((singular > singular[0] * 1e-6).sum())  # centring removes a dimension: the last row is noise
+    keep = min(num_codes, rank)
     directions = vh[:keep]
     explained = float((singular[:keep] ** 2).sum() / (singular**2).sum().clamp(min=1e-30))
     if keep < num_codes:
@@ -103,7 +116,12 @@ def codebook_from_gradients(
         extra = torch.randn(num_codes - keep, directions.shape[1], dtype=directions.dtype, generator=generator)
         extra -= extra @ directions.T @ directions
         directions = torch.cat([directions, torch.linalg.qr(extra.T).Q.T])
-    return (directions * code_norm).reshape(num_codes, *shape), explained
+    norms = torch.ones(num_codes, dtype=directions.dtype)  # (num_codes,)
+    if scale == "whiten":
+        inverse = 1.0 / singular[:keep].clamp(min=singular[0] * 1e-2)  # bounded: at most 100x apart
+        norms = torch.cat([inverse, inverse.max().expand(num_codes - keep)])  # random codes: the flattest's norm
+        norms = norms / norms.mean()
+    return (directions * norms[:, None] * code_norm).reshape(num_codes, *shape), explained
 
 
 def init_codebook_from_gradients(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..codebook_init import CODE_SCALES
 from ..prompting import DEFAULT_INSTRUCTION
 
 TEXT_PERSONA_MODES = ("auto", "none", "name", "describe")
@@ -221,7 +222,10 @@ class EvalConfig:
     )
     headroom_identify_all: bool = field(
         default=True,
-        metadata={"help": "Likelihood identification for grad64 and free8 too (mix64 always); 12 x 12 scorings each."},
+        metadata={
+            "help": "Likelihood identification for random64, grad64 and free8 too (mix64 always); 12 x 12 scorings "
+            "each. Its own-vs-others advantage says how much of a span's gain is particular to each character."
+        },
     )
     headroom_gradient_capture: bool = field(
         default=True,
@@ -232,6 +236,14 @@ class EvalConfig:
     )
     headroom_gradient_lines: int = field(
         default=8, metadata={"help": "Lines per pretraining persona for the grad64 codebook's gradients."}
+    )
+    headroom_gradient_scale: str = field(
+        default="equal",
+        metadata={
+            "help": "Norms of the grad64 codes: 'equal' (each at the learned codes' mean norm) or 'whiten' (norm "
+            "proportional to 1 / the direction's singular value, same mean: equal loss change per unit of "
+            "mixture, so a few optimiser steps do not overshoot along the steepest codes)."
+        },
     )
     data_efficiency_sizes: list[int] = field(
         default_factory=list,
@@ -296,6 +308,10 @@ class EvalConfig:
             )
         if self.fit_autocast not in ("auto", "bf16", "no"):
             raise ValueError(f"`fit_autocast` must be 'auto', 'bf16' or 'no', got {self.fit_autocast!r}.")
+        if self.headroom_gradient_scale not in CODE_SCALES:
+            raise ValueError(
+                f"`headroom_gradient_scale` must be one of {CODE_SCALES}, got {self.headroom_gradient_scale!r}."
+            )
         if self.headroom_method not in ("lbfgs", "adam", "fisher"):
             raise ValueError(f"`headroom_method` must be 'lbfgs', 'adam' or 'fisher', got {self.headroom_method!r}.")
         if not isinstance(self.subnetwork_sparsities, list):
@@ -340,6 +356,8 @@ class EvalConfig:
         relevant = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
         if relevant["fit_autocast"] == "no":
             del relevant["fit_autocast"]  # the only behaviour before the field existed: older stage caches stay valid
+        if relevant["headroom_gradient_scale"] == "equal":
+            del relevant["headroom_gradient_scale"]  # the same for this field
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

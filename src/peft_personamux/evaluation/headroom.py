@@ -55,8 +55,9 @@ class HeadroomSettings:
     seed: int = 0
     gradient_personas: int = 0  # pretraining personas spanning the grad64 codebook; 0: no grad64 row
     gradient_lines: int = 8  # their lines each
+    gradient_scale: str = "equal"  # grad64 code norms: equal, or whitened by the singular values
     zero_start: bool = True  # the mix64_zero row (the paper's start)
-    identify_all: bool = True  # identification for grad64 and free8 too
+    identify_all: bool = True  # identification for random64, grad64 and free8 too
     gradient_capture: bool = True  # share of each prompt gradient in each span (a backward pass over train)
     fit_options: LossOptions = FAST  # loss shortcuts while fitting (scores always use exact float32)
 
@@ -74,6 +75,7 @@ class HeadroomSettings:
             seed=config.seed,
             gradient_personas=config.headroom_gradient_personas,
             gradient_lines=config.headroom_gradient_lines,
+            gradient_scale=config.headroom_gradient_scale,
             zero_start=config.headroom_zero_start,
             identify_all=config.headroom_identify_all,
             gradient_capture=config.headroom_gradient_capture,
@@ -205,8 +207,8 @@ def run_headroom(
 
     def fitted(model, train, test, label: str, start: torch.Tensor) -> None:
         """``result[label]``: every persona fitted from ``start`` and scored; restored when already there."""
-        if label in result:
-            for name, mixture in result[label]["mixtures"].items():
+        if label in result:  # free8's 4,608 numbers per persona are dropped once identified: nothing to restore
+            for name, mixture in result[label].get("mixtures", {}).items():
                 model.set_mixture(name, torch.tensor(mixture))
             return
         progress = result.setdefault(f"{label}_in_progress", {})
@@ -245,10 +247,14 @@ def run_headroom(
         learned.add_personas(names, exist_ok=True)
         for name in names:
             learned.set_mixture(name, start)
-        pre = persona_prompt_gradients(learned, _chunks(collate(learned, rows), settings.chunk_size))
+        pre = persona_prompt_gradients(
+            learned, _chunks(collate(learned, rows), settings.chunk_size), settings.fit_options, desc="grad64 codebook"
+        )
         code_norm = float(kept.flatten(1).norm(dim=1).mean())
         # seeded: a resumed run must rebuild the very span its saved grad64 mixtures were fitted in
-        spans["grad64"], explained = codebook_from_gradients(pre, config.num_codes, code_norm, seed=settings.seed)
+        spans["grad64"], explained = codebook_from_gradients(
+            pre, config.num_codes, code_norm, seed=settings.seed, scale=settings.gradient_scale
+        )
         result["grad64_codebook"] = {"personas": len(names), "lines": len(rows), "explained_variance": explained}
     if settings.gradient_capture and "gradient_capture" not in result:
         # the unseen personas' prompt gradients at the start (one pass over train), before any fit moves them
@@ -271,16 +277,18 @@ def run_headroom(
         model.add_personas(list(personas))
         span_train, span_test = collate(model, train_rows), collate(model, test_rows)
         fitted(model, span_train, span_test, label, start=offset_start)
-        if label == "grad64" and settings.identify_all:
-            identify(model, span_test, "identification_grad64")
+        if settings.identify_all:  # is a span's gain this character's, or shared by all (own vs others' fits)?
+            identify(model, span_test, f"identification_{label}")
         del model
     free = free_prompt_model(base, learned, config.tokens_per_code).to(device)  # base is clean: learned wraps a copy
     del learned
     free.add_personas(list(personas))
     train, test = collate(free, train_rows), collate(free, test_rows)
     fitted(free, train, test, "free8", start=start_prompt.flatten())
-    if settings.identify_all:
+    if settings.identify_all and "mixtures" in result["free8"]:
         identify(free, test, "identification_free8")
+    elif settings.identify_all and "identification_free8" not in result:
+        logger.warning("free8 was fitted by a run without identify_all and its prompts were not kept: not identified.")
     result["free8"].pop("mixtures", None)  # 4,608 numbers per persona: not worth keeping once identified
     result["summary"] = summarize_headroom(result)
     return result

@@ -8,6 +8,7 @@ import torch
 
 from ..files import finite_or_none, write_json
 from .headroom import FITTED, summarize_headroom
+from .metrics import summarize
 
 LABELS = {
     "zero": "zero mixture",
@@ -74,12 +75,21 @@ def headroom_markdown(result: dict) -> list[str]:
             f"The gradient codebook: principal directions of {g['personas']} pretraining characters' gradients "
             f"({g['lines']} lines), holding {100 * g['explained_variance']:.1f}% of their centred variance.",
         ]
-    lines += ["", "Likelihood identification (held-out lines scored under every fitted character):"]
-    for label in ("mix64", "grad64", "free8"):
+    lines += [
+        "",
+        "Likelihood identification (held-out lines scored under every fitted character). The own-fit advantage is "
+        "the held-out loss under the other characters' fits minus under the character's own: the part of a fit's "
+        "gain that is particular to the character (a gain every character's fit gives is not persona):",
+    ]
+    for label in ("mix64", "random64", "grad64", "free8"):
         key = "identification" if label == "mix64" else f"identification_{label}"
         if key in result:
             i = result[key]
-            lines.append(f"- {LABELS[label]}: accuracy {i['accuracy']:.3f} (chance {i['chance']:.3f})")
+            advantage = summarize([g for g in i.get("own_mask_advantage") or [] if g is not None])
+            lines.append(
+                f"- {LABELS[label]}: accuracy {i['accuracy']:.3f} (chance {i['chance']:.3f}), own-fit advantage "
+                f"{_ci(advantage)}"
+            )
     shown = [m for m in ("zero", "mean64", *FITTED) if m in result]
     lines += [
         "",
