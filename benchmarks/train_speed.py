@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import random
 import time
 from collections.abc import Sequence
@@ -70,7 +71,9 @@ def make_batches(collator, rows, batch_size: int, grouped: bool, seed: int) -> l
 
 
 class Variant:
-    def __init__(self, name: str, batches, options: LossOptions, plain_forward: bool = False, threads=None):
+    def __init__(
+        self, name: str, batches, options: LossOptions, plain_forward: bool = False, threads=None, model=None
+    ):
         self.name, self.batches, self.options, self.plain_forward, self.threads = (
             name,
             batches,
@@ -78,6 +81,7 @@ class Variant:
             plain_forward,
             threads,
         )
+        self.model = model  # None: the shared float32 model; else its own (bf16 weights)
         self.cache = PrefixCache()
         self.seconds: list[float] = []
         self.loss = float("nan")
@@ -116,9 +120,10 @@ class Variant:
         return sum(int(b["input_ids"].numel()) for b in self.batches)
 
 
-def variants_for(collator, rows, batch_size, seed, bf16, full_batch: bool = False) -> list[Variant]:
+def variants_for(collator, rows, batch_size, seed, bf16, full_batch: bool = False, bf16_model=None) -> list[Variant]:
     """The variants of one stage. ``full_batch``: the stage fits on all rows at once (stage 2), so the rows per
-    forward pass (chunk) are free and a larger chunk gives the same summed gradient."""
+    forward pass (chunk) are free and a larger chunk gives the same summed gradient. ``bf16_model``: the same model
+    with its frozen base weights stored in bf16 (the adapter stays float32), for the 'bf16 weights' variant."""
     plain = make_batches(collator, rows, batch_size, False, seed)
     grouped = make_batches(collator, rows, batch_size, True, seed)
     labels_only = LossOptions(labels_only=True, prefix_cache=False)
@@ -141,6 +146,8 @@ def variants_for(collator, rows, batch_size, seed, bf16, full_batch: bool = Fals
         out.append(Variant("bf16 autocast + eager attention", plain, eager))
         out.append(Variant("all (bf16)", grouped, everything))
         out.append(Variant("all (bf16, eager attention)", grouped, chosen))
+        if bf16_model is not None:  # no per-call weight casts: the frozen weights are bf16 already
+            out.append(Variant("all (bf16 weights, eager attention)", grouped, chosen, model=bf16_model))
     if full_batch:
         chunks = make_batches(collator, rows, 4 * batch_size, True, seed)
         out.append(Variant(f"all + chunks of {4 * batch_size} rows", chunks, chosen))
@@ -149,12 +156,22 @@ def variants_for(collator, rows, batch_size, seed, bf16, full_batch: bool = Fals
     return out
 
 
+def bf16_weights_copy(model):
+    """A copy of ``model`` whose frozen base weights are bf16 and whose Persona-Mux weights stay float32 (the
+    trained numbers keep full precision; the soft prompt is cast to the embeddings' dtype where it is inserted)."""
+    twin = copy.deepcopy(model)
+    for name, param in twin.named_parameters():
+        if "personamux" not in name:
+            param.data = param.data.to(torch.bfloat16)
+    return twin
+
+
 def measure(model, variants: Sequence[Variant], rounds: int) -> None:
     """``rounds`` interleaved runs of every variant; the report takes each one's fastest (the first round also
     fills the prefix caches, a one-time cost that training amortises)."""
     for _ in range(rounds):
         for variant in variants:
-            variant.run(model)
+            variant.run(variant.model if variant.model is not None else model)
 
 
 def table(variants: Sequence[Variant]) -> tuple[str, list[dict]]:
@@ -201,16 +218,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model.train_codebook()
     speedup = bf16_matmul_speedup() if device.type == "cpu" else float("nan")
     bf16 = device.type == "cpu" and speedup >= 1.25
+    bf16_model = bf16_weights_copy(model) if bf16 else None
     common = dict(max_prompt_tokens=48, max_response_tokens=48)
-    stage1 = variants_for(PersonaMuxCollator.for_model(model, tokenizer, **common), rows, args.batch_size, 0, bf16)
+    stage1 = variants_for(
+        PersonaMuxCollator.for_model(model, tokenizer, **common), rows, args.batch_size, 0, bf16, bf16_model=bf16_model
+    )
     measure(model, stage1, args.rounds)
     # stage 2: one persona's lines with its text persona; only its mixture row trains
     one = rows[0]["persona"]
     fit_rows = [{**r, "persona": one} for r in rows]
     texts = {one: text_persona(one)}
-    model.train_personas([one])
+    for each in (model, bf16_model) if bf16_model is not None else (model,):
+        each.train_personas([one])
     collator = PersonaMuxCollator.for_model(model, tokenizer, text_personas=texts, **common)
-    stage2 = variants_for(collator, fit_rows, args.batch_size, 0, bf16, full_batch=True)
+    stage2 = variants_for(collator, fit_rows, args.batch_size, 0, bf16, full_batch=True, bf16_model=bf16_model)
     measure(model, stage2, args.rounds)
     table1, records1 = table(stage1)
     table2, records2 = table(stage2)

@@ -115,7 +115,8 @@ def test_split_identity_lines_holds_out_the_last_lines():
         split_identity_lines(Dataset.from_list(make_rows(PERSONAS, per_persona=3)), lines=2, personas=3)
 
 
-def test_pretraining_with_every_stage1_option_logs_the_diagnostic(tmp_path, tokenizer):
+@pytest.mark.parametrize("scale", ["equal", "whiten"])
+def test_pretraining_with_every_stage1_option_logs_the_diagnostic(tmp_path, tokenizer, scale):
     model = make_model(tokenizer)
     data = Dataset.from_list(make_rows(PERSONAS, per_persona=8))
     args = codebook_args(
@@ -127,6 +128,7 @@ def test_pretraining_with_every_stage1_option_logs_the_diagnostic(tmp_path, toke
         length_grouped=True,
         gradient_codebook=True,
         gradient_codebook_lines=3,
+        gradient_codebook_scale=scale,
         identity_every=2,
         identity_lines=2,
     )
@@ -151,6 +153,7 @@ def test_stage1_argument_validation(tmp_path):
         ({"autocast": "fp8"}, "autocast"),
         ({"identity_every": -1}, "identity_every"),
         ({"gradient_codebook_lines": 0}, "gradient_codebook_lines"),
+        ({"gradient_codebook_scale": "unit"}, "gradient_codebook_scale"),
     ]:
         with pytest.raises(ValueError, match=match):
             CodebookTrainingArguments(output_dir=str(tmp_path), **QUIET, **kwargs)

@@ -129,10 +129,12 @@ def init_codebook_from_gradients(
     batches: Sequence[Mapping[str, torch.Tensor]],
     options: LossOptions = FAST,
     progress: bool = True,
+    scale: str = "equal",
 ) -> GradientInit:
     """Replace W by the principal directions of per-persona gradients at the zero mixture; mixtures stay as they are.
 
-    Each code keeps the mean norm of the codebook it replaces, so the soft prompt's scale is unchanged.
+    The codes keep the mean norm of the codebook they replace, so the soft prompt's scale is unchanged; ``scale``
+    as in `codebook_from_gradients`.
     """
     tuner = as_tuner(model)
     layer, adapter = tuner.personamux_layer, tuner.current_adapter
@@ -142,7 +144,7 @@ def init_codebook_from_gradients(
     if len(gradients) < 2:
         raise ValueError(f"A gradient codebook needs at least 2 personas, got {len(gradients)}.")
     code_norm = float(codebook.detach().float().flatten(1).norm(dim=1).mean())
-    new, explained = codebook_from_gradients(gradients, codebook.shape[0], code_norm)
+    new, explained = codebook_from_gradients(gradients, codebook.shape[0], code_norm, scale=scale)
     with torch.no_grad():
         codebook.copy_(new.to(codebook.device, codebook.dtype))
     random_share = min(1.0, codebook.shape[0] / new[0].numel())

@@ -213,8 +213,9 @@ class EvalConfig:
     headroom_gradient_personas: int = field(
         default=0,
         metadata={
-            "help": "Pretraining personas whose prompt gradients at the zero mixture span the 'grad64' codebook "
-            "(their principal directions, scaled to the learned codes' norm); 0 leaves that row out."
+            "help": "Pretraining personas (those with the most lines, at most this many) whose prompt gradients at "
+            "the fits' start span the 'grad64' codebook (their principal directions, at the learned codes' mean "
+            "norm); 0 leaves that row out."
         },
     )
     headroom_zero_start: bool = field(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..codebook_init import CODE_SCALES
 from ..files import LOSS_CURVE_NAME, LOSS_LOG_NAME
 from ..loss import check_attention
 from ..prompting import DEFAULT_INSTRUCTION
@@ -166,6 +167,14 @@ class CodebookTrainingArguments(PersonaMuxTrainingArguments):
     gradient_codebook_lines: int = field(
         default=8, metadata={"help": "Lines per persona for the gradient codebook's pass."}
     )
+    gradient_codebook_scale: str = field(
+        default="equal",
+        metadata={
+            "help": "Norms of the gradient codebook's codes: 'equal' (the noise codes' mean norm) or 'whiten' "
+            "(proportional to 1 / the direction's singular value, same mean: the steepest codes get the smallest "
+            "norm, so that the first joint steps do not overshoot along them)."
+        },
+    )
     identity_every: int = field(
         default=0,
         metadata={
@@ -185,6 +194,10 @@ class CodebookTrainingArguments(PersonaMuxTrainingArguments):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         if self.identity_every < 0:
             raise ValueError(f"`identity_every` must be >= 0, got {self.identity_every!r}.")
+        if self.gradient_codebook_scale not in CODE_SCALES:
+            raise ValueError(
+                f"`gradient_codebook_scale` must be one of {CODE_SCALES}, got {self.gradient_codebook_scale!r}."
+            )
 
 
 @dataclass
