@@ -22,6 +22,9 @@ FIT_METHODS = ("adam", "fisher")
 SP_INITS = ("SAMPLE_VOCAB", "RANDOM")
 # Fields that do not change any number of a run: they are left out of the fingerprint that guards the stage cache.
 _NOT_FINGERPRINTED = ("output_dir", "num_threads", "eval_batch_size", "judge_batch_size", "fit_chunk_size")
+# Fields added after stage caches existed, with the value that reproduces the behaviour from before: at that value
+# they are left out of the fingerprint too.
+_ADDED_FIELDS = {"fit_autocast": "no", "headroom_gradient_scale": "equal"}
 
 
 @dataclass
@@ -355,10 +358,9 @@ class EvalConfig:
     def fingerprint(self) -> str:
         """Hash of every field that changes a number of the run (the stage cache is valid only for the same one)."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
-        if relevant["fit_autocast"] == "no":
-            del relevant["fit_autocast"]  # the only behaviour before the field existed: older stage caches stay valid
-        if relevant["headroom_gradient_scale"] == "equal":
-            del relevant["headroom_gradient_scale"]  # the same for this field
+        for name, before in _ADDED_FIELDS.items():
+            if relevant[name] == before:
+                del relevant[name]  # the only behaviour before the field existed: older stage caches stay valid
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
