@@ -192,3 +192,37 @@ def test_an_unfinished_headroom_stage_is_summarised_and_written(tmp_path):
     text = (tmp_path / "headroom.md").read_text()
     assert "Partial" in text and "random64 (1)" in text and "| p/a | 4.100 | 4.000 | 3.900 |" in text
     assert (tmp_path / "headroom_curves.png").is_file() and (tmp_path / "identification.png").is_file()
+
+
+def test_headroom_contrast_codebook_and_quadratic_predictions(tmp_path):
+    """grad64 from the contrast codebook; every span's predicted converged gain, none above the free prompt's."""
+    from tiny_models import make_codebook, make_rows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_personamux.evaluation.headroom import HeadroomSettings, run_headroom
+
+    model_dir, codebook_dir = make_codebook(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    personas = ["new/a", "new/b"]
+    rows = make_rows(personas, per_persona=6)
+    train = [r for i, r in enumerate(rows) if i % 6 < 4]
+    test = [r for i, r in enumerate(rows) if i % 6 >= 4]
+    pretrain = make_rows(("play/p0", "play/p1", "play/p2"), per_persona=4)
+    settings = HeadroomSettings(
+        steps=1, chunk_size=4, gradient_personas=3, gradient_lines=4, zero_start=False, identify_all=False,
+        gradient_codebook="contrast", gradient_scale="whiten", quadratic=True,
+    )  # fmt: skip
+    result = run_headroom(base, tokenizer, codebook_dir, personas, train, test, {}, settings, pretrain_rows=pretrain)
+    assert result["grad64_codebook"]["method"] == "contrast" and result["quadratic"]["grad64"] == "contrast64"
+    predicted = result["quadratic"]
+    for span in ("mix64", "random64", "pca64", "contrast64"):
+        for name in personas:
+            train_gain = predicted[span]["train"]["per_persona"][name]
+            assert 0 <= train_gain <= predicted["free8"]["train"]["per_persona"][name] + 1e-9, (span, name)
+    assert "grad64" in result["summary"]["test"]["gain_over_start"]
+    from peft_personamux.evaluation.headroom_report import write_headroom_outputs
+
+    write_headroom_outputs(result, tmp_path, "test")
+    text = (tmp_path / "headroom.md").read_text()
+    assert "| contrast64 (fitted as grad64) |" in text and "the contrast codebook" in text

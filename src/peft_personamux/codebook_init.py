@@ -11,7 +11,6 @@ each persona's mixture along directions that matter to it. The codes come out or
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from .tuner.model import as_tuner
 logger = logging.getLogger(__name__)
 
 CODE_SCALES = ("equal", "whiten")  # codebook_from_gradients: how the codes' norms are set
+GRADIENT_CODEBOOKS = ("pca", "contrast")  # principal directions here, or `contrast.contrast_codebook`
 
 
 @dataclass
@@ -36,14 +36,31 @@ class GradientInit:
     explained_random: float  # the same share for a random codebook of the same size (expected)
 
 
-def persona_prompt_gradients(
+@dataclass
+class LineGradients:
+    """Each line's gradient of its summed token NLL w.r.t. the mixed tokens, with its token count and persona row."""
+
+    gradients: torch.Tensor  # (lines, tokens_per_code, hidden), float32
+    tokens: torch.Tensor  # (lines,) response tokens in each line's loss
+    persona_ids: torch.Tensor  # (lines,) rows of the persona table
+
+    def persona_means(self) -> dict[int, torch.Tensor]:
+        """Per persona row: gradient of its mean token loss, (tokens_per_code, hidden)."""
+        out = {}
+        for persona in sorted(set(self.persona_ids.tolist())):
+            keep = self.persona_ids == persona
+            out[persona] = self.gradients[keep].sum(0) / max(int(self.tokens[keep].sum()), 1)
+        return out
+
+
+def prompt_line_gradients(
     model,
     batches: Sequence[Mapping[str, torch.Tensor]],
     options: LossOptions = FAST,
     progress: bool = True,
     desc: str = "codebook init: gradients",
-) -> dict[int, torch.Tensor]:
-    """Per persona row: gradient of its mean token loss w.r.t. the mixed tokens, (tokens_per_code, hidden).
+) -> LineGradients:
+    """Every line's gradient w.r.t. the mixed tokens at the personas' current mixtures (one backward per batch).
 
     ``batches`` are collator batches (``persona_ids`` rows of the table). Model weights get no gradient.
     ``desc``: the progress bar's text.
@@ -61,8 +78,7 @@ def persona_prompt_gradients(
         captured["ids"], captured["embeds"] = args[0], leaf
         return leaf
 
-    sums: dict[int, torch.Tensor] = defaultdict(lambda: 0)
-    tokens: dict[int, int] = defaultdict(int)
+    gradients, tokens, personas = [], [], []
     handle = layer.register_forward_hook(hook)
     cache = PrefixCache()
     was_training = tuner.training
@@ -70,17 +86,28 @@ def persona_prompt_gradients(
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress):
             nll, counts = response_nll(tuner, batch, options=options, prefix_cache=cache)
-            nll.sum().backward()
-            ids, embeds = captured["ids"], captured["embeds"]
-            grad = embeds.grad  # (rows, seq, hidden)
-            for row, persona in enumerate(batch["persona_ids"].tolist()):
+            nll.sum().backward()  # rows are independent: each row's gradient is its own line's
+            ids, grad = captured["ids"], captured["embeds"].grad  # grad: (rows, seq, hidden)
+            for row in range(ids.shape[0]):
                 positions = (ids[row] == ph).nonzero()[:, 0][-per_code:]  # the mixed tokens end the run
-                sums[persona] = sums[persona] + grad[row, positions].detach().float()
-                tokens[persona] += int(counts[row])
+                gradients.append(grad[row, positions].detach().float())
+            tokens.append(counts.detach().cpu().long())
+            personas.append(batch["persona_ids"].detach().cpu())
     finally:
         handle.remove()
         tuner.train(was_training)
-    return {p: sums[p] / max(tokens[p], 1) for p in sorted(sums)}
+    return LineGradients(torch.stack(gradients).cpu(), torch.cat(tokens), torch.cat(personas))
+
+
+def persona_prompt_gradients(
+    model,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    options: LossOptions = FAST,
+    progress: bool = True,
+    desc: str = "codebook init: gradients",
+) -> dict[int, torch.Tensor]:
+    """Per persona row: gradient of its mean token loss w.r.t. the mixed tokens, (tokens_per_code, hidden)."""
+    return prompt_line_gradients(model, batches, options, progress, desc).persona_means()
 
 
 @torch.no_grad()

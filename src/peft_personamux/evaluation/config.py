@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..codebook_init import CODE_SCALES
+from ..codebook_init import CODE_SCALES, GRADIENT_CODEBOOKS
 from ..prompting import DEFAULT_INSTRUCTION
 
 TEXT_PERSONA_MODES = ("auto", "none", "name", "describe")
@@ -24,7 +24,12 @@ SP_INITS = ("SAMPLE_VOCAB", "RANDOM")
 _NOT_FINGERPRINTED = ("output_dir", "num_threads", "eval_batch_size", "judge_batch_size", "fit_chunk_size")
 # Fields added after stage caches existed, with the value that reproduces the behaviour from before: at that value
 # they are left out of the fingerprint too.
-_ADDED_FIELDS = {"fit_autocast": "no", "headroom_gradient_scale": "equal"}
+_ADDED_FIELDS = {
+    "fit_autocast": "no",
+    "headroom_gradient_scale": "equal",
+    "headroom_gradient_codebook": "pca",
+    "headroom_quadratic": False,
+}
 
 
 @dataclass
@@ -249,6 +254,22 @@ class EvalConfig:
             "mixture, so a few optimiser steps do not overshoot along the steepest codes)."
         },
     )
+    headroom_gradient_codebook: str = field(
+        default="pca",
+        metadata={
+            "help": "Directions of the grad64 codebook: 'pca' (principal directions of the pretraining personas' "
+            "mean gradients) or 'contrast' (top generalised eigenvectors of their split-half persona signal "
+            "against the lines' curvature: the span the quadratic model expects to gain most on held-out lines)."
+        },
+    )
+    headroom_quadratic: bool = field(
+        default=False,
+        metadata={
+            "help": "Predict every span's converged training and held-out gain with the quadratic model "
+            "(peft_personamux.contrast; one backward pass over the unseen training and held-out lines; needs "
+            "headroom_gradient_personas > 0 for the curvature)."
+        },
+    )
     data_efficiency_sizes: list[int] = field(
         default_factory=list,
         metadata={
@@ -315,6 +336,11 @@ class EvalConfig:
         if self.headroom_gradient_scale not in CODE_SCALES:
             raise ValueError(
                 f"`headroom_gradient_scale` must be one of {CODE_SCALES}, got {self.headroom_gradient_scale!r}."
+            )
+        if self.headroom_gradient_codebook not in GRADIENT_CODEBOOKS:
+            raise ValueError(
+                f"`headroom_gradient_codebook` must be one of {GRADIENT_CODEBOOKS}, "
+                f"got {self.headroom_gradient_codebook!r}."
             )
         if self.headroom_method not in ("lbfgs", "adam", "fisher"):
             raise ValueError(f"`headroom_method` must be 'lbfgs', 'adam' or 'fisher', got {self.headroom_method!r}.")

@@ -10,8 +10,9 @@ For every unseen character, fitted on its training lines and scored on its held-
 * ``mix64``: the 64 weights on the learned codebook; ``mix64_zero`` (optional): the same fitted from zero, the
   paper's start;
 * ``random64``: the 64 weights on a random codebook of the same shape and per-code norm;
-* ``grad64`` (when ``gradient_personas`` > 0): the 64 weights on a codebook computed, not trained: the principal
-  directions of the pretraining personas' prompt gradients at the start (`codebook_init`).
+* ``grad64`` (when ``gradient_personas`` > 0): the 64 weights on a codebook computed, not trained, from the
+  pretraining personas' prompt gradients at the start: their principal directions (``gradient_codebook="pca"``,
+  `codebook_init`) or the contrast of their persona signal against the curvature (``"contrast"``, `contrast`).
 
 The random and gradient spans get the start prompt as a 65th code, so every span starts at the same loss. Every
 persona is fitted on its own (``fitting.fit_mixtures``, L-BFGS by default: the full-batch loss is deterministic), and
@@ -19,7 +20,9 @@ every fit keeps its training-loss curve: a fit that has not flattened measures t
 capture ratio is ``(start - mix64) / (start - free8)``, left out when the free prompt's gain is within its CI.
 **Gradient capture** is the first-order version of the same question, at no fitting cost: the share of each unseen
 character's prompt gradient at the start (8 x hidden numbers) that lies in a codebook's 64-dimensional span; a
-random span holds 64 / (8 x hidden) of it. With the fitted mixtures, each character's held-out lines are also scored
+random span holds 64 / (8 x hidden) of it. The **quadratic model** (`contrast`, ``quadratic``) predicts each span's
+converged training and held-out gain from the same gradients and the pretraining lines' curvature. With the fitted
+mixtures, each character's held-out lines are also scored
 under every other character (likelihood identification: accuracy of the true one against chance 1 / N).
 """
 
@@ -56,6 +59,9 @@ class HeadroomSettings:
     gradient_personas: int = 0  # pretraining personas spanning the grad64 codebook; 0: no grad64 row
     gradient_lines: int = 8  # their lines each
     gradient_scale: str = "equal"  # grad64 code norms: equal, or whitened by the singular values
+    gradient_codebook: str = "pca"  # grad64's directions: principal directions, or the contrast codebook
+    shrinkage: float = 0.2  # the curvature's shrinkage (contrast codebook and quadratic model)
+    quadratic: bool = False  # the quadratic model's predicted converged gains (a backward pass over train and test)
     zero_start: bool = True  # the mix64_zero row (the paper's start)
     identify_all: bool = True  # identification for random64, grad64 and free8 too
     gradient_capture: bool = True  # share of each prompt gradient in each span (a backward pass over train)
@@ -76,6 +82,8 @@ class HeadroomSettings:
             gradient_personas=config.headroom_gradient_personas,
             gradient_lines=config.headroom_gradient_lines,
             gradient_scale=config.headroom_gradient_scale,
+            gradient_codebook=config.headroom_gradient_codebook,
+            quadratic=config.headroom_quadratic,
             zero_start=config.headroom_zero_start,
             identify_all=config.headroom_identify_all,
             gradient_capture=config.headroom_gradient_capture,
@@ -174,7 +182,8 @@ def run_headroom(
     """
     from peft import PeftModel
 
-    from ..codebook_init import codebook_from_gradients, persona_prompt_gradients
+    from ..codebook_init import codebook_from_gradients, persona_prompt_gradients, prompt_line_gradients
+    from ..contrast import contrast_codebook, curvature
 
     settings = settings or HeadroomSettings()
     learned = PeftModel.from_pretrained(copy.deepcopy(base), str(codebook_dir)).to(device)
@@ -241,28 +250,56 @@ def run_headroom(
         result["mean64"] = scores(learned, train, test, "mean64")
         checkpoint()
     spans = {"mix64": kept, "random64": random_codebook_like(kept, settings.seed)}
+    pre_lines = None
     if settings.gradient_personas and pretrain_rows:
         rows = pretraining_sample(pretrain_rows, settings.gradient_personas, settings.gradient_lines)
         names = sorted({r["persona"] for r in rows})
         learned.add_personas(names, exist_ok=True)
         for name in names:
             learned.set_mixture(name, start)
-        pre = persona_prompt_gradients(
+        pre_lines = prompt_line_gradients(
             learned, _chunks(collate(learned, rows), settings.chunk_size), settings.fit_options, desc="grad64 codebook"
         )
         code_norm = float(kept.flatten(1).norm(dim=1).mean())
         # seeded: a resumed run must rebuild the very span its saved grad64 mixtures were fitted in
-        spans["grad64"], explained = codebook_from_gradients(
-            pre, config.num_codes, code_norm, seed=settings.seed, scale=settings.gradient_scale
+        pca, explained = codebook_from_gradients(
+            pre_lines.persona_means(), config.num_codes, code_norm, seed=settings.seed, scale=settings.gradient_scale
         )
-        result["grad64_codebook"] = {"personas": len(names), "lines": len(rows), "explained_variance": explained}
-    if settings.gradient_capture and "gradient_capture" not in result:
+        contrast, share = contrast_codebook(
+            pre_lines, config.num_codes, code_norm, settings.shrinkage, settings.gradient_scale, settings.seed
+        )
+        spans["grad64"] = contrast if settings.gradient_codebook == "contrast" else pca
+        result["grad64_codebook"] = {
+            "personas": len(names),
+            "lines": len(rows),
+            "method": settings.gradient_codebook,
+            "explained_variance": explained,
+            "contrast_share": share,
+        }
+    unseen_train = None
+    if (settings.gradient_capture and "gradient_capture" not in result) or (
+        settings.quadratic and pre_lines is not None and "quadratic" not in result
+    ):
         # the unseen personas' prompt gradients at the start (one pass over train), before any fit moves them
-        unseen = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), desc="gradient capture")
-        gradients = torch.stack([unseen[learned.persona_index(p)].flatten() for p in personas])  # (personas, 8*hidden)
+        unseen_train = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), desc="unseen gradients")
+    if settings.gradient_capture and "gradient_capture" not in result:
+        gradients = torch.stack([unseen_train[learned.persona_index(p)].flatten() for p in personas])  # (personas, D)
         result["gradient_capture"] = {
             label: gradient_capture(span, gradients, personas) for label, span in spans.items()
         } | {"random_expected": config.num_codes / gradients.shape[1]}
+        checkpoint()
+    if unseen_train is not None and settings.quadratic and pre_lines is not None and "quadratic" not in result:
+        unseen_test = persona_prompt_gradients(learned, _chunks(test, settings.chunk_size), desc="held-out gradients")
+        predicted = {"mix64": kept, "random64": spans["random64"], "pca64": pca, "contrast64": contrast, "free8": None}
+        result["quadratic"] = quadratic_predictions(
+            predicted,
+            start_prompt,
+            curvature(pre_lines, settings.shrinkage),
+            personas,
+            learned,
+            unseen_train,
+            unseen_test,
+        ) | {"shrinkage": settings.shrinkage, "grad64": settings.gradient_codebook + "64"}
         checkpoint()
     if settings.zero_start:
         fitted(learned, train, test, "mix64_zero", start=zeros)  # the paper's stage-2 start
@@ -357,6 +394,30 @@ def gradient_capture(span: torch.Tensor, gradients: torch.Tensor, personas: Sequ
     for name, vectors in (("raw", g), ("centred", g - others)):
         share = ((vectors @ basis) ** 2).sum(1) / (vectors**2).sum(1).clamp(min=1e-30)  # (personas,)
         out[name] = {"per_persona": dict(zip(personas, share.tolist())), **summarize(share.tolist())}
+    return out
+
+
+def quadratic_predictions(
+    spans: Mapping[str, torch.Tensor | None],
+    start_prompt: torch.Tensor,
+    curv: torch.Tensor,
+    personas: Sequence[str],
+    model,
+    train: Mapping[int, torch.Tensor],
+    test: Mapping[int, torch.Tensor],
+) -> dict:
+    """Per span (None: every direction) and persona: the quadratic model's converged training and held-out gains
+    (`contrast.quadratic_gains`), each span with the start prompt as one more code, like the fits."""
+    from ..contrast import quadratic_gains
+
+    out: dict = {}
+    for label, codes in spans.items():
+        span = None if codes is None else torch.cat([codes.float(), start_prompt[None].float()])
+        per = {"train": {}, "test": {}}
+        for name in personas:
+            row = model.persona_index(name)
+            per["train"][name], per["test"][name] = quadratic_gains(span, curv, train[row], test[row])
+        out[label] = {split: {"per_persona": v, **summarize(list(v.values()))} for split, v in per.items()}
     return out
 
 

@@ -70,11 +70,18 @@ def headroom_markdown(result: dict) -> list[str]:
                 lines.append(f"| {LABELS[label]} | {_ci(capture[label]['raw'])} | {_ci(capture[label]['centred'])} |")
     if "grad64_codebook" in result:
         g = result["grad64_codebook"]
+        if g.get("method", "pca") == "contrast":
+            made = (
+                "the contrast codebook (top generalised eigenvectors of their split-half persona signal against the "
+                f"lines' curvature), holding {100 * g['contrast_share']:.1f}% of the signal-to-curvature eigenvalues"
+            )
+        else:
+            made = f"principal directions, holding {100 * g['explained_variance']:.1f}% of their centred variance"
         lines += [
             "",
-            f"The gradient codebook: principal directions of {g['personas']} pretraining characters' gradients "
-            f"({g['lines']} lines), holding {100 * g['explained_variance']:.1f}% of their centred variance.",
+            f"The gradient codebook, from {g['personas']} pretraining characters ({g['lines']} lines): {made}.",
         ]
+    lines += quadratic_markdown(result)
     lines += [
         "",
         "Likelihood identification (held-out lines scored under every fitted character). The own-fit advantage is "
@@ -102,6 +109,36 @@ def headroom_markdown(result: dict) -> list[str]:
         curve = _curve(result["mix64"]["curves"][p]) if "mix64" in result else "—"
         cells = " | ".join(f"{result[m]['test'][p]:.3f}" for m in shown)
         lines.append(f"| {p} | {cells} | {curve} |")
+    return lines
+
+
+def quadratic_markdown(result: dict) -> list[str]:
+    """The quadratic model's predicted converged gains beside the fits' measured ones (empty without them)."""
+    q = result.get("quadratic")
+    if not q:
+        return []
+    s = result["summary"]
+    labels = {"mix64": "mix64", "random64": "random64", q["grad64"]: "grad64", "free8": "free8"}
+    lines = [
+        "",
+        f"Quadratic model (`peft_personamux.contrast`, curvature shrinkage {q['shrinkage']}): each span's converged "
+        "gain over the start predicted from the prompt gradients at the start and the pretraining lines' curvature, "
+        "beside the fits' measured gain. Every fitted number costs about 1 / (2 x training tokens) of held-out gain "
+        "at convergence, so a span's held-out prediction can be below its training one by far.",
+        "",
+        "| span | predicted, train | predicted, held-out | measured, train | measured, held-out |",
+        "|---|---|---|---|---|",
+    ]
+    for span in ("mix64", "random64", "pca64", "contrast64", "free8"):
+        if span not in q:
+            continue
+        row = labels.get(span)
+        measured = [s[split]["gain_over_start"].get(row) if row else None for split in ("train", "test")]
+        name = f"{span} (fitted as grad64)" if row == "grad64" and span != "grad64" else span
+        lines.append(
+            f"| {name} | {_ci(q[span]['train'])} | {_ci(q[span]['test'])} | {_dash(measured[0])} | "
+            f"{_dash(measured[1])} |"
+        )
     return lines
 
 

@@ -1,0 +1,112 @@
+"""The quadratic model of a fit and the contrast codebook (`peft_personamux.contrast`), as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_personamux.codebook_init import LineGradients, codebook_from_gradients
+from peft_personamux.contrast import contrast_codebook, curvature, persona_halves, quadratic_gains
+
+SHAPE = (2, 6)  # (tokens_per_code, hidden): D = 12
+
+
+def steep_noise_lines(personas: int = 40, lines: int = 4, seed: int = 0) -> tuple[LineGradients, torch.Tensor]:
+    """Line gradients whose persona signal lies along a flat direction while line noise is 30x larger along a steep
+    one: the principal directions of persona means chase the noise, the contrast codebook finds the signal."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(12, 12, generator=generator)).Q  # orthonormal columns
+    steep, signal = basis[:, 0], basis[:, 1]
+    rows, ids = [], []
+    for p in range(personas):
+        mu = torch.randn((), generator=generator) * signal  # this persona's expected line gradient
+        for _ in range(lines):
+            noise = 30 * torch.randn((), generator=generator) * steep + 0.1 * basis[:, 2:] @ torch.randn(
+                10, generator=generator
+            )
+            rows.append(mu + noise)
+            ids.append(p)
+    gradients = torch.stack(rows).reshape(-1, *SHAPE)
+    return LineGradients(gradients, torch.ones(len(rows), dtype=torch.long), torch.tensor(ids)), signal
+
+
+def cosine(code: torch.Tensor, direction: torch.Tensor) -> float:
+    return float((code.flatten() @ direction).abs() / code.norm() / direction.norm())
+
+
+def test_contrast_codebook_finds_the_persona_signal_that_principal_directions_miss():
+    lines, signal = steep_noise_lines()
+    contrast, share = contrast_codebook(lines, num_codes=1, code_norm=1.0, shrinkage=0.05)
+    pca, _ = codebook_from_gradients(lines.persona_means(), num_codes=1, code_norm=1.0)
+    assert cosine(contrast[0], signal) > 0.95
+    assert cosine(pca[0], signal) < 0.3  # the steep noise dominates the persona means' variance
+    assert 0.5 < share <= 1.0
+
+
+def test_whitened_contrast_codes_have_equal_curvature():
+    lines, _ = steep_noise_lines()
+    codes, _ = contrast_codebook(lines, num_codes=3, code_norm=2.0, shrinkage=0.1, scale="whiten")
+    curv = curvature(lines, 0.1)
+    flat = codes.flatten(1).double()
+    per_code = torch.stack([curv.project(c[:, None])[0, 0] for c in flat])  # c.H.c
+    torch.testing.assert_close(per_code / per_code.mean(), torch.ones(3, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(flat.norm(dim=1).mean(), torch.tensor(2.0, dtype=torch.float64))
+    equal, _ = contrast_codebook(lines, num_codes=3, code_norm=2.0, shrinkage=0.1, scale="equal")
+    torch.testing.assert_close(equal.flatten(1).norm(dim=1), torch.full((3,), 2.0))
+
+
+def test_quadratic_gains_match_the_dense_formula():
+    lines, _ = steep_noise_lines(personas=6)
+    curv = curvature(lines, shrinkage=0.3)
+    dense = curv.project(torch.eye(12, dtype=torch.float64))  # (D, D)
+    torch.testing.assert_close(dense, dense.T)
+    g, h = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+
+    def expected(basis):
+        step = -basis @ torch.linalg.solve(basis.T @ dense @ basis, basis.T @ g)
+        quad = step @ dense @ step / 2
+        return float(-(g @ step + quad)), float(-(h @ step + quad))
+
+    assert quadratic_gains(None, curv, g, h) == pytest.approx(expected(torch.eye(12, dtype=torch.float64)))
+    codes = torch.randn(3, *SHAPE)
+    repeated = torch.cat([codes, codes[:1] + codes[1:2]])  # a code already in the span adds nothing
+    basis = torch.linalg.qr(codes.flatten(1).double().T).Q
+    assert quadratic_gains(repeated, curv, g, h) == pytest.approx(expected(basis))
+    # on its own training lines the converged fit always gains; a span's gain never exceeds the full one's
+    assert 0 < quadratic_gains(codes, curv, g, h)[0] <= quadratic_gains(None, curv, g, h)[0]
+
+
+def test_contrast_codebook_with_few_lines_pads_with_directions_outside_their_span():
+    lines, _ = steep_noise_lines(personas=2, lines=2)  # 4 line gradients for 6 codes
+    codes, _ = contrast_codebook(lines, num_codes=6, code_norm=1.0, seed=0)
+    again, _ = contrast_codebook(lines, num_codes=6, code_norm=1.0, seed=0)
+    torch.testing.assert_close(codes, again)  # seeded: a resumed run rebuilds the same span
+    span = torch.linalg.qr(lines.gradients.flatten(1).T).Q  # (D, 4)
+    extra = codes.flatten(1)[4:]
+    assert (extra @ span).abs().max() < 1e-4 * extra.norm()
+    assert torch.linalg.matrix_rank(codes.flatten(1)) == 6
+
+
+def test_persona_halves_split_each_persona_and_skip_single_lines():
+    gradients = torch.arange(5 * 12, dtype=torch.float32).reshape(5, *SHAPE)
+    lines = LineGradients(gradients, torch.tensor([1, 1, 1, 2, 1]), torch.tensor([0, 0, 0, 1, 2]))
+    a, b = persona_halves(lines)
+    assert a.shape == b.shape == (1, 12)  # personas 1 and 2 have a single line each
+    flat = gradients.flatten(1).double()
+    torch.testing.assert_close(a[0], (flat[0] + flat[2]) / 2)
+    torch.testing.assert_close(b[0], flat[1])
+
+
+def test_contrast_validation():
+    lines, _ = steep_noise_lines(personas=2, lines=2)
+    with pytest.raises(ValueError, match="shrinkage"):
+        curvature(lines, 1.5)
+    with pytest.raises(ValueError, match="scale"):
+        contrast_codebook(lines, num_codes=1, code_norm=1.0, scale="unit")
+    with pytest.raises(ValueError, match="shrinkage"):
+        contrast_codebook(lines, num_codes=6, code_norm=1.0, shrinkage=0.0)  # 4 lines for 6 codes
+    with pytest.raises(ValueError, match="shrinkage"):
+        curvature(lines, 0.0).solve(torch.zeros(12, dtype=torch.float64))
+    single = LineGradients(lines.gradients[:2], lines.tokens[:2], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="2 or more lines"):
+        persona_halves(single)
