@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_personamux.codebook_init import LineGradients, codebook_from_gradients
+from peft_personamux.codebook_init import codebook_from_gradients
 from peft_personamux.contrast import contrast_codebook, curvature, persona_halves, quadratic_gains
+from peft_personamux.prompt_gradients import LineGradients
 
 SHAPE = (2, 6)  # (tokens_per_code, hidden): D = 12
 

@@ -219,6 +219,7 @@ def test_shipped_configs_are_valid(name):
         ("subnetwork_statistic", "l1", "`subnetwork_statistic`"),
         ("fit_autocast", "fp16", "`fit_autocast` must be 'auto', 'bf16' or 'no'"),
         ("headroom_gradient_scale", "unit", "`headroom_gradient_scale` must be one of"),
+        ("headroom_gradient_codebook", "lda", "`headroom_gradient_codebook` must be one of"),
     ],
 )
 def test_config_validation_names_the_field(field, value, message):
@@ -236,13 +237,20 @@ def test_fit_autocast_keeps_older_fingerprints_and_reaches_the_fits():
     assert HeadroomSettings.from_config(EvalConfig(), "cpu").fit_options.autocast_dtype is None
 
 
-def test_headroom_gradient_scale_keeps_older_fingerprints_and_reaches_the_settings():
+@pytest.mark.parametrize(
+    "field, before, after, setting",
+    [
+        ("headroom_gradient_scale", "equal", "whiten", "gradient_scale"),
+        ("headroom_gradient_codebook", "pca", "contrast", "gradient_codebook"),
+        ("headroom_quadratic", False, True, "quadratic"),
+    ],
+)
+def test_added_headroom_fields_keep_older_fingerprints_and_reach_the_settings(field, before, after, setting):
     from peft_personamux.evaluation.headroom import HeadroomSettings
 
-    assert EvalConfig(headroom_gradient_scale="equal").fingerprint() == EvalConfig().fingerprint()
-    assert EvalConfig(headroom_gradient_scale="whiten").fingerprint() != EvalConfig().fingerprint()
-    settings = HeadroomSettings.from_config(EvalConfig(headroom_gradient_scale="whiten"), "cpu")
-    assert settings.gradient_scale == "whiten"
+    assert EvalConfig(**{field: before}).fingerprint() == EvalConfig().fingerprint()
+    assert EvalConfig(**{field: after}).fingerprint() != EvalConfig().fingerprint()
+    assert getattr(HeadroomSettings.from_config(EvalConfig(**{field: after}), "cpu"), setting) == after
 
 
 def test_config_files_reject_unknown_fields_and_allow_comments(tmp_path):

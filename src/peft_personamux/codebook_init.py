@@ -15,14 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .loss import FAST, LossOptions, PrefixCache, response_nll
+from .contrast import CODE_SCALES, contrast_codebook
+from .loss import FAST, LossOptions
+from .prompt_gradients import prompt_line_gradients
 from .tuner.model import as_tuner
 
 logger = logging.getLogger(__name__)
 
-CODE_SCALES = ("equal", "whiten")  # codebook_from_gradients: how the codes' norms are set
 GRADIENT_CODEBOOKS = ("pca", "contrast")  # principal directions here, or `contrast.contrast_codebook`
 
 
@@ -34,80 +34,6 @@ class GradientInit:
     example_passes: int
     explained: float  # share of the centred gradients' energy in the kept directions
     explained_random: float  # the same share for a random codebook of the same size (expected)
-
-
-@dataclass
-class LineGradients:
-    """Each line's gradient of its summed token NLL w.r.t. the mixed tokens, with its token count and persona row."""
-
-    gradients: torch.Tensor  # (lines, tokens_per_code, hidden), float32
-    tokens: torch.Tensor  # (lines,) response tokens in each line's loss
-    persona_ids: torch.Tensor  # (lines,) rows of the persona table
-
-    def persona_means(self) -> dict[int, torch.Tensor]:
-        """Per persona row: gradient of its mean token loss, (tokens_per_code, hidden)."""
-        out = {}
-        for persona in sorted(set(self.persona_ids.tolist())):
-            keep = self.persona_ids == persona
-            out[persona] = self.gradients[keep].sum(0) / max(int(self.tokens[keep].sum()), 1)
-        return out
-
-
-def prompt_line_gradients(
-    model,
-    batches: Sequence[Mapping[str, torch.Tensor]],
-    options: LossOptions = FAST,
-    progress: bool = True,
-    desc: str = "codebook init: gradients",
-) -> LineGradients:
-    """Every line's gradient w.r.t. the mixed tokens at the personas' current mixtures (one backward per batch).
-
-    ``batches`` are collator batches (``persona_ids`` rows of the table). Model weights get no gradient.
-    ``desc``: the progress bar's text.
-    """
-    tuner = as_tuner(model)
-    layer = tuner.personamux_layer
-    config = tuner.adapter_config()
-    ph, per_code = config.placeholder_token_id, config.tokens_per_code
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(module, args, output):
-        if not torch.is_grad_enabled():
-            return None  # the prefix, computed without gradient
-        leaf = output.detach().requires_grad_(True)  # (rows, seq, hidden): gradient here, none into the weights
-        captured["ids"], captured["embeds"] = args[0], leaf
-        return leaf
-
-    gradients, tokens, personas = [], [], []
-    handle = layer.register_forward_hook(hook)
-    cache = PrefixCache()
-    was_training = tuner.training
-    tuner.eval()
-    try:
-        for batch in tqdm(batches, desc=desc, disable=not progress):
-            nll, counts = response_nll(tuner, batch, options=options, prefix_cache=cache)
-            nll.sum().backward()  # rows are independent: each row's gradient is its own line's
-            ids, grad = captured["ids"], captured["embeds"].grad  # grad: (rows, seq, hidden)
-            for row in range(ids.shape[0]):
-                positions = (ids[row] == ph).nonzero()[:, 0][-per_code:]  # the mixed tokens end the run
-                gradients.append(grad[row, positions].detach().float())
-            tokens.append(counts.detach().cpu().long())
-            personas.append(batch["persona_ids"].detach().cpu())
-    finally:
-        handle.remove()
-        tuner.train(was_training)
-    return LineGradients(torch.stack(gradients).cpu(), torch.cat(tokens), torch.cat(personas))
-
-
-def persona_prompt_gradients(
-    model,
-    batches: Sequence[Mapping[str, torch.Tensor]],
-    options: LossOptions = FAST,
-    progress: bool = True,
-    desc: str = "codebook init: gradients",
-) -> dict[int, torch.Tensor]:
-    """Per persona row: gradient of its mean token loss w.r.t. the mixed tokens, (tokens_per_code, hidden)."""
-    return prompt_line_gradients(model, batches, options, progress, desc).persona_means()
 
 
 @torch.no_grad()
@@ -157,30 +83,43 @@ def init_codebook_from_gradients(
     options: LossOptions = FAST,
     progress: bool = True,
     scale: str = "equal",
+    method: str = "pca",
+    seed: int | None = None,
 ) -> GradientInit:
-    """Replace W by the principal directions of per-persona gradients at the zero mixture; mixtures stay as they are.
+    """Replace W by a codebook computed from the personas' prompt gradients at their current mixtures; mixtures stay
+    as they are.
 
+    ``method``: ``"pca"`` (principal directions of the per-persona gradients, `codebook_from_gradients`) or
+    ``"contrast"`` (`contrast.contrast_codebook`: the persona signal of split line halves against the curvature).
     The codes keep the mean norm of the codebook they replace, so the soft prompt's scale is unchanged; ``scale``
     as in `codebook_from_gradients`.
     """
+    if method not in GRADIENT_CODEBOOKS:
+        raise ValueError(f"`method` must be one of {GRADIENT_CODEBOOKS}, got {method!r}.")
     tuner = as_tuner(model)
     layer, adapter = tuner.personamux_layer, tuner.current_adapter
     codebook = layer.personamux_codebook[adapter]
     passes = sum(int(b["input_ids"].shape[0]) for b in batches)
-    gradients = persona_prompt_gradients(model, batches, options, progress)
+    lines = prompt_line_gradients(model, batches, options, progress)
+    gradients = lines.persona_means()
     if len(gradients) < 2:
         raise ValueError(f"A gradient codebook needs at least 2 personas, got {len(gradients)}.")
     code_norm = float(codebook.detach().float().flatten(1).norm(dim=1).mean())
-    new, explained = codebook_from_gradients(gradients, codebook.shape[0], code_norm, scale=scale)
+    if method == "contrast":
+        new, explained = contrast_codebook(lines, codebook.shape[0], code_norm, scale=scale, seed=seed)
+    else:
+        new, explained = codebook_from_gradients(gradients, codebook.shape[0], code_norm, seed=seed, scale=scale)
     with torch.no_grad():
         codebook.copy_(new.to(codebook.device, codebook.dtype))
     random_share = min(1.0, codebook.shape[0] / new[0].numel())
     logger.info(
-        "Gradient codebook from %d personas (%d passes): the codes hold %.1f%% of the persona gradients' variance "
-        "(a random codebook: %.1f%%).",
+        "Gradient codebook (%s) from %d personas (%d passes): the codes hold %.1f%% of the %s "
+        "(a random codebook: %.1f%% of the variance).",
+        method,
         len(gradients),
         passes,
         100 * explained,
+        "signal-to-curvature eigenvalues" if method == "contrast" else "persona gradients' variance",
         100 * random_share,
     )
     return GradientInit(len(gradients), passes, explained, random_share)

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebook_init import CODE_SCALES, LineGradients
+from .prompt_gradients import LineGradients
+
+CODE_SCALES = ("equal", "whiten")  # how a computed codebook's code norms are set
 
 
 def _flat(lines: LineGradients) -> torch.Tensor:

@@ -182,8 +182,9 @@ def run_headroom(
     """
     from peft import PeftModel
 
-    from ..codebook_init import codebook_from_gradients, persona_prompt_gradients, prompt_line_gradients
+    from ..codebook_init import codebook_from_gradients
     from ..contrast import contrast_codebook, curvature
+    from ..prompt_gradients import persona_prompt_gradients, prompt_line_gradients
 
     settings = settings or HeadroomSettings()
     learned = PeftModel.from_pretrained(copy.deepcopy(base), str(codebook_dir)).to(device)
