@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collator import PersonaMuxCollator
+from ..contrast import Curvature
 from ..loss import FAST, LossOptions, PrefixCache, choose_attention, choose_autocast, response_nll
 from .methods import codebook_tensors, random_codebook_like, zero_mixtures
 from .metrics import identification_summary, summarize
@@ -401,7 +402,7 @@ def gradient_capture(span: torch.Tensor, gradients: torch.Tensor, personas: Sequ
 def quadratic_predictions(
     spans: Mapping[str, torch.Tensor | None],
     start_prompt: torch.Tensor,
-    curv: torch.Tensor,
+    curv: Curvature,
     personas: Sequence[str],
     model,
     train: Mapping[int, torch.Tensor],
