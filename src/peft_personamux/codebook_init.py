@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .contrast import CODE_SCALES, contrast_codebook
+from .contrast import CODE_SCALES
 from .loss import FAST, LossOptions
-from .prompt_gradients import prompt_line_gradients
+from .prompt_gradients import persona_prompt_gradients
 from .tuner.model import as_tuner
 
 logger = logging.getLogger(__name__)
@@ -83,43 +83,30 @@ def init_codebook_from_gradients(
     options: LossOptions = FAST,
     progress: bool = True,
     scale: str = "equal",
-    method: str = "pca",
-    seed: int | None = None,
 ) -> GradientInit:
-    """Replace W by a codebook computed from the personas' prompt gradients at their current mixtures; mixtures stay
-    as they are.
+    """Replace W by the principal directions of per-persona gradients at the zero mixture; mixtures stay as they are.
 
-    ``method``: ``"pca"`` (principal directions of the per-persona gradients, `codebook_from_gradients`) or
-    ``"contrast"`` (`contrast.contrast_codebook`: the persona signal of split line halves against the curvature).
     The codes keep the mean norm of the codebook they replace, so the soft prompt's scale is unchanged; ``scale``
     as in `codebook_from_gradients`.
     """
-    if method not in GRADIENT_CODEBOOKS:
-        raise ValueError(f"`method` must be one of {GRADIENT_CODEBOOKS}, got {method!r}.")
     tuner = as_tuner(model)
     layer, adapter = tuner.personamux_layer, tuner.current_adapter
     codebook = layer.personamux_codebook[adapter]
     passes = sum(int(b["input_ids"].shape[0]) for b in batches)
-    lines = prompt_line_gradients(model, batches, options, progress)
-    gradients = lines.persona_means()
+    gradients = persona_prompt_gradients(model, batches, options, progress)
     if len(gradients) < 2:
         raise ValueError(f"A gradient codebook needs at least 2 personas, got {len(gradients)}.")
     code_norm = float(codebook.detach().float().flatten(1).norm(dim=1).mean())
-    if method == "contrast":
-        new, explained = contrast_codebook(lines, codebook.shape[0], code_norm, scale=scale, seed=seed)
-    else:
-        new, explained = codebook_from_gradients(gradients, codebook.shape[0], code_norm, seed=seed, scale=scale)
+    new, explained = codebook_from_gradients(gradients, codebook.shape[0], code_norm, scale=scale)
     with torch.no_grad():
         codebook.copy_(new.to(codebook.device, codebook.dtype))
     random_share = min(1.0, codebook.shape[0] / new[0].numel())
     logger.info(
-        "Gradient codebook (%s) from %d personas (%d passes): the codes hold %.1f%% of the %s "
-        "(a random codebook: %.1f%% of the variance).",
-        method,
+        "Gradient codebook from %d personas (%d passes): the codes hold %.1f%% of the persona gradients' variance "
+        "(a random codebook: %.1f%%).",
         len(gradients),
         passes,
         100 * explained,
-        "signal-to-curvature eigenvalues" if method == "contrast" else "persona gradients' variance",
         100 * random_share,
     )
     return GradientInit(len(gradients), passes, explained, random_share)

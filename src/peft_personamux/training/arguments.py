@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from ..codebook_init import CODE_SCALES, GRADIENT_CODEBOOKS
+from ..codebook_init import CODE_SCALES
 from ..files import LOSS_CURVE_NAME, LOSS_LOG_NAME
 from ..loss import check_attention
 from ..prompting import DEFAULT_INSTRUCTION
@@ -175,14 +175,6 @@ class CodebookTrainingArguments(PersonaMuxTrainingArguments):
             "norm, so that the first joint steps do not overshoot along them)."
         },
     )
-    gradient_codebook_method: str = field(
-        default="pca",
-        metadata={
-            "help": "How the gradient codebook is made: 'pca' (principal directions of the per-persona gradients) "
-            "or 'contrast' (the directions where the personas' gradients agree between two halves of their lines, "
-            "relative to the lines' curvature: `peft_personamux.contrast`; needs 2+ lines per persona)."
-        },
-    )
     identity_every: int = field(
         default=0,
         metadata={
@@ -202,11 +194,6 @@ class CodebookTrainingArguments(PersonaMuxTrainingArguments):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         if self.identity_every < 0:
             raise ValueError(f"`identity_every` must be >= 0, got {self.identity_every!r}.")
-        if self.gradient_codebook_method not in GRADIENT_CODEBOOKS:
-            raise ValueError(
-                f"`gradient_codebook_method` must be one of {GRADIENT_CODEBOOKS}, "
-                f"got {self.gradient_codebook_method!r}."
-            )
         if self.gradient_codebook_scale not in CODE_SCALES:
             raise ValueError(
                 f"`gradient_codebook_scale` must be one of {CODE_SCALES}, got {self.gradient_codebook_scale!r}."

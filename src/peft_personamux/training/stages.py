@@ -102,16 +102,8 @@ def _gradient_codebook(model, batches, trainer: PersonaMuxTrainer) -> dict:
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     options = trainer.loss_options()
-    args = trainer.args
-    init = init_codebook_from_gradients(
-        model,
-        batches,
-        options,
-        progress=not args.disable_tqdm,
-        scale=getattr(args, "gradient_codebook_scale", "equal"),
-        method=getattr(args, "gradient_codebook_method", "pca"),
-        seed=args.seed,
-    )
+    scale = getattr(trainer.args, "gradient_codebook_scale", "equal")
+    init = init_codebook_from_gradients(model, batches, options, progress=not trainer.args.disable_tqdm, scale=scale)
     return {
         "gradient_codebook_explained": round(init.explained, 5),
         "gradient_codebook_explained_random": round(init.explained_random, 5),
