@@ -81,7 +81,7 @@ class Variant:
             plain_forward,
             threads,
         )
-        self.model = model  # None: the shared float32 model; else its own (bf16 weights)
+        self.model = model  # None: the shared float32 model; else its own (bf16 weights, compiled layers)
         self.cache = PrefixCache()
         self.seconds: list[float] = []
         self.loss = float("nan")
@@ -120,10 +120,13 @@ class Variant:
         return sum(int(b["input_ids"].numel()) for b in self.batches)
 
 
-def variants_for(collator, rows, batch_size, seed, bf16, full_batch: bool = False, bf16_model=None) -> list[Variant]:
+def variants_for(
+    collator, rows, batch_size, seed, bf16, full_batch: bool = False, bf16_model=None, compiled_model=None
+) -> list[Variant]:
     """The variants of one stage. ``full_batch``: the stage fits on all rows at once (stage 2), so the rows per
     forward pass (chunk) are free and a larger chunk gives the same summed gradient. ``bf16_model``: the same model
-    with its frozen base weights stored in bf16 (the adapter stays float32), for the 'bf16 weights' variant."""
+    with its frozen base weights stored in bf16 (the adapter stays float32), for the 'bf16 weights' variant;
+    ``compiled_model``: the same model with its decoder layers compiled (`compiled_copy`)."""
     plain = make_batches(collator, rows, batch_size, False, seed)
     grouped = make_batches(collator, rows, batch_size, True, seed)
     labels_only = LossOptions(labels_only=True, prefix_cache=False)
@@ -148,6 +151,8 @@ def variants_for(collator, rows, batch_size, seed, bf16, full_batch: bool = Fals
         out.append(Variant("all (bf16, eager attention)", grouped, chosen))
         if bf16_model is not None:  # no per-call weight casts: the frozen weights are bf16 already
             out.append(Variant("all (bf16 weights, eager attention)", grouped, chosen, model=bf16_model))
+    if compiled_model is not None:
+        out.append(Variant("all (chosen) + compiled decoder layers", grouped, chosen, model=compiled_model))
     if full_batch:
         chunks = make_batches(collator, rows, 4 * batch_size, True, seed)
         out.append(Variant(f"all + chunks of {4 * batch_size} rows", chunks, chosen))
@@ -166,9 +171,33 @@ def bf16_weights_copy(model):
     return twin
 
 
+def compiled_copy(model):
+    """A copy of ``model`` whose decoder layers are compiled by torch.compile (inductor, dynamic shapes so that
+    length-grouped batches do not recompile); the adapter, embeddings and head stay eager."""
+    import torch._dynamo
+
+    twin = copy.deepcopy(model)
+    layers = twin.get_base_model().model.layers
+    # each layer's own ``layer_idx`` (a Python int) specialises its graph: one compile per layer and input kind
+    # (with and without the prefix's KV cache); the default limit of 8 would leave most layers eager
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 4 * len(layers))
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * len(layers))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return twin
+
+
 def measure(model, variants: Sequence[Variant], rounds: int) -> None:
     """``rounds`` interleaved runs of every variant; the report takes each one's fastest (the first round also
-    fills the prefix caches, a one-time cost that training amortises)."""
+    fills the prefix caches, a one-time cost that training amortises). Compiled variants first run once untimed:
+    compiling is a one-time cost too (its seconds are logged)."""
+    for variant in variants:
+        if "compiled" in variant.name:
+            start = time.perf_counter()
+            variant.run(variant.model)
+            variant.seconds.clear()
+            print(f"{variant.name}: compiled and ran once in {time.perf_counter() - start:.0f} s (not timed)")
     for _ in range(rounds):
         for variant in variants:
             variant.run(variant.model if variant.model is not None else model)
@@ -203,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=32, help="Rows per stage (the same rows for every variant).")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved timed rounds (the fastest counts).")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Add a variant with the decoder layers compiled by torch.compile (needs a C++ compiler; compiling "
+        "takes minutes and is not timed).",
+    )
     args = parser.parse_args(argv)
     device = setup(args)
     if args.tiny or args.random_llama_8b:
@@ -219,19 +254,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     speedup = bf16_matmul_speedup() if device.type == "cpu" else float("nan")
     bf16 = device.type == "cpu" and speedup >= 1.25
     bf16_model = bf16_weights_copy(model) if bf16 else None
+    compiled_model = compiled_copy(model) if args.compile else None
     common = dict(max_prompt_tokens=48, max_response_tokens=48)
     stage1 = variants_for(
-        PersonaMuxCollator.for_model(model, tokenizer, **common), rows, args.batch_size, 0, bf16, bf16_model=bf16_model
+        PersonaMuxCollator.for_model(model, tokenizer, **common),
+        rows,
+        args.batch_size,
+        0,
+        bf16,
+        bf16_model=bf16_model,
+        compiled_model=compiled_model,
     )
     measure(model, stage1, args.rounds)
     # stage 2: one persona's lines with its text persona; only its mixture row trains
     one = rows[0]["persona"]
     fit_rows = [{**r, "persona": one} for r in rows]
     texts = {one: text_persona(one)}
-    for each in (model, bf16_model) if bf16_model is not None else (model,):
-        each.train_personas([one])
+    for each in (model, bf16_model, compiled_model):
+        if each is not None:
+            each.train_personas([one])
     collator = PersonaMuxCollator.for_model(model, tokenizer, text_personas=texts, **common)
-    stage2 = variants_for(collator, fit_rows, args.batch_size, 0, bf16, full_batch=True, bf16_model=bf16_model)
+    stage2 = variants_for(
+        collator,
+        fit_rows,
+        args.batch_size,
+        0,
+        bf16,
+        full_batch=True,
+        bf16_model=bf16_model,
+        compiled_model=compiled_model,
+    )
     measure(model, stage2, args.rounds)
     table1, records1 = table(stage1)
     table2, records2 = table(stage2)
