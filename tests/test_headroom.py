@@ -102,6 +102,20 @@ def test_pretraining_sample_takes_the_personas_with_most_lines():
     assert [(r["persona"], r["line"]) for r in sample] == [("x", "0"), ("x", "1"), ("y", "0"), ("y", "1")]
 
 
+def headroom_inputs(tmp_path):
+    """A tiny base model, its tokenizer and codebook folder, 2 unseen personas and their train / held-out rows."""
+    from tiny_models import make_codebook, make_rows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, codebook_dir = make_codebook(tmp_path)
+    personas = ["new/a", "new/b"]
+    rows = make_rows(personas, per_persona=6)
+    train = [r for i, r in enumerate(rows) if i % 6 < 4]
+    test = [r for i, r in enumerate(rows) if i % 6 >= 4]
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    return base, AutoTokenizer.from_pretrained(model_dir), codebook_dir, personas, train, test
+
+
 @pytest.mark.parametrize(
     "interrupt_at, refits",
     [
@@ -117,19 +131,12 @@ def test_headroom_run_continues_where_an_interrupted_one_stopped(tmp_path, monke
     numbers (the grad64 codebook, rebuilt on resume, is the same span)."""
     import json
 
-    from tiny_models import make_codebook, make_rows
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_models import make_rows
 
     import peft_personamux.fitting as fitting
     from peft_personamux.evaluation.headroom import HeadroomSettings, run_headroom
 
-    model_dir, codebook_dir = make_codebook(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    personas = ["new/a", "new/b"]
-    rows = make_rows(personas, per_persona=6)
-    train = [r for i, r in enumerate(rows) if i % 6 < 4]
-    test = [r for i, r in enumerate(rows) if i % 6 >= 4]
+    base, tokenizer, codebook_dir, personas, train, test = headroom_inputs(tmp_path)
     pretrain = make_rows(("play/p0", "play/p1"), per_persona=3)
     settings = HeadroomSettings(steps=2, chunk_size=4, gradient_personas=2, gradient_lines=3, zero_start=True)
 
@@ -196,18 +203,11 @@ def test_an_unfinished_headroom_stage_is_summarised_and_written(tmp_path):
 
 def test_headroom_contrast_codebook_and_quadratic_predictions(tmp_path):
     """grad64 from the contrast codebook; every span's predicted converged gain, none above the free prompt's."""
-    from tiny_models import make_codebook, make_rows
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_models import make_rows
 
     from peft_personamux.evaluation.headroom import HeadroomSettings, run_headroom
 
-    model_dir, codebook_dir = make_codebook(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    personas = ["new/a", "new/b"]
-    rows = make_rows(personas, per_persona=6)
-    train = [r for i, r in enumerate(rows) if i % 6 < 4]
-    test = [r for i, r in enumerate(rows) if i % 6 >= 4]
+    base, tokenizer, codebook_dir, personas, train, test = headroom_inputs(tmp_path)
     pretrain = make_rows(("play/p0", "play/p1", "play/p2"), per_persona=4)
     settings = HeadroomSettings(
         steps=1, chunk_size=4, gradient_personas=3, gradient_lines=4, zero_start=False, identify_all=False,
