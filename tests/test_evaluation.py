@@ -220,6 +220,7 @@ def test_shipped_configs_are_valid(name):
         ("fit_autocast", "fp16", "`fit_autocast` must be 'auto', 'bf16' or 'no'"),
         ("headroom_gradient_scale", "unit", "`headroom_gradient_scale` must be one of"),
         ("headroom_gradient_codebook", "lda", "`headroom_gradient_codebook` must be one of"),
+        ("headroom_quadratic", True, "`headroom_quadratic` needs `headroom_gradient_personas` > 0"),
     ],
 )
 def test_config_validation_names_the_field(field, value, message):
@@ -248,9 +249,10 @@ def test_fit_autocast_keeps_older_fingerprints_and_reaches_the_fits():
 def test_added_headroom_fields_keep_older_fingerprints_and_reach_the_settings(field, before, after, setting):
     from peft_personamux.evaluation.headroom import HeadroomSettings
 
-    assert EvalConfig(**{field: before}).fingerprint() == EvalConfig().fingerprint()
-    assert EvalConfig(**{field: after}).fingerprint() != EvalConfig().fingerprint()
-    assert getattr(HeadroomSettings.from_config(EvalConfig(**{field: after}), "cpu"), setting) == after
+    grad = {"headroom_gradient_personas": 8}  # the quadratic model's curvature needs pretraining lines
+    assert EvalConfig(**grad, **{field: before}).fingerprint() == EvalConfig(**grad).fingerprint()
+    assert EvalConfig(**grad, **{field: after}).fingerprint() != EvalConfig(**grad).fingerprint()
+    assert getattr(HeadroomSettings.from_config(EvalConfig(**grad, **{field: after}), "cpu"), setting) == after
 
 
 def test_config_files_reject_unknown_fields_and_allow_comments(tmp_path):

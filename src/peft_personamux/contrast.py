@@ -14,7 +14,9 @@ What a span should hold is then the persona *signal*: the second moment of the p
 ``(g_a g_b^T + g_b g_a^T) / 2`` (their noise is independent). The span of k codes with the largest expected
 held-out gain, ``tr(A^-1 Q^T S Q) / 2 - k / 2T``, is that of the top k generalised eigenvectors of ``(S, H)``: the
 *contrast codebook*. The principal directions of the raw persona gradients (`codebook_init.codebook_from_gradients`)
-favour the steepest directions instead, where the curvature eats the gain.
+favour the steepest directions instead. Measured on the shipped codebook (docs/results.md, seventh pass), the
+contrast codebook lost to them on unseen characters, as the model predicted from their gradients: the pretraining
+characters' most signal per unit of curvature lies in flat directions that other plays' characters barely use.
 """
 
 from __future__ import annotations

@@ -337,6 +337,10 @@ class EvalConfig:
             raise ValueError(
                 f"`headroom_gradient_scale` must be one of {CODE_SCALES}, got {self.headroom_gradient_scale!r}."
             )
+        if self.headroom_quadratic and not self.headroom_gradient_personas:
+            raise ValueError(
+                "`headroom_quadratic` needs `headroom_gradient_personas` > 0: the curvature comes from their lines."
+            )
         if self.headroom_gradient_codebook not in GRADIENT_CODEBOOKS:
             raise ValueError(
                 f"`headroom_gradient_codebook` must be one of {GRADIENT_CODEBOOKS}, "

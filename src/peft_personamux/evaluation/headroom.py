@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collator import PersonaMuxCollator
-from ..contrast import Curvature
+from ..contrast import Curvature, contrast_codebook, curvature, quadratic_gains
 from ..loss import FAST, LossOptions, PrefixCache, choose_attention, choose_autocast, response_nll
 from .methods import codebook_tensors, random_codebook_like, zero_mixtures
 from .metrics import identification_summary, summarize
@@ -184,7 +184,6 @@ def run_headroom(
     from peft import PeftModel
 
     from ..codebook_init import codebook_from_gradients
-    from ..contrast import contrast_codebook, curvature
     from ..prompt_gradients import persona_prompt_gradients, prompt_line_gradients
 
     settings = settings or HeadroomSettings()
@@ -267,17 +266,19 @@ def run_headroom(
         pca, explained = codebook_from_gradients(
             pre_lines.persona_means(), config.num_codes, code_norm, seed=settings.seed, scale=settings.gradient_scale
         )
-        contrast, share = contrast_codebook(
-            pre_lines, config.num_codes, code_norm, settings.shrinkage, settings.gradient_scale, settings.seed
-        )
-        spans["grad64"] = contrast if settings.gradient_codebook == "contrast" else pca
         result["grad64_codebook"] = {
             "personas": len(names),
             "lines": len(rows),
             "method": settings.gradient_codebook,
             "explained_variance": explained,
-            "contrast_share": share,
         }
+        spans["grad64"] = pca
+        if settings.gradient_codebook == "contrast" or settings.quadratic:
+            contrast, result["grad64_codebook"]["contrast_share"] = contrast_codebook(
+                pre_lines, config.num_codes, code_norm, settings.shrinkage, settings.gradient_scale, settings.seed
+            )
+            if settings.gradient_codebook == "contrast":
+                spans["grad64"] = contrast
     unseen_train = None
     if (settings.gradient_capture and "gradient_capture" not in result) or (
         settings.quadratic and pre_lines is not None and "quadratic" not in result
@@ -410,8 +411,6 @@ def quadratic_predictions(
 ) -> dict:
     """Per span (None: every direction) and persona: the quadratic model's converged training and held-out gains
     (`contrast.quadratic_gains`), each span with the start prompt as one more code, like the fits."""
-    from ..contrast import quadratic_gains
-
     out: dict = {}
     for label, codes in spans.items():
         span = None if codes is None else torch.cat([codes.float(), start_prompt[None].float()])
