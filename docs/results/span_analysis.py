@@ -88,11 +88,6 @@ def as_lines(stored: dict) -> LineGradients:
     return LineGradients(**{k: stored[k] for k in ("gradients", "tokens", "persona_ids")})
 
 
-def persona_gradient(lines: LineGradients, persona: int) -> torch.Tensor:
-    keep = lines.persona_ids == persona
-    return lines.gradients[keep].flatten(1).double().sum(0) / lines.tokens[keep].sum().double()  # (D,)
-
-
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/eval_headroom100_contrast.json")
@@ -117,8 +112,8 @@ def main() -> dict:
     spans["every direction (free 8 tokens)"] = None
     personas = data["personas"]
     rows = sorted(set(train.persona_ids.tolist()))  # the unseen personas' table rows, in `personas` order
-    per = {label: [gains(span, curv, persona_gradient(train, r), persona_gradient(test, r)) for r in rows]
-           for label, span in spans.items()}  # fmt: skip
+    train_means, test_means = train.persona_means(), test.persona_means()  # {row: (tokens_per_code, hidden)}
+    per = {label: [gains(span, curv, train_means[r], test_means[r]) for r in rows] for label, span in spans.items()}
     result = {
         "config": args.config,
         "pretraining_lines": int(pre.gradients.shape[0]),
