@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from peft_personamux.codebook_init import codebook_from_gradients
-from peft_personamux.contrast import contrast_codebook, curvature, persona_halves, quadratic_gains
+from peft_personamux.contrast import (
+    contrast_codebook,
+    cross_validated_damping,
+    curvature,
+    persona_halves,
+    quadratic_gain_rows,
+    quadratic_gains,
+)
 from peft_personamux.prompt_gradients import LineGradients
 
 SHAPE = (2, 6)  # (tokens_per_code, hidden): D = 12
@@ -77,6 +84,51 @@ def test_quadratic_gains_match_the_dense_formula():
     assert 0 < quadratic_gains(codes, curv, g, h)[0] <= quadratic_gains(None, curv, g, h)[0]
 
 
+def test_damped_gains_match_the_dense_formula_and_apply_and_solve_are_inverse():
+    lines, _ = steep_noise_lines(personas=6)
+    curv = curvature(lines, shrinkage=0.3)
+    dense = curv.project(torch.eye(12, dtype=torch.float64))  # (D, D)
+    vectors = torch.randn(12, 3, dtype=torch.float64)
+    torch.testing.assert_close(curv.apply(vectors), dense @ vectors)
+    torch.testing.assert_close(curv.solve(curv.apply(vectors) + 0.5 * vectors, damping=0.5), vectors)
+    g, h = torch.randn(4, 12, dtype=torch.float64), torch.randn(4, 12, dtype=torch.float64)
+    codes = torch.randn(3, *SHAPE)
+    for span, basis in ((None, torch.eye(12, dtype=torch.float64)), (codes, torch.linalg.qr(codes.flatten(1).T).Q)):
+        basis = basis.double()
+        inner = basis.T @ dense @ basis
+        step = -basis @ torch.linalg.solve(inner + 0.7 * torch.eye(len(inner), dtype=inner.dtype), basis.T @ g.T)
+        quad = (step * (dense @ step)).sum(0) / 2  # (4,)
+        train, test = quadratic_gain_rows(span, curv, g, h, damping=0.7)
+        torch.testing.assert_close(train, -((g.T * step).sum(0) + quad))
+        torch.testing.assert_close(test, -((h.T * step).sum(0) + quad))
+    # damping shrinks the step: the training gain falls, monotonically
+    gains = [float(quadratic_gain_rows(None, curv, g[:1], h[:1], d)[0]) for d in (0.0, 0.1, 1.0, 10.0)]
+    assert gains == sorted(gains, reverse=True) and gains[-1] > 0
+
+
+def test_cross_validation_damps_noise_and_not_signal():
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(12, generator=generator)
+    noise = torch.randn(2, 40, 12, generator=generator)  # persona 0: line noise only; persona 1: a strong signal
+    rows = torch.cat([noise[0], noise[1] + 20 * direction])
+    lines = LineGradients(
+        rows.reshape(-1, *SHAPE), torch.ones(80, dtype=torch.long), torch.arange(2).repeat_interleave(40)
+    )
+    curv = curvature(LineGradients(noise.reshape(-1, *SHAPE), torch.ones(80), torch.zeros(80)), 0.2)  # H ~ I
+    dampings = [0.0, 1.0, 100.0, 1e6]
+    chosen = cross_validated_damping(None, curv, lines, dampings)
+    assert chosen[0] >= 100.0  # fitting noise only loses on the left-out fold
+    assert chosen[1] <= 1.0
+    with pytest.raises(ValueError, match="folds"):
+        cross_validated_damping(None, curv, lines, dampings, folds=1)
+    with pytest.raises(ValueError, match="at least 5 lines"):
+        cross_validated_damping(
+            None, curv, LineGradients(rows[:3].reshape(-1, *SHAPE), torch.ones(3), torch.zeros(3)), dampings
+        )
+    with pytest.raises(ValueError, match="damping"):
+        quadratic_gain_rows(None, curv, rows[:1], rows[:1], damping=-1.0)
+
+
 def test_contrast_codebook_with_few_lines_pads_with_directions_outside_their_span():
     lines, _ = steep_noise_lines(personas=2, lines=2)  # 4 line gradients for 6 codes
     codes, _ = contrast_codebook(lines, num_codes=6, code_norm=1.0, seed=0)
@@ -108,6 +160,7 @@ def test_contrast_validation():
         contrast_codebook(lines, num_codes=6, code_norm=1.0, shrinkage=0.0)  # 4 lines for 6 codes
     with pytest.raises(ValueError, match="shrinkage"):
         curvature(lines, 0.0).solve(torch.zeros(12, dtype=torch.float64))
+    curvature(lines, 0.0).solve(torch.zeros(12, dtype=torch.float64), damping=1.0)  # damping alone makes it regular
     single = LineGradients(lines.gradients[:2], lines.tokens[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="2 or more lines"):
         persona_halves(single)

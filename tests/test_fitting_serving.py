@@ -83,6 +83,27 @@ def test_lbfgs_converges_where_the_adam_recipe_does_with_fewer_passes(adam_fit):
     assert lbfgs_loss <= lbfgs.losses[0]
 
 
+@pytest.mark.parametrize("method", ["adam", "lbfgs"])
+def test_prompt_penalty_holds_the_prompt_near_its_start(method):
+    model = mux()
+    model.add_personas(["x"])
+    batch = fit_batch(model, ["x"], per_persona=12)
+    codebook = model.get_base_model().get_input_embeddings().personamux_codebook["default"].detach()
+    start = torch.full((6,), 0.1)
+    moved = {}
+    for penalty in (0.0, 1.0, 1e4):
+        model.set_mixture("x", start)
+        result = fit_mixtures(model, batch, method=method, steps=20, lr=0.05, progress=False, prompt_penalty=penalty)
+        change = torch.einsum("c,ckd->kd", model.get_mixture("x") - start, codebook)  # the mixed tokens' change
+        moved[penalty] = float(change.norm())
+        # the objective adds the penalty; each persona's curve stays its token loss
+        penalised = result.losses[-1] - result.persona_curves[model.persona_index("x")][-1]
+        if method == "lbfgs":  # its losses end at the best point, whose mixture is kept
+            assert penalised == pytest.approx(penalty / 2 * moved[penalty] ** 2, rel=1e-3, abs=1e-6)
+    assert moved[1e4] < moved[1.0] <= moved[0.0] * 1.001
+    assert moved[1e4] < (0.02 if method == "lbfgs" else 0.1) * moved[0.0]  # Adam's steps keep the size of lr
+
+
 def test_fit_rejects_bad_arguments():
     model = mux()
     batch = fit_batch(model, ["a"])
@@ -90,6 +111,10 @@ def test_fit_rejects_bad_arguments():
         fit_mixtures(model, batch, method="sgd")
     with pytest.raises(ValueError, match="steps"):
         fit_mixtures(model, batch, steps=0)
+    with pytest.raises(ValueError, match="prompt_penalty"):
+        fit_mixtures(model, batch, method="fisher", prompt_penalty=1.0)
+    with pytest.raises(ValueError, match="prompt_penalty"):
+        fit_mixtures(model, batch, method="lbfgs", prompt_penalty=-1.0)
 
 
 def test_export_prompt_embeds_equal_model_embeddings():

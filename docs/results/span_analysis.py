@@ -39,14 +39,13 @@ SHRINKAGE = 0.2
 OUT = Path("docs/results")
 
 
-def gradients(config: EvalConfig) -> dict:
-    """Line gradients at the start prompt (cached): pretraining sample, unseen train and held-out lines."""
-    cache = Path(config.output_dir) / "span_gradients.pt"
-    if cache.is_file():
-        return torch.load(cache)
+def start_model(config: EvalConfig):
+    """The shipped codebook with every pretraining and unseen persona at the fits' start mixture, frozen.
+
+    Returns the evaluation, the model, its collator and the start mixture (num_codes,).
+    """
     evaluation = Evaluation(config)
     base, tokenizer = evaluation.base()
-    settings = HeadroomSettings.from_config(config)
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(evaluation.codebook_dir))
     split = evaluation.split
     names = sorted({r["persona"] for r in split.pretrain}) + list(evaluation.personas)
@@ -56,17 +55,29 @@ def gradients(config: EvalConfig) -> dict:
     for name in names:
         model.set_mixture(name, start)
     collator = PersonaMuxCollator.for_model(model, tokenizer, **evaluation.mux_collator_kwargs())
+    return evaluation, model, collator, start
 
-    def lines(rows, options, desc) -> LineGradients:
-        rows = sorted(rows, key=lambda r: r["persona"])  # stable: a persona's lines keep their order
-        batches = [collator(rows[i : i + 20]) for i in range(0, len(rows), 20)]
-        return prompt_line_gradients(model, batches, options, desc=desc)
 
+def line_gradients(model, collator, rows, options, desc) -> LineGradients:
+    """Every row's prompt gradient, batches of 20 rows sorted by persona (a persona's lines keep their order)."""
+    rows = sorted(rows, key=lambda r: r["persona"])
+    batches = [collator(rows[i : i + 20]) for i in range(0, len(rows), 20)]
+    return prompt_line_gradients(model, batches, options, desc=desc)
+
+
+def gradients(config: EvalConfig) -> dict:
+    """Line gradients at the start prompt (cached): pretraining sample, unseen train and held-out lines."""
+    cache = Path(config.output_dir) / "span_gradients.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    evaluation, model, collator, start = start_model(config)
+    settings = HeadroomSettings.from_config(config)
+    split = evaluation.split
     codebook, _ = codebook_tensors(model)
     data = {
-        "pretrain": lines(split.pretrain, settings.fit_options, "pretraining lines"),
-        "train": lines(split.train, FAST, "unseen training lines"),
-        "test": lines(split.test, FAST, "unseen held-out lines"),
+        "pretrain": line_gradients(model, collator, split.pretrain, settings.fit_options, "pretraining lines"),
+        "train": line_gradients(model, collator, split.train, FAST, "unseen training lines"),
+        "test": line_gradients(model, collator, split.test, FAST, "unseen held-out lines"),
         "codebook": codebook.detach().float().clone(),
         "start_prompt": torch.einsum("c,ckd->kd", start, codebook.detach().float()),
         "personas": list(evaluation.personas),

@@ -21,7 +21,8 @@ characters' most signal per unit of curvature lies in flat directions that other
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,24 +43,46 @@ class Curvature:
     lines: torch.Tensor  # (lines, D) float64
     tokens: int
     shrinkage: float
+    _spectrum: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def mean_eigenvalue(self) -> float:
         return float((self.lines**2).sum()) / (self.tokens * self.lines.shape[1])
 
+    @property
+    def floor(self) -> float:
+        """H's eigenvalue outside the lines' span, ``s * m``."""
+        return self.shrinkage * self.mean_eigenvalue
+
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, r) orthonormal basis of the lines' span and H's eigenvalues there (r,), so that
+        ``H = V diag(e) V^T + floor (I - V V^T)``. Computed once (an SVD of the lines)."""
+        if self._spectrum is None:
+            _, singular, vh = torch.linalg.svd(self.lines, full_matrices=False)
+            keep = singular > singular[0] * 1e-8
+            evals = (1 - self.shrinkage) * singular[keep] ** 2 / self.tokens + self.floor
+            self._spectrum = (vh[keep].T, evals)
+        return self._spectrum
+
     def project(self, basis: torch.Tensor) -> torch.Tensor:
         """``basis^T H basis``, (k, k) for a (D, k) basis."""
         gb = self.lines @ basis  # (lines, k)
-        s = self.shrinkage
-        return (1 - s) * gb.T @ gb / self.tokens + s * self.mean_eigenvalue * basis.T @ basis
+        return (1 - self.shrinkage) * gb.T @ gb / self.tokens + self.floor * basis.T @ basis
 
-    def solve(self, vector: torch.Tensor) -> torch.Tensor:
-        """``H^-1 vector`` over every direction (Woodbury; needs shrinkage > 0)."""
-        if self.shrinkage <= 0:
-            raise ValueError("Solving over every direction needs `shrinkage` > 0: the line Fisher is singular.")
-        g, shift, c = self.lines, self.shrinkage * self.mean_eigenvalue, (1 - self.shrinkage) / self.tokens
-        inner = shift * torch.eye(g.shape[0], dtype=g.dtype) + c * g @ g.T  # (lines, lines)
-        return (vector - c * g.T @ torch.linalg.solve(inner, g @ vector)) / shift
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H vectors`` for (D,) or (D, n) vectors."""
+        return (1 - self.shrinkage) * self.lines.T @ (self.lines @ vectors) / self.tokens + self.floor * vectors
+
+    def solve(self, vectors: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+        """``(H + damping I)^-1 vectors`` over every direction, for (D,) or (D, n) vectors."""
+        if self.floor + damping <= 0:
+            raise ValueError(
+                "Solving over every direction needs `shrinkage` > 0 or `damping` > 0: the line Fisher is singular."
+            )
+        basis, evals = self.spectrum()
+        inside = basis.T @ vectors  # (r,) or (r, n)
+        scale = (evals + damping).reshape(-1, *[1] * (vectors.dim() - 1))
+        return basis @ (inside / scale) + (vectors - basis @ inside) / (self.floor + damping)
 
 
 def curvature(lines: LineGradients, shrinkage: float = 0.2) -> Curvature:
@@ -106,10 +129,7 @@ def contrast_codebook(
     if scale not in CODE_SCALES:
         raise ValueError(f"`scale` must be one of {CODE_SCALES}, got {scale!r}.")
     curv = curvature(lines, shrinkage)
-    # the signal lies in the span of the line gradients, where H is (1 - s) G^T G / T + s m: work in that span
-    _, singular, vh = torch.linalg.svd(curv.lines, full_matrices=False)
-    basis = vh[singular > singular[0] * 1e-8].T  # (D, r) orthonormal
-    evals = (1 - shrinkage) * singular[: basis.shape[1]] ** 2 / curv.tokens + shrinkage * curv.mean_eigenvalue
+    basis, evals = curv.spectrum()  # the signal lies in the span of the line gradients: work there
     a, b = (half @ basis for half in persona_halves(lines))  # (personas, r) each
     signal = (a.T @ b + b.T @ a) / (2 * a.shape[0])  # (r, r)
     inv_sqrt = evals.clamp(min=evals.max() * 1e-12).rsqrt()  # (r,)
@@ -125,7 +145,7 @@ def contrast_codebook(
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         extra = torch.randn(num_codes - len(directions), basis.shape[0], dtype=basis.dtype, generator=generator)
         extra -= extra @ basis @ basis.T
-        extra = torch.linalg.qr(extra.T).Q.T / (shrinkage * curv.mean_eigenvalue) ** 0.5  # unit curvature too
+        extra = torch.linalg.qr(extra.T).Q.T / curv.floor**0.5  # unit curvature too
         directions = torch.cat([directions, extra])
     share = float(top.clamp(min=0).sum() / ratio.clamp(min=0).sum().clamp(min=1e-30))
     norms = directions.norm(dim=1, keepdim=True)
@@ -135,22 +155,66 @@ def contrast_codebook(
 
 
 @torch.no_grad()
-def quadratic_gains(
-    codes: torch.Tensor | None, curv: Curvature, train: torch.Tensor, test: torch.Tensor
-) -> tuple[float, float]:
-    """Training and held-out gain of the converged fit in the span of ``codes`` under the quadratic model.
+def quadratic_gain_rows(
+    codes: torch.Tensor | None, curv: Curvature, train: torch.Tensor, test: torch.Tensor, damping: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out gains (n,) each of n fits in the span of ``codes`` under the quadratic model.
 
-    ``codes``: (num_codes, tokens_per_code, hidden), or None for every direction (free prompt); ``train``,
-    ``test``: one persona's mean-token-loss gradients on its training and held-out lines (D numbers, any shape).
+    ``codes``: (num_codes, tokens_per_code, hidden), or None for every direction (free prompt); ``train``, ``test``:
+    (n, ...) mean-token-loss gradients of each fit's training and held-out lines. ``damping`` >= 0: the fit stops at
+    ``x = -(A + damping I)^-1 g`` (A: H in the span), the model's early stopping; 0 is convergence.
     """
-    g, h = train.flatten().double(), test.flatten().double()  # (D,)
+    if damping < 0:
+        raise ValueError(f"`damping` must be >= 0, got {damping!r}.")
+    g, h = train.flatten(1).double().T, test.flatten(1).double().T  # (D, n) each
     if codes is None:
-        step = -curv.solve(g)  # (D,)
-        curved = -g  # H step
+        step = -curv.solve(g, damping)  # (D, n)
+        curved = (step * curv.apply(step)).sum(0)  # (n,) step.H.step
     else:
         u, singular, _ = torch.linalg.svd(codes.detach().flatten(1).double().T, full_matrices=False)
         basis = u[:, singular > singular[0] * 1e-6]  # (D, k) orthonormal; a code already in the span adds nothing
-        coefficients = -torch.linalg.solve(curv.project(basis), basis.T @ g)  # (k,)
-        step, curved = basis @ coefficients, -basis @ (basis.T @ g)
-    half_curvature = step @ curved / 2  # step . H step / 2 (inside the span, H step = -g there)
-    return float(-(g @ step + half_curvature)), float(-(h @ step + half_curvature))
+        inner = curv.project(basis)  # (k, k)
+        coefficients = -torch.linalg.solve(inner + damping * torch.eye(len(inner), dtype=inner.dtype), basis.T @ g)
+        step, curved = basis @ coefficients, (coefficients * (inner @ coefficients)).sum(0)  # (D, n), (n,)
+    return -((g * step).sum(0) + curved / 2), -((h * step).sum(0) + curved / 2)
+
+
+def quadratic_gains(
+    codes: torch.Tensor | None, curv: Curvature, train: torch.Tensor, test: torch.Tensor
+) -> tuple[float, float]:
+    """`quadratic_gain_rows` of one persona's converged fit: ``train``, ``test`` are D numbers (any shape)."""
+    gains = quadratic_gain_rows(codes, curv, train.reshape(1, -1), test.reshape(1, -1))
+    return float(gains[0][0]), float(gains[1][0])
+
+
+@torch.no_grad()
+def cross_validated_damping(
+    codes: torch.Tensor | None, curv: Curvature, lines: LineGradients, dampings: Sequence[float], folds: int = 5
+) -> dict[int, float]:
+    """Per persona row of ``lines``: the damping (of ``dampings``) whose fit on all but one of ``folds`` alternate
+    folds of its lines gains most on the fold left out, on average (quadratic model). Personas with fewer lines than
+    folds are skipped."""
+    if folds < 2:
+        raise ValueError(f"`folds` must be >= 2, got {folds!r}.")
+    if not dampings:
+        raise ValueError("`dampings` must hold at least one value.")
+    g, tokens, ids = _flat(lines), lines.tokens.double(), lines.persona_ids
+    personas, fit, held = [], [], []  # fit, held: (personas * folds, D) mean-token gradients
+    for persona in sorted(set(ids.tolist())):
+        rows = (ids == persona).nonzero()[:, 0]
+        if len(rows) < folds:
+            continue
+        personas.append(persona)
+        for fold in range(folds):
+            out = torch.zeros(len(rows), dtype=torch.bool)
+            out[fold::folds] = True
+            fit.append(g[rows[~out]].sum(0) / tokens[rows[~out]].sum().clamp(min=1))
+            held.append(g[rows[out]].sum(0) / tokens[rows[out]].sum().clamp(min=1))
+    if not personas:
+        raise ValueError(f"Cross-validation needs a persona with at least {folds} lines.")
+    fit_, held_ = torch.stack(fit), torch.stack(held)
+    scores = torch.stack(
+        [quadratic_gain_rows(codes, curv, fit_, held_, d)[1].reshape(-1, folds).mean(1) for d in dampings]
+    )  # (dampings, personas)
+    best = scores.argmax(0)
+    return {persona: float(dampings[int(b)]) for persona, b in zip(personas, best)}

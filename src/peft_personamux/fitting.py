@@ -122,6 +122,7 @@ def fit_mixtures(
     bias_scale: float | None = None,
     progress: bool = True,
     options: LossOptions = FAST,
+    prompt_penalty: float = 0.0,
 ) -> FitResult:
     """Fit the mixture vectors of the personas in ``batch["persona_ids"]`` (W and b stay frozen).
 
@@ -129,6 +130,8 @@ def fit_mixtures(
     (rows of the persona table) for *all* training examples (full batch). Several personas fit at once; each row
     of the table only sees its own examples. Results are written into the persona table. ``options`` picks the
     loss shortcuts (`loss.LossOptions`; the text before the soft prompt is computed once for all steps).
+    ``prompt_penalty`` (adam and lbfgs): adds ``penalty / 2 * |W (m - m0)|^2`` to each persona's mean token loss,
+    the squared change of its mixed tokens from the start ``m0`` (an early stop's ridge; `contrast` picks it).
     """
     tuner = as_tuner(model)
     scale = tuner.bias_scale if bias_scale is None else bias_scale
@@ -137,10 +140,14 @@ def fit_mixtures(
     steps = steps if steps is not None else {"adam": 100, "fisher": 6, "lbfgs": 20}[method]
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    if prompt_penalty < 0 or (prompt_penalty and method == "fisher"):
+        raise ValueError(f"`prompt_penalty` must be >= 0 and needs method 'adam' or 'lbfgs', got {prompt_penalty!r}.")
     table = tuner.mixture_table()
     persona_rows = batch["persona_ids"].to(table.device)
     rows = sorted(set(persona_rows.tolist()))
     params = table.detach()[rows].clone().float().requires_grad_(method != "fisher")  # (personas, num_codes)
+    anchor = params.detach().clone()  # the start, m0
+    codebook = tuner.personamux_layer.personamux_codebook[tuner.current_adapter].detach().float()  # (codes, k, d)
     index = torch.tensor([rows.index(r) for r in persona_rows.tolist()], device=table.device)  # example -> persona
     result = FitResult(method)
     cache = PrefixCache()
@@ -182,6 +189,12 @@ def fit_mixtures(
             loss.backward()
             loss_value += loss.item()
             step_nll[sl] = nll.detach()
+        if prompt_penalty:  # each persona's term, weighted by its share of the tokens like its loss
+            moved = torch.einsum("pc,ckd->pkd", params - anchor, codebook)  # (personas, tokens_per_code, hidden)
+            weights = persona_tokens / num_tokens  # (personas,)
+            penalty = prompt_penalty / 2 * (weights * moved.pow(2).sum((1, 2))).sum()
+            penalty.backward()
+            loss_value += penalty.item()
         record(persona_losses(step_nll))
         result.losses.append(loss_value)
         result.example_passes += n
