@@ -205,6 +205,7 @@ def test_headroom_contrast_codebook_and_quadratic_predictions(tmp_path):
     """grad64 from the contrast codebook; every span's predicted converged gain, none above the free prompt's."""
     from tiny_models import make_rows
 
+    from peft_personamux.contrast import DAMPING_FACTORS
     from peft_personamux.evaluation.headroom import HeadroomSettings, run_headroom
 
     base, tokenizer, codebook_dir, personas, train, test = headroom_inputs(tmp_path)
@@ -221,8 +222,17 @@ def test_headroom_contrast_codebook_and_quadratic_predictions(tmp_path):
             train_gain = predicted[span]["train"]["per_persona"][name]
             assert 0 <= train_gain <= predicted["free8"]["train"]["per_persona"][name] + 1e-9, (span, name)
     assert "grad64" in result["summary"]["test"]["gain_over_start"]
+    # damped by cross-validation on each persona's own 4 training lines (4 folds)
+    assert predicted["folds"] == 4 and set(predicted["capture_damped"]) == {"mix64", "random64", "pca64", "contrast64"}
+    for span in ("mix64", "free8"):
+        damped = predicted[span]["damped"]
+        assert set(damped["per_persona"]) == set(personas)
+        assert all(f in DAMPING_FACTORS for f in damped["damping_over_mean_eigenvalue"].values())
+    ratio = predicted["mix64"]["damped"]["mean"] / predicted["free8"]["damped"]["mean"]
+    assert predicted["capture_damped"]["mix64"] == pytest.approx(ratio)
     from peft_personamux.evaluation.headroom_report import write_headroom_outputs
 
     write_headroom_outputs(result, tmp_path, "test")
     text = (tmp_path / "headroom.md").read_text()
     assert "| contrast64 (fitted as grad64) |" in text and "the contrast codebook" in text
+    assert "4-fold cross-validation" in text and f"mix64 {ratio:.2f}" in text

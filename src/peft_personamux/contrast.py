@@ -21,7 +21,7 @@ characters' most signal per unit of curvature lies in flat directions that other
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,8 @@ import torch
 from .prompt_gradients import LineGradients
 
 CODE_SCALES = ("equal", "whiten")  # how a computed codebook's code norms are set
+# dampings tried by cross-validation, in units of the curvature's mean eigenvalue (0: the converged fit)
+DAMPING_FACTORS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
 
 
 def _flat(lines: LineGradients) -> torch.Tensor:
@@ -218,3 +220,25 @@ def cross_validated_damping(
     )  # (dampings, personas)
     best = scores.argmax(0)
     return {persona: float(dampings[int(b)]) for persona, b in zip(personas, best)}
+
+
+@torch.no_grad()
+def cross_validated_gains(
+    codes: torch.Tensor | None,
+    curv: Curvature,
+    lines: LineGradients,
+    test: Mapping[int, torch.Tensor],
+    factors: Sequence[float] = DAMPING_FACTORS,
+    folds: int = 5,
+) -> dict[int, tuple[float, float]]:
+    """Per persona row of ``lines``: the held-out gain (``test``: row -> its held-out lines' mean-token-loss
+    gradient) of its fit on all its lines, damped as `cross_validated_damping` picks among ``factors`` x the mean
+    eigenvalue, and that factor."""
+    unit = curv.mean_eigenvalue
+    chosen = cross_validated_damping(codes, curv, lines, [f * unit for f in factors], folds)
+    means = lines.persona_means()
+    out = {}
+    for row, damping in chosen.items():
+        _, held = quadratic_gain_rows(codes, curv, means[row][None], test[row][None], damping)
+        out[row] = (float(held[0]), damping / unit)
+    return out

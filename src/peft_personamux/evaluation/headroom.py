@@ -39,8 +39,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collator import PersonaMuxCollator
-from ..contrast import Curvature, contrast_codebook, curvature, quadratic_gains
+from ..contrast import Curvature, contrast_codebook, cross_validated_gains, curvature, quadratic_gains
 from ..loss import FAST, LossOptions, PrefixCache, choose_attention, choose_autocast, response_nll
+from ..prompt_gradients import LineGradients
 from .methods import codebook_tensors, random_codebook_like, zero_mixtures
 from .metrics import identification_summary, summarize
 
@@ -284,7 +285,8 @@ def run_headroom(
         settings.quadratic and pre_lines is not None and "quadratic" not in result
     ):
         # the unseen personas' prompt gradients at the start (one pass over train), before any fit moves them
-        unseen_train = persona_prompt_gradients(learned, _chunks(train, settings.chunk_size), desc="unseen gradients")
+        unseen_lines = prompt_line_gradients(learned, _chunks(train, settings.chunk_size), desc="unseen gradients")
+        unseen_train = unseen_lines.persona_means()
     if settings.gradient_capture and "gradient_capture" not in result:
         gradients = torch.stack([unseen_train[learned.persona_index(p)].flatten() for p in personas])  # (personas, D)
         result["gradient_capture"] = {
@@ -302,6 +304,7 @@ def run_headroom(
             learned,
             unseen_train,
             unseen_test,
+            unseen_lines,
         ) | {"shrinkage": settings.shrinkage, "grad64": settings.gradient_codebook + "64"}
         checkpoint()
     if settings.zero_start:
@@ -408,17 +411,38 @@ def quadratic_predictions(
     model,
     train: Mapping[int, torch.Tensor],
     test: Mapping[int, torch.Tensor],
+    train_lines: LineGradients | None = None,
 ) -> dict:
     """Per span (None: every direction) and persona: the quadratic model's converged training and held-out gains
-    (`contrast.quadratic_gains`), each span with the start prompt as one more code, like the fits."""
+    (`contrast.quadratic_gains`), each span with the start prompt as one more code, like the fits.
+
+    With ``train_lines`` (the personas' line gradients), also each fit's held-out gain damped by cross-validation
+    on its own lines (`contrast.cross_validated_gains`; 5 folds, fewer when a persona has fewer lines) and the
+    spans' capture ratios of those, over free8's (which must be among ``spans``).
+    """
     out: dict = {}
+    rows = {name: model.persona_index(name) for name in personas}
+    folds = 0  # cross-validation folds: 5, or fewer when a persona has fewer lines; under 2, no damped gains
+    if train_lines is not None:
+        folds = min([5] + [int((train_lines.persona_ids == row).sum()) for row in rows.values()])
     for label, codes in spans.items():
         span = None if codes is None else torch.cat([codes.float(), start_prompt[None].float()])
         per = {"train": {}, "test": {}}
-        for name in personas:
-            row = model.persona_index(name)
+        for name, row in rows.items():
             per["train"][name], per["test"][name] = quadratic_gains(span, curv, train[row], test[row])
         out[label] = {split: {"per_persona": v, **summarize(list(v.values()))} for split, v in per.items()}
+        if folds >= 2:
+            damped = cross_validated_gains(span, curv, train_lines, test, folds=folds)
+            gains = {name: damped[row][0] for name, row in rows.items()}
+            out[label]["damped"] = {
+                "per_persona": gains,
+                "damping_over_mean_eigenvalue": {name: damped[row][1] for name, row in rows.items()},
+                **summarize(list(gains.values())),
+            }
+    if folds >= 2:
+        free = out["free8"]["damped"]["mean"]
+        out["capture_damped"] = {label: out[label]["damped"]["mean"] / free for label in spans if label != "free8"}
+        out["folds"] = folds
     return out
 
 
