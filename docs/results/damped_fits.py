@@ -92,26 +92,25 @@ def main() -> None:
     if "start" not in state:
         state["start"] = scores(learned, train, test, "start")
         save()
-    for label, model_start in (("mix64", start), ("free8", start_prompt.flatten())):
-        if label == "free8":  # the identity codebook: a mixture is the prompt itself
-            model = free_prompt_model(base, learned, start_prompt.shape[0])
-            model.add_personas(personas)
-            train, test = collate(model, train_rows), collate(model, test_rows)
-        else:
-            model = learned
-        done = state.setdefault(label, {"fits": {}})
-        chosen = dict(zip(unseen, scaling["cross_validated"][SPANS[label]]["damping_over_mean_eigenvalue"]))
-        for name in tqdm(personas, desc=f"damped {label} fits"):
-            row = model.persona_index(name)
-            if name in done["fits"]:
-                model.set_mixture(name, torch.tensor(done["fits"][name]["mixture"]))
+    free = free_prompt_model(base, learned, start_prompt.shape[0])  # the identity codebook: a mixture is a prompt
+    free.add_personas(personas)
+    fits = {  # label: (model, its start, its training and held-out batches)
+        "mix64": (learned, start, train, test),
+        "free8": (free, start_prompt.flatten(), collate(free, train_rows), collate(free, test_rows)),
+    }
+    for name in tqdm(personas, desc="damped fits"):  # persona by persona: an interrupted run keeps whole pairs
+        for label, (model, model_start, span_train, span_test) in fits.items():
+            done = state.setdefault(label, {})
+            if name in done:
                 continue
-            model.set_mixture(name, model_start)
+            row = model.persona_index(name)
+            chosen = dict(zip(unseen, scaling["cross_validated"][SPANS[label]]["damping_over_mean_eigenvalue"]))
             penalty = chosen[name] * scaling["mean_eigenvalue"]
-            keep = train["persona_ids"] == row
+            model.set_mixture(name, model_start)
+            keep = span_train["persona_ids"] == row
             out = fit_mixtures(
                 model,
-                {k: v[keep] for k, v in train.items()},
+                {k: v[keep] for k, v in span_train.items()},
                 method="lbfgs",
                 steps=STEPS,
                 chunk_size=settings.chunk_size,
@@ -120,17 +119,18 @@ def main() -> None:
                 options=settings.fit_options,
                 prompt_penalty=penalty,
             )
-            done["fits"][name] = {
+            scored = {
+                split_name: row_losses(model, {k: v[batch["persona_ids"] == row] for k, v in batch.items()}, 20)
+                for split_name, batch in (("train", span_train), ("test", span_test))
+            }  # summed NLL and tokens per line, exact float32
+            done[name] = {
                 "penalty": penalty,
                 "damping_over_mean_eigenvalue": chosen[name],
                 "curve": out.persona_curves[row],
                 "objective": out.losses,
                 "seconds": out.seconds,
-                "mixture": model.get_mixture(name).tolist(),
+                **{k: float(nll.sum() / tokens.sum()) for k, (nll, tokens) in scored.items()},
             }
-            save()
-        if "scores" not in done:
-            done["scores"] = scores(model, train, test, label)
             save()
     result = report(state, scaling)
     (OUT / "damped_fits.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -139,17 +139,16 @@ def main() -> None:
 
 def report(state: dict, scaling: dict) -> dict:
     """Measured gains over the start and the zero mixture, predicted gains, capture ratios."""
-    personas = state["personas"]
+    personas = [p for p in state["personas"] if all(p in state.get(label, {}) for label in SPANS)]  # whole pairs
     unseen = scaling["personas"]
     result: dict = {"personas": personas, "steps": STEPS, "spans": {}}
     for label, span in SPANS.items():
-        fits = state[label]["fits"]
+        fits = state[label]
         predicted = dict(zip(unseen, scaling["cross_validated"][span]["held_out_gain"]["per_persona"]))
         stats = {}
         for split_name in ("train", "test"):
-            scored = state[label]["scores"][split_name]
-            over_start = [state["start"][split_name][p] - scored[p] for p in personas]
-            over_zero = [state["zero"][split_name][p] - scored[p] for p in personas]
+            over_start = [state["start"][split_name][p] - fits[p][split_name] for p in personas]
+            over_zero = [state["zero"][split_name][p] - fits[p][split_name] for p in personas]
             stats[split_name] = {
                 "over_start": {**summarize(over_start), "per_persona": over_start},
                 "over_zero": {**summarize(over_zero), "per_persona": over_zero},
