@@ -171,6 +171,27 @@ def test_headroom_run_continues_where_an_interrupted_one_stopped(tmp_path, monke
     assert "mixtures" not in resumed["free8"] and not any(k.endswith("_in_progress") for k in resumed)
 
 
+def test_free_prompt_is_fitted_in_float32_whatever_the_fits_autocast(tmp_path, monkeypatch):
+    """bf16 loss noise stalls L-BFGS over 4,608 numbers: free8 drops the autocast, the 64-weight fits keep it."""
+    import peft_personamux.fitting as fitting
+    from peft_personamux.evaluation.headroom import HeadroomSettings, run_headroom
+    from peft_personamux.loss import LossOptions
+
+    base, tokenizer, codebook_dir, personas, train, test = headroom_inputs(tmp_path)
+    bf16 = LossOptions(autocast_dtype=torch.bfloat16)
+    settings = HeadroomSettings(
+        steps=1, chunk_size=4, zero_start=False, identify_all=False, gradient_capture=False, fit_options=bf16
+    )
+    seen = []
+    real_fit = fitting.fit_mixtures
+    monkeypatch.setattr(
+        fitting, "fit_mixtures", lambda model, *a, **k: seen.append((model, k["options"])) or real_fit(model, *a, **k)
+    )
+    run_headroom(base, tokenizer, codebook_dir, personas, train, test, {}, settings)
+    dtypes = [options.autocast_dtype for _, options in seen]
+    assert dtypes == [torch.bfloat16] * 4 + [None] * 2  # mix64, random64 for 2 personas each, then free8
+
+
 def test_an_unfinished_headroom_stage_is_summarised_and_written(tmp_path):
     from peft_personamux.evaluation.headroom_report import write_headroom_outputs
 

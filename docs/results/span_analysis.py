@@ -146,10 +146,13 @@ def main() -> dict:
     return result
 
 
-def write_markdown(result: dict) -> None:
-    def cell(s: dict) -> str:
-        return f"{s['mean']:.4f} ± {s['ci95']:.4f}"
+def cell(stats: dict) -> str:
+    """``mean ± ci95`` of a `summarize` dict (no interval from one value)."""
+    spread = "—" if stats["ci95"] is None else f"{stats['ci95']:.4f}"
+    return f"{stats['mean']:.4f} ± {spread}"
 
+
+def write_markdown(result: dict) -> None:
     spans = result["spans"]
     ceiling = spans["every direction (free 8 tokens)"]["signal"]["mean"]
     lines = [

@@ -28,7 +28,7 @@ import random
 from pathlib import Path
 
 import torch
-from span_analysis import SHRINKAGE, as_lines, gradients, line_gradients, start_model
+from span_analysis import SHRINKAGE, as_lines, cell, gradients, line_gradients, start_model
 from tqdm.auto import tqdm
 
 from peft_personamux.codebook_init import codebook_from_gradients
@@ -201,9 +201,6 @@ def cross_validated_capture(spans: dict, curv, train: LineGradients, rows: list[
 
 
 def write_markdown(result: dict) -> None:
-    def cell(stats: dict) -> str:
-        return f"{stats['mean']:.4f} ± {stats['ci95']:.4f}"
-
     lines = [
         "# Span scaling: would more pretraining characters or lines make a codebook that carries unseen characters?",
         "",

@@ -32,7 +32,7 @@ import copy
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -216,14 +216,14 @@ def run_headroom(
             "test": per_persona(test_rows, *row_losses(model, test, settings.chunk_size, desc=f"score {label} test")),
         }
 
-    def fitted(model, train, test, label: str, start: torch.Tensor) -> None:
+    def fitted(model, train, test, label: str, start: torch.Tensor, fit_settings: HeadroomSettings = settings) -> None:
         """``result[label]``: every persona fitted from ``start`` and scored; restored when already there."""
         if label in result:  # free8's 4,608 numbers per persona are dropped once identified: nothing to restore
             for name, mixture in result[label].get("mixtures", {}).items():
                 model.set_mixture(name, torch.tensor(mixture))
             return
         progress = result.setdefault(f"{label}_in_progress", {})
-        out = fit_each(model, train, personas, settings, label, start, progress, checkpoint)
+        out = fit_each(model, train, personas, fit_settings, label, start, progress, checkpoint)
         out.update(scores(model, train, test, label))
         out["mixtures"] = {name: model.get_mixture(name).tolist() for name in personas}
         result[label] = out
@@ -327,7 +327,10 @@ def run_headroom(
     del learned
     free.add_personas(list(personas))
     train, test = collate(free, train_rows), collate(free, test_rows)
-    fitted(free, train, test, "free8", start=start_prompt.flatten())
+    # float32: with bf16 autocast the loss noise swamps the first L-BFGS steps over 4,608 numbers and the line search
+    # stalls at the start (9 of 12 characters in docs/results/headroom100_grad; none in float32)
+    exact = replace(settings, fit_options=replace(settings.fit_options, autocast_dtype=None))
+    fitted(free, train, test, "free8", start=start_prompt.flatten(), fit_settings=exact)
     if settings.identify_all and "mixtures" in result["free8"]:
         identify(free, test, "identification_free8")
     elif settings.identify_all and "identification_free8" not in result:
