@@ -51,8 +51,13 @@ STATE = Path("eval_span_scaling/damped_fits.json")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/eval_headroom100_contrast.json")
+    parser.add_argument(
+        "--report_only", action="store_true", help="Write the report from the fits saved so far (whole pairs only)."
+    )
     args = parser.parse_args()
     scaling = json.loads((OUT / "span_scaling.json").read_text())
+    if args.report_only:
+        return write_report(json.loads(STATE.read_text()), scaling)
     config = EvalConfig(**{**read_config_file(args.config), "output_dir": "eval_span_analysis"})
     evaluation = Evaluation(config)
     unseen = scaling["personas"]
@@ -136,6 +141,10 @@ def main() -> None:
                 **{k: float(nll.sum() / tokens.sum()) for k, (nll, tokens) in scored.items()},
             }
             save()
+    write_report(state, scaling)
+
+
+def write_report(state: dict, scaling: dict) -> None:
     result = report(state, scaling)
     (OUT / "damped_fits.json").write_text(json.dumps(result, indent=1) + "\n")
     write_markdown(result)
@@ -145,7 +154,7 @@ def report(state: dict, scaling: dict) -> dict:
     """Measured gains over the start and the zero mixture, predicted gains, capture ratios."""
     personas = [p for p in state["personas"] if all(p in state.get(label, {}) for label in SPANS)]  # whole pairs
     unseen = scaling["personas"]
-    result: dict = {"personas": personas, "steps": STEPS, "spans": {}}
+    result: dict = {"personas": personas, "planned": state["personas"], "steps": STEPS, "spans": {}}
     for label, span in SPANS.items():
         fits = state[label]
         predicted = dict(zip(unseen, scaling["cross_validated"][span]["held_out_gain"]["per_persona"]))
@@ -173,11 +182,18 @@ def write_markdown(result: dict) -> None:
         "# Damped fits: the cross-validated capture ratio, measured",
         "",
         f"Command: `python docs/results/damped_fits.py` (see its docstring). {len(result['personas'])} unseen "
-        f"characters ({', '.join(result['personas'])}), 100 training and 20 held-out lines each; every fit starts "
+        f"characters ({', '.join(result['personas'])}"
+        + (
+            f"; {len(result['planned'])} planned, the run was stopped early"
+            if result["planned"] != result["personas"]
+            else ""
+        )
+        + "), 100 training and 20 held-out lines each; every fit starts "
         f"at the fits' start prompt (the shipped codebook's mean pretraining mixture), L-BFGS for {result['steps']} "
         "iterations on the mean token loss plus `lambda / 2 * |change of the mixed tokens|^2`, lambda from "
-        "span_scaling.py's 5-fold cross-validation on each character's training lines. Gains in nats per token, "
-        "mean ± 95% CI over characters.",
+        "span_scaling.py's 5-fold cross-validation on each character's training lines; mix64 fitted in bf16 like "
+        "the headroom fits, free8 in float32 (bf16 stalls its line search). Scores in float32. Gains in nats per "
+        "token, mean ± 95% CI over characters; predicted: the quadratic model's damped held-out gain.",
         "",
         "| span | train gain over the start | held-out gain over the start | predicted held-out gain | "
         "held-out gain over the zero mixture | loss evaluations |",
