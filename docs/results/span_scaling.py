@@ -2,7 +2,7 @@
 
 The quadratic model (`peft_personamux.contrast`) on cached prompt gradients, as in span_analysis.py, with the
 codebook built from subsets of the whole pretraining split: N characters (random draws) x L lines each. Run from the
-repository root (about 25 minutes on 2 CPU cores for the gradients, resumable; a few minutes once they are cached):
+repository root (about 30 minutes on 2 CPU cores for the gradients, resumable; about 10 once they are cached):
 
     python docs/results/span_scaling.py
 

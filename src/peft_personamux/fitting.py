@@ -147,7 +147,8 @@ def fit_mixtures(
     rows = sorted(set(persona_rows.tolist()))
     params = table.detach()[rows].clone().float().requires_grad_(method != "fisher")  # (personas, num_codes)
     anchor = params.detach().clone()  # the start, m0
-    codebook = tuner.personamux_layer.personamux_codebook[tuner.current_adapter].detach().float()  # (codes, k, d)
+    if prompt_penalty:
+        codebook = tuner.personamux_layer.personamux_codebook[tuner.current_adapter].detach().float()  # (codes, k, d)
     index = torch.tensor([rows.index(r) for r in persona_rows.tolist()], device=table.device)  # example -> persona
     result = FitResult(method)
     cache = PrefixCache()
