@@ -3,7 +3,8 @@
 span_scaling.py predicts (quadratic model) that a fit damped by ``lambda / 2 * |change of the mixed tokens|^2``, with
 lambda picked per character by 5-fold cross-validation on its own training lines, gains on held-out lines where the
 converged fit does not, most of all the free prompt's. This script fits, for every third unseen character (4 of 12),
-the learned codebook's 64 weights and the 8 free tokens from the fits' start prompt with that penalty
+the learned codebook's 64 weights, the 8 free tokens and 64 weights on the principal directions of every cached
+pretraining character's gradient (span_scaling.py's cache) from the fits' start prompt with that penalty
 (`fitting.fit_mixtures(prompt_penalty=...)`, L-BFGS, ``STEPS`` iterations; mix64 in bf16 like the headroom fits,
 free8 in float32, where its line search stalls in bf16) and scores
 train and held-out lines exactly (float32). Run from the repository root after span_scaling.py (about an hour on
@@ -26,8 +27,10 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from span_analysis import cell
+from span_scaling import pretraining_gradients, scaling_config
 from tqdm.auto import tqdm
 
+from peft_personamux.codebook_init import codebook_from_gradients
 from peft_personamux.collator import PersonaMuxCollator
 from peft_personamux.evaluation.config import EvalConfig, read_config_file
 from peft_personamux.evaluation.headroom import (
@@ -36,6 +39,7 @@ from peft_personamux.evaluation.headroom import (
     per_persona,
     pretraining_mean_mixture,
     row_losses,
+    span_model,
 )
 from peft_personamux.evaluation.methods import codebook_tensors, zero_mixtures
 from peft_personamux.evaluation.metrics import summarize
@@ -43,7 +47,11 @@ from peft_personamux.evaluation.runner import Evaluation
 from peft_personamux.fitting import fit_mixtures
 
 STEPS = 10  # L-BFGS iterations (at most 13 loss evaluations)
-SPANS = {"mix64": "learned (shipped) codebook", "free8": "every direction (free 8 tokens)"}  # span_scaling's labels
+SPANS = {  # span_scaling's labels
+    "mix64": "learned (shipped) codebook",
+    "free8": "every direction (free 8 tokens)",
+    "pca64": "pca, all characters",
+}
 OUT = Path("docs/results")
 STATE = Path("eval_span_scaling/damped_fits.json")
 
@@ -103,9 +111,24 @@ def main() -> None:
     free = free_prompt_model(base, learned, start_prompt.shape[0])  # the identity codebook: a mixture is a prompt
     free.add_personas(personas)
     exact = dataclasses.replace(settings.fit_options, autocast_dtype=None)  # float32
+    # the principal directions of every cached pretraining character's gradient (span_scaling.py), whitened like the
+    # stage-1 gradient start, with the start prompt as one more code at weight 1 (as the headroom fits)
+    pretrain, _ = pretraining_gradients(scaling_config(args.config))
+    code_norm = float(codebook.detach().flatten(1).norm(dim=1).mean())
+    pca, _ = codebook_from_gradients(pretrain.persona_means(), len(start), code_norm, seed=0, scale="whiten")
+    pca_model = span_model(base, learned, torch.cat([pca, start_prompt[None]]))
+    pca_model.add_personas(personas)
+    offset = torch.cat([torch.zeros(len(start)), torch.ones(1)])
     fits = {  # label: (model, its start, its training and held-out batches, fit options)
         "mix64": (learned, start, train, test, settings.fit_options),
         "free8": (free, start_prompt.flatten(), collate(free, train_rows), collate(free, test_rows), exact),
+        "pca64": (
+            pca_model,
+            offset,
+            collate(pca_model, train_rows),
+            collate(pca_model, test_rows),
+            settings.fit_options,
+        ),
     }
     for name in tqdm(personas, desc="damped fits"):  # persona by persona: an interrupted run keeps whole pairs
         for label, (model, model_start, span_train, span_test, options) in fits.items():
@@ -152,11 +175,12 @@ def write_report(state: dict, scaling: dict) -> None:
 
 def report(state: dict, scaling: dict) -> dict:
     """Measured gains over the start and the zero mixture, predicted gains, capture ratios."""
-    personas = [p for p in state["personas"] if all(p in state.get(label, {}) for label in SPANS)]  # whole pairs
+    spans = [label for label in SPANS if label in state]
+    personas = [p for p in state["personas"] if all(p in state[label] for label in spans)]  # whole sets
     unseen = scaling["personas"]
     result: dict = {"personas": personas, "planned": state["personas"], "steps": STEPS, "spans": {}}
-    for label, span in SPANS.items():
-        fits = state[label]
+    for label in spans:
+        span, fits = SPANS[label], state[label]
         predicted = dict(zip(unseen, scaling["cross_validated"][span]["held_out_gain"]["per_persona"]))
         stats = {}
         for split_name in ("train", "test"):
@@ -174,6 +198,10 @@ def report(state: dict, scaling: dict) -> dict:
     mix, free = result["spans"]["mix64"]["test"], result["spans"]["free8"]["test"]
     result["capture_ratio_over_start"] = mix["over_start"]["mean"] / free["over_start"]["mean"]
     result["capture_ratio_over_zero"] = mix["over_zero"]["mean"] / free["over_zero"]["mean"]
+    if "pca64" in result["spans"]:
+        pca = result["spans"]["pca64"]["test"]
+        result["pca64_capture_ratio_over_start"] = pca["over_start"]["mean"] / free["over_start"]["mean"]
+        result["pca64_capture_ratio_over_zero"] = pca["over_zero"]["mean"] / free["over_zero"]["mean"]
     return result
 
 
@@ -226,7 +254,13 @@ def write_markdown(result: dict) -> None:
         "",
         f"Capture ratio (mix64 / free8, mean held-out gains): {result['capture_ratio_over_start']:.2f} over the "
         f"start, {result['capture_ratio_over_zero']:.2f} over the zero mixture (the issue's (zero - mix64) / "
-        "(zero - free8)).",
+        "(zero - free8))."
+        + (
+            f" pca64: {result['pca64_capture_ratio_over_start']:.2f} over the start, "
+            f"{result['pca64_capture_ratio_over_zero']:.2f} over the zero mixture."
+            if "pca64" in result["spans"]
+            else ""
+        ),
     ]
     (OUT / "damped_fits.md").write_text("\n".join(lines) + "\n")
 
