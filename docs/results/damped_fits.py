@@ -7,7 +7,7 @@ the learned codebook's 64 weights, the 8 free tokens and 64 weights on the princ
 pretraining character's gradient (span_scaling.py's cache) from the fits' start prompt with that penalty
 (`fitting.fit_mixtures(prompt_penalty=...)`, L-BFGS, ``STEPS`` iterations; mix64 in bf16 like the headroom fits,
 free8 in float32, where its line search stalls in bf16) and scores
-train and held-out lines exactly (float32). Run from the repository root after span_scaling.py (about an hour on
+train and held-out lines exactly (float32). Run from the repository root after span_scaling.py (about 75 minutes on
 2 CPU cores; resumable: each finished fit is saved):
 
     python docs/results/damped_fits.py
@@ -130,14 +130,18 @@ def main() -> None:
             settings.fit_options,
         ),
     }
-    for name in tqdm(personas, desc="damped fits"):  # persona by persona: an interrupted run keeps whole pairs
+    dampings = {  # label -> character -> cross-validated damping, in units of the curvature's mean eigenvalue
+        label: dict(zip(unseen, scaling["cross_validated"][span]["damping_over_mean_eigenvalue"]))
+        for label, span in SPANS.items()
+    }
+    for name in tqdm(personas, desc="damped fits"):  # persona by persona: an interrupted run keeps whole sets
         for label, (model, model_start, span_train, span_test, options) in fits.items():
             done = state.setdefault(label, {})
             if name in done:
                 continue
             row = model.persona_index(name)
-            chosen = dict(zip(unseen, scaling["cross_validated"][SPANS[label]]["damping_over_mean_eigenvalue"]))
-            penalty = chosen[name] * scaling["mean_eigenvalue"]
+            factor = dampings[label][name]
+            penalty = factor * scaling["mean_eigenvalue"]
             model.set_mixture(name, model_start)
             keep = span_train["persona_ids"] == row
             out = fit_mixtures(
@@ -152,12 +156,14 @@ def main() -> None:
                 prompt_penalty=penalty,
             )
             scored = {
-                split_name: row_losses(model, {k: v[batch["persona_ids"] == row] for k, v in batch.items()}, 20)
+                split_name: row_losses(
+                    model, {k: v[batch["persona_ids"] == row] for k, v in batch.items()}, settings.chunk_size
+                )
                 for split_name, batch in (("train", span_train), ("test", span_test))
             }  # summed NLL and tokens per line, exact float32
             done[name] = {
                 "penalty": penalty,
-                "damping_over_mean_eigenvalue": chosen[name],
+                "damping_over_mean_eigenvalue": factor,
                 "curve": out.persona_curves[row],
                 "objective": out.losses,
                 "seconds": out.seconds,
