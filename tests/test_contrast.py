@@ -13,6 +13,7 @@ from peft_personamux.contrast import (
     persona_halves,
     quadratic_gain_rows,
     quadratic_gains,
+    quadratic_steps,
 )
 from peft_personamux.prompt_gradients import LineGradients
 
@@ -164,3 +165,24 @@ def test_contrast_validation():
     single = LineGradients(lines.gradients[:2], lines.tokens[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="2 or more lines"):
         persona_halves(single)
+
+
+def test_quadratic_steps_are_the_scored_step_in_code_coordinates():
+    lines, _ = steep_noise_lines()
+    curv = curvature(lines, 0.2)
+    codes = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))  # not orthonormal
+    g = lines.persona_means()
+    train = torch.stack([g[0], g[1]])  # (2, *SHAPE)
+    dense = curv.apply(torch.eye(12, dtype=torch.float64))  # (D, D) H
+    for damping in (0.0, 0.5):
+        w = quadratic_steps(codes, curv, train, damping)  # (2, 3)
+        x = w @ codes.flatten(1).double()  # (2, D) the steps
+        flat = train.flatten(1).double()
+        gain = -((flat * x).sum(1) + ((x @ dense) * x).sum(1) / 2)
+        expected, _ = quadratic_gain_rows(codes, curv, train, train, damping)
+        torch.testing.assert_close(gain, expected)
+        # the step is stationary for the damped objective inside the span
+        residual = codes.flatten(1).double() @ (flat + x @ dense + damping * x).T  # (3, 2)
+        torch.testing.assert_close(residual, torch.zeros_like(residual), atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="damping"):
+        quadratic_steps(codes, curv, train, -1.0)

@@ -1,4 +1,7 @@
-"""Copy a finished `personamux pretrain` run into the package as the shipped codebook, and its logs into docs/.
+"""Copy a finished `personamux pretrain` run into docs/pretrained/stage1_codebook, and its logs into docs/.
+
+The stage-1 codebook is what docs/pretrained/compute_codebook.py turns into the shipped one (its start prompt and bias
+tokens; docs/pretrained_codebook.md).
 
     python docs/pretrained/ship.py runs/shakespeare-pretrain
     python docs/pretrained/ship.py runs/shakespeare-pretrain --checkpoint 1000 --info OTHER/personamux_pretrain.json
@@ -15,7 +18,7 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ROOT / "src" / "peft_personamux" / "pretrained" / "shakespeare"
+STAGE1 = ROOT / "docs" / "pretrained" / "stage1_codebook"
 DOCS = ROOT / "docs" / "pretrained"
 
 
@@ -27,22 +30,22 @@ def main(run: str, checkpoint: int | None = None, info: str | None = None) -> No
     for path in needed:
         if not path.exists():
             raise SystemExit(f"{path} is missing: is the run finished (or pass --checkpoint and --info)?")
-    info_text = info_file.read_text()  # read before the package directory (which may hold info_file) is replaced
-    shutil.rmtree(PACKAGE, ignore_errors=True)
-    PACKAGE.mkdir(parents=True)
-    shutil.copytree(weights_dir / "personas", PACKAGE / "personas")
-    shutil.copy2(weights_dir / "adapter_model.safetensors", PACKAGE)
-    (PACKAGE / "personamux_pretrain.json").write_text(info_text)
+    info_text = info_file.read_text()  # read before the stage-1 directory (which may hold info_file) is replaced
+    shutil.rmtree(STAGE1, ignore_errors=True)
+    STAGE1.mkdir(parents=True)
+    shutil.copytree(weights_dir / "personas", STAGE1 / "personas")
+    shutil.copy2(weights_dir / "adapter_model.safetensors", STAGE1)
+    (STAGE1 / "personamux_pretrain.json").write_text(info_text)
     config = json.loads((weights_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "smollm2-135m-instruct"
-    (PACKAGE / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (STAGE1 / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     for name in ("loss_log.jsonl", "loss_curve.png", "identity_log.jsonl"):
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, DOCS / name)
     identity = run_dir / "identity_log.jsonl"
     if identity.exists():
         plot_identity(identity, DOCS / "identity_gap.png")
-    print(f"Shipped {len(list((PACKAGE / 'personas').rglob('*.safetensors')))} personas to {PACKAGE}.")
+    print(f"Copied {len(list((STAGE1 / 'personas').rglob('*.safetensors')))} personas to {STAGE1}.")
 
 
 def plot_identity(log: Path, path: Path) -> None:

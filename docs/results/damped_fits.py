@@ -1,19 +1,24 @@
-"""The cross-validated capture ratio, measured: fits damped as span_scaling.py's cross-validation picked, scored.
+"""The cross-validated capture ratio, measured: fits damped as cross-validation picks, scored.
 
 span_scaling.py predicts (quadratic model) that a fit damped by ``lambda / 2 * |change of the mixed tokens|^2``, with
 lambda picked per character by 5-fold cross-validation on its own training lines, gains on held-out lines where the
-converged fit does not, most of all the free prompt's. This script fits, for every third unseen character (4 of 12),
-the learned codebook's 64 weights, the 8 free tokens and 64 weights on the principal directions of every cached
-pretraining character's gradient (span_scaling.py's cache) from the fits' start prompt with that penalty
-(`fitting.fit_mixtures(prompt_penalty=...)`, L-BFGS, ``STEPS`` iterations; mix64 in bf16 like the headroom fits,
-free8 in float32, where its line search stalls in bf16) and scores
-train and held-out lines exactly (float32). Run from the repository root after span_scaling.py (about 75 minutes on
-2 CPU cores; resumable: each finished fit is saved):
+converged fit does not, most of all the free prompt's. This script fits each unseen character (``--personas all``,
+the default, or ``every_third``) in each span of ``--spans`` from the fits' start prompt with that penalty
+(`fitting.fit_mixtures(prompt_penalty=...)`, L-BFGS, ``STEPS`` iterations) and scores train and held-out lines
+exactly (float32). Spans: ``mix64`` the stage-1 codebook's 64 weights (docs/pretrained/stage1_codebook), ``free8``
+the 8 free tokens (float32: in bf16 its line search stalls), ``pca64`` 64 weights on the principal directions of
+every cached pretraining character's gradient (span_scaling.py's cache) plus the start prompt, ``ship64`` the shipped
+codebook (docs/pretrained/compute_codebook.py; its dampings and predictions are computed here with span_scaling.py's
+curvature). The 64-weight spans fit in bf16 like the headroom fits. Run from the repository root after
+span_scaling.py (on 2 CPU cores about 4.5 minutes per character for a 64-weight span, 9.5 for free8; resumable: each
+finished fit is saved in eval_span_scaling/damped_fits.json):
 
-    python docs/results/damped_fits.py
+    python docs/results/damped_fits.py --spans ship64
+    python docs/results/damped_fits.py --report_only
 
-Writes docs/results/damped_fits.{json,md} with the measured gains over the start, the predicted ones, and the capture
-ratio (mix64 / free8, of the mean held-out gains over the start; and over the zero mixture, the issue's definition).
+Writes docs/results/damped_fits.{json,md}: per span, on the characters it has fitted, the measured gains over the
+start and over the zero mixture, the predicted ones, and the capture ratio against free8 on the characters both have
+(of the mean held-out gains over the start, and over the zero mixture: the issue's definition).
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from span_analysis import cell
+from span_analysis import SHRINKAGE, STAGE1, as_lines, cell, gradients
 from span_scaling import pretraining_gradients, scaling_config
 from tqdm.auto import tqdm
 
 from peft_personamux.codebook_init import codebook_from_gradients
 from peft_personamux.collator import PersonaMuxCollator
+from peft_personamux.contrast import cross_validated_gains, curvature
 from peft_personamux.evaluation.config import EvalConfig, read_config_file
 from peft_personamux.evaluation.headroom import (
     HeadroomSettings,
@@ -47,13 +53,15 @@ from peft_personamux.evaluation.runner import Evaluation
 from peft_personamux.fitting import fit_mixtures
 
 STEPS = 10  # L-BFGS iterations (at most 13 loss evaluations)
-SPANS = {  # span_scaling's labels
+SPANS = {  # span_scaling's labels (ship64's predictions are computed here)
     "mix64": "learned (shipped) codebook",
     "free8": "every direction (free 8 tokens)",
     "pca64": "pca, all characters",
+    "ship64": "shipped (computed) codebook",
 }
 OUT = Path("docs/results")
 STATE = Path("eval_span_scaling/damped_fits.json")
+SHIPPED = Path("src/peft_personamux/pretrained/shakespeare")  # docs/pretrained/compute_codebook.py
 
 
 def main() -> None:
@@ -62,6 +70,12 @@ def main() -> None:
     parser.add_argument(
         "--report_only", action="store_true", help="Write the report from the fits saved so far (whole pairs only)."
     )
+    parser.add_argument(
+        "--spans", nargs="+", default=list(SPANS), choices=list(SPANS), help="Spans to fit (default: all)."
+    )
+    parser.add_argument(
+        "--personas", choices=("every_third", "all"), default="all", help="Every third unseen character, or all 12."
+    )
     args = parser.parse_args()
     scaling = json.loads((OUT / "span_scaling.json").read_text())
     if args.report_only:
@@ -69,14 +83,12 @@ def main() -> None:
     config = EvalConfig(**{**read_config_file(args.config), "output_dir": "eval_span_analysis"})
     evaluation = Evaluation(config)
     unseen = scaling["personas"]
-    personas = unseen[::3]  # 4 of 12: an hour of fitting on 2 cores
+    personas = unseen if args.personas == "all" else unseen[::3]
     state = json.loads(STATE.read_text()) if STATE.is_file() else {}
-    state.setdefault("personas", personas)
-    if state["personas"] != personas:
-        raise ValueError(f"{STATE} holds fits of other characters: remove it to start again.")
+    state["personas"] = [p for p in unseen if p in set(personas) | set(state.get("personas", []))]
     settings = HeadroomSettings.from_config(config)
     base, tokenizer = evaluation.base()
-    learned = PeftModel.from_pretrained(copy.deepcopy(base), str(evaluation.codebook_dir))
+    learned = PeftModel.from_pretrained(copy.deepcopy(base), str(STAGE1))
     learned.add_personas(personas, exist_ok=True)
     learned.freeze()
     split = evaluation.split
@@ -99,14 +111,14 @@ def main() -> None:
     start = pretraining_mean_mixture(learned)
     start_prompt = torch.einsum("c,ckd->kd", start, codebook.detach().float())  # (tokens_per_code, hidden)
     train, test = collate(learned, train_rows), collate(learned, test_rows)
-    if "zero" not in state:
+    if any(p not in state.get("zero", {}).get("test", {}) for p in personas):
         zero_mixtures(learned, personas)
-        state["zero"] = scores(learned, train, test, "zero")
+        state["zero"] = merge(state.get("zero"), scores(learned, train, test, "zero"))
         save()
     for name in personas:
         learned.set_mixture(name, start)
-    if "start" not in state:
-        state["start"] = scores(learned, train, test, "start")
+    if any(p not in state.get("start", {}).get("test", {}) for p in personas):
+        state["start"] = merge(state.get("start"), scores(learned, train, test, "start"))
         save()
     free = free_prompt_model(base, learned, start_prompt.shape[0])  # the identity codebook: a mixture is a prompt
     free.add_personas(personas)
@@ -119,6 +131,19 @@ def main() -> None:
     pca_model = span_model(base, learned, torch.cat([pca, start_prompt[None]]))
     pca_model.add_personas(personas)
     offset = torch.cat([torch.zeros(len(start)), torch.ones(1)])
+    # the shipped codebook (docs/pretrained/compute_codebook.py): its code 0 is the start prompt, and its mean
+    # pretraining mixture, where the library's fits start, is e_0
+    shipped = PeftModel.from_pretrained(copy.deepcopy(base), str(SHIPPED))
+    shipped.add_personas(personas, exist_ok=True)
+    shipped.freeze()
+    shipped_start = pretraining_mean_mixture(shipped)
+    shipped_codes = codebook_tensors(shipped)[0].detach().float()
+    shipped_prompt = torch.einsum("c,ckd->kd", shipped_start, shipped_codes)
+    torch.testing.assert_close(shipped_prompt, start_prompt, atol=1e-4, rtol=1e-4)  # the same start as the others
+    state.setdefault("predicted", {})
+    if "ship64" not in state["predicted"]:
+        state["predicted"]["ship64"] = shipped_predictions(shipped_codes, pretrain, unseen, config)
+        save()
     fits = {  # label: (model, its start, its training and held-out batches, fit options)
         "mix64": (learned, start, train, test, settings.fit_options),
         "free8": (free, start_prompt.flatten(), collate(free, train_rows), collate(free, test_rows), exact),
@@ -129,11 +154,16 @@ def main() -> None:
             collate(pca_model, test_rows),
             settings.fit_options,
         ),
+        "ship64": (
+            shipped,
+            shipped_start,
+            collate(shipped, train_rows),
+            collate(shipped, test_rows),
+            settings.fit_options,
+        ),
     }
-    dampings = {  # label -> character -> cross-validated damping, in units of the curvature's mean eigenvalue
-        label: dict(zip(unseen, scaling["cross_validated"][span]["damping_over_mean_eigenvalue"]))
-        for label, span in SPANS.items()
-    }
+    fits = {label: fits[label] for label in args.spans}
+    dampings = {label: {p: v[1] for p, v in predictions(label, state, scaling).items()} for label in fits}
     for name in tqdm(personas, desc="damped fits"):  # persona by persona: an interrupted run keeps whole sets
         for label, (model, model_start, span_train, span_test, options) in fits.items():
             done = state.setdefault(label, {})
@@ -173,6 +203,34 @@ def main() -> None:
     write_report(state, scaling)
 
 
+def merge(old: dict | None, new: dict) -> dict:
+    """Per-split persona scores: ``new`` over ``old``."""
+    return {split_name: {**(old or {}).get(split_name, {}), **scores} for split_name, scores in new.items()}
+
+
+def shipped_predictions(codes: torch.Tensor, pretrain, unseen: list[str], config: EvalConfig) -> dict:
+    """The quadratic model's cross-validated damped held-out gain and damping per unseen character for the shipped
+    codebook, as span_scaling.py computes them for the other spans (same curvature, same cached gradients)."""
+    cached = gradients(config)
+    if cached["personas"] != unseen:
+        raise ValueError("span_analysis.py's cached gradients are of other characters.")
+    train, test = as_lines(cached["train"]), as_lines(cached["test"])
+    rows = sorted(set(train.persona_ids.tolist()))
+    h = test.persona_means()
+    damped = cross_validated_gains(codes, curvature(pretrain, SHRINKAGE), train, {r: h[r] for r in rows})
+    return {name: list(damped[r]) for name, r in zip(unseen, rows)}
+
+
+def predictions(label: str, state: dict, scaling: dict) -> dict[str, tuple[float, float]]:
+    """Character -> (predicted damped held-out gain over the start, damping over the mean eigenvalue)."""
+    if label in state.get("predicted", {}):
+        return {p: tuple(v) for p, v in state["predicted"][label].items()}
+    stats = scaling["cross_validated"][SPANS[label]]
+    return dict(
+        zip(scaling["personas"], zip(stats["held_out_gain"]["per_persona"], stats["damping_over_mean_eigenvalue"]))
+    )
+
+
 def write_report(state: dict, scaling: dict) -> None:
     result = report(state, scaling)
     (OUT / "damped_fits.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -180,15 +238,15 @@ def write_report(state: dict, scaling: dict) -> None:
 
 
 def report(state: dict, scaling: dict) -> dict:
-    """Measured gains over the start and the zero mixture, predicted gains, capture ratios."""
-    spans = [label for label in SPANS if label in state]
-    personas = [p for p in state["personas"] if all(p in state[label] for label in spans)]  # whole sets
-    unseen = scaling["personas"]
-    result: dict = {"personas": personas, "planned": state["personas"], "steps": STEPS, "spans": {}}
+    """Per span, on the characters it has fitted: measured gains over the start and the zero mixture, predicted gains,
+    and its capture ratio against the free prompt on the characters both have."""
+    spans = [label for label in SPANS if state.get(label)]
+    result: dict = {"planned": state["personas"], "steps": STEPS, "spans": {}}
     for label in spans:
-        span, fits = SPANS[label], state[label]
-        predicted = dict(zip(unseen, scaling["cross_validated"][span]["held_out_gain"]["per_persona"]))
-        stats = {}
+        fits = state[label]
+        personas = [p for p in state["personas"] if p in fits]
+        predicted = predictions(label, state, scaling)
+        stats: dict = {"personas": personas}
         for split_name in ("train", "test"):
             over_start = [state["start"][split_name][p] - fits[p][split_name] for p in personas]
             over_zero = [state["zero"][split_name][p] - fits[p][split_name] for p in personas]
@@ -196,18 +254,25 @@ def report(state: dict, scaling: dict) -> dict:
                 "over_start": {**summarize(over_start), "per_persona": over_start},
                 "over_zero": {**summarize(over_zero), "per_persona": over_zero},
             }
-        expected = [predicted[p] for p in personas]
+        expected = [predicted[p][0] for p in personas]
         stats["predicted_held_out_over_start"] = {**summarize(expected), "per_persona": expected}
         stats["evaluations"] = summarize([len(fits[p]["curve"]) for p in personas])
         stats["damping_over_mean_eigenvalue"] = [fits[p]["damping_over_mean_eigenvalue"] for p in personas]
         result["spans"][label] = stats
-    mix, free = result["spans"]["mix64"]["test"], result["spans"]["free8"]["test"]
-    result["capture_ratio_over_start"] = mix["over_start"]["mean"] / free["over_start"]["mean"]
-    result["capture_ratio_over_zero"] = mix["over_zero"]["mean"] / free["over_zero"]["mean"]
-    if "pca64" in result["spans"]:
-        pca = result["spans"]["pca64"]["test"]
-        result["pca64_capture_ratio_over_start"] = pca["over_start"]["mean"] / free["over_start"]["mean"]
-        result["pca64_capture_ratio_over_zero"] = pca["over_zero"]["mean"] / free["over_zero"]["mean"]
+    free = state.get("free8", {})
+    for label in spans:
+        if label == "free8":
+            continue
+        common = [p for p in result["spans"][label]["personas"] if p in free]
+        if not common:
+            continue
+        ratios = {"personas": len(common)}
+        for over in ("start", "zero"):
+            base = state[over]["test"]
+            span_gain = sum(base[p] - state[label][p]["test"] for p in common) / len(common)
+            free_gain = sum(base[p] - free[p]["test"] for p in common) / len(common)
+            ratios[f"over_{over}"] = span_gain / free_gain
+        result["spans"][label]["capture_ratio"] = ratios
     return result
 
 
@@ -215,59 +280,53 @@ def write_markdown(result: dict) -> None:
     lines = [
         "# Damped fits: the cross-validated capture ratio, measured",
         "",
-        f"Command: `python docs/results/damped_fits.py` (see its docstring). {len(result['personas'])} unseen "
-        f"characters ({', '.join(result['personas'])}"
-        + (
-            f"; {len(result['planned'])} planned, the run was stopped early"
-            if result["planned"] != result["personas"]
-            else ""
-        )
-        + "), 100 training and 20 held-out lines each; every fit starts "
-        f"at the fits' start prompt (the shipped codebook's mean pretraining mixture), L-BFGS for {result['steps']} "
-        "iterations on the mean token loss plus `lambda / 2 * |change of the mixed tokens|^2`, lambda from "
-        "span_scaling.py's 5-fold cross-validation on each character's training lines; mix64 fitted in bf16 like "
-        "the headroom fits, free8 in float32 (bf16 stalls its line search). Scores in float32. Gains in nats per "
-        "token, mean ± 95% CI over characters; predicted: the quadratic model's damped held-out gain.",
+        "Command: `python docs/results/damped_fits.py` (see its docstring). Unseen characters, 100 training and 20 "
+        "held-out lines each; every fit starts at the fits' start prompt (the stage-1 codebook's mean pretraining "
+        f"mixture; the shipped codebook's own mean mixture is the same prompt), L-BFGS for {result['steps']} "
+        "iterations on the mean token loss plus `lambda / 2 * |change of the mixed tokens|^2`, lambda from 5-fold "
+        "cross-validation on each character's training lines (quadratic model); the 64-weight spans fitted in bf16 "
+        "like the headroom fits, free8 in float32 (bf16 stalls its line search). Scores in float32. Gains in nats per "
+        "token, mean ± 95% CI over the characters each span has fitted; predicted: the quadratic model's damped "
+        "held-out gain. Spans: mix64 the stage-1 codebook (shipped until the ninth pass), free8 every direction "
+        "(8 free tokens), pca64 the principal directions of all pretraining characters' gradients plus the start "
+        "prompt (65 codes), ship64 the shipped codebook (docs/pretrained/compute_codebook.py: the start prompt and "
+        "63 of those directions).",
         "",
-        "| span | train gain over the start | held-out gain over the start | predicted held-out gain | "
-        "held-out gain over the zero mixture | loss evaluations |",
-        "|---|---|---|---|---|---|",
+        "| span | characters | train gain over the start | held-out gain over the start | predicted held-out gain | "
+        "held-out gain over the zero mixture | capture ratio over the zero mixture (over the start), same characters "
+        "| loss evaluations |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, stats in result["spans"].items():
+        ratio = stats.get("capture_ratio")
+        capture = f"{ratio['over_zero']:.2f} ({ratio['over_start']:.2f}), {ratio['personas']}" if ratio else "1"
         lines.append(
-            f"| {label} | {cell(stats['train']['over_start'])} | {cell(stats['test']['over_start'])} | "
-            f"{cell(stats['predicted_held_out_over_start'])} | {cell(stats['test']['over_zero'])} | "
-            f"{stats['evaluations']['mean']:.1f} |"
+            f"| {label} | {len(stats['personas'])} | {cell(stats['train']['over_start'])} | "
+            f"{cell(stats['test']['over_start'])} | {cell(stats['predicted_held_out_over_start'])} | "
+            f"{cell(stats['test']['over_zero'])} | {capture} | {stats['evaluations']['mean']:.1f} |"
         )
+    spans = list(result["spans"])
     lines += [
         "",
         "Per character, held-out gain over the start (measured / predicted) and the damping (x the curvature's mean "
-        "eigenvalue):",
+        "eigenvalue); blank where a span has not fitted the character:",
         "",
         "| character | "
-        + " | ".join(f"{label} measured | {label} predicted | {label} damping" for label in SPANS)
+        + " | ".join(f"{label} measured | {label} predicted | {label} damping" for label in spans)
         + " |",
-        "|---|" + "---|" * 3 * len(SPANS),
+        "|---|" + "---|" * 3 * len(spans),
     ]
-    for i, name in enumerate(result["personas"]):
+    for name in result["planned"]:
         cells = []
         for stats in result["spans"].values():
+            if name not in stats["personas"]:
+                cells += ["", "", ""]
+                continue
+            i = stats["personas"].index(name)
             measured = stats["test"]["over_start"]["per_persona"][i]
             predicted = stats["predicted_held_out_over_start"]["per_persona"][i]
             cells += [f"{measured:.4f}", f"{predicted:.4f}", f"{stats['damping_over_mean_eigenvalue'][i]:g}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Capture ratio (mix64 / free8, mean held-out gains): {result['capture_ratio_over_start']:.2f} over the "
-        f"start, {result['capture_ratio_over_zero']:.2f} over the zero mixture (the issue's (zero - mix64) / "
-        "(zero - free8))."
-        + (
-            f" pca64: {result['pca64_capture_ratio_over_start']:.2f} over the start, "
-            f"{result['pca64_capture_ratio_over_zero']:.2f} over the zero mixture."
-            if "pca64" in result["spans"]
-            else ""
-        ),
-    ]
     (OUT / "damped_fits.md").write_text("\n".join(lines) + "\n")
 
 

@@ -5,7 +5,8 @@ Run from the repository root (about 15 minutes on 2 CPU cores the first time, se
 
     python docs/results/span_analysis.py
 
-Line gradients at the fits' start (the shipped codebook's mean pretraining mixture) of the config's pretraining
+Line gradients at the fits' start (the stage-1 codebook's mean pretraining mixture, docs/pretrained/stage1_codebook)
+of the config's pretraining
 sample (96 characters x 16 lines, bf16 autocast like the fits) and of the 12 unseen characters' training and
 held-out lines (float32) are cached in ``eval_span_analysis/span_gradients.pt`` (not committed: 60 MB). The curvature
 is the pretraining lines' empirical Fisher (shrinkage 0.2), as in the headroom run's quadratic table. Per span and
@@ -37,16 +38,18 @@ from peft_personamux.prompt_gradients import LineGradients, prompt_line_gradient
 
 SHRINKAGE = 0.2
 OUT = Path("docs/results")
+# the stage-1 codebook these analyses start from (shipped until the ninth pass; docs/pretrained/compute_codebook.py)
+STAGE1 = Path("docs/pretrained/stage1_codebook")
 
 
 def start_model(config: EvalConfig):
-    """The shipped codebook with every pretraining and unseen persona at the fits' start mixture, frozen.
+    """The stage-1 codebook with every pretraining and unseen persona at the fits' start mixture, frozen.
 
     Returns the evaluation, the model, its collator and the start mixture (num_codes,).
     """
     evaluation = Evaluation(config)
     base, tokenizer = evaluation.base()
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(evaluation.codebook_dir))
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(STAGE1))
     split = evaluation.split
     names = sorted({r["persona"] for r in split.pretrain}) + list(evaluation.personas)
     model.add_personas(names, exist_ok=True)

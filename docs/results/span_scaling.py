@@ -6,7 +6,8 @@ repository root (about 30 minutes on 2 CPU cores for the gradients, resumable; a
 
     python docs/results/span_scaling.py
 
-Line gradients at the fits' start (the shipped codebook's mean pretraining mixture) of every pretraining character
+Line gradients at the fits' start (the stage-1 codebook's mean pretraining mixture, docs/pretrained/stage1_codebook)
+of every pretraining character
 with at least ``min_lines`` lines, ``LINES`` random lines each (bf16 autocast like the fits), are cached by chunks of
 characters in ``eval_span_scaling/`` (not committed); the 12 unseen characters' gradients are span_analysis.py's
 (``eval_span_analysis/span_gradients.pt``, computed first when missing). Every span is scored under one curvature,

@@ -181,6 +181,23 @@ def quadratic_gain_rows(
     return -((g * step).sum(0) + curved / 2), -((h * step).sum(0) + curved / 2)
 
 
+@torch.no_grad()
+def quadratic_steps(codes: torch.Tensor, curv: Curvature, train: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """Mixture changes (n, num_codes) of n fits in the span of ``codes`` under the quadratic model: the weights ``w``
+    with ``x = W^T w`` minimising ``g.x + x.H.x / 2 + damping / 2 * |x|^2``, i.e.
+    ``w = -(Q^T H Q + damping Q^T Q)^-1 Q^T g`` (Q: (D, num_codes) the flattened codes, linearly independent).
+
+    ``codes``: (num_codes, tokens_per_code, hidden); ``train``: (n, ...) mean-token-loss gradients. The step
+    `quadratic_gain_rows` scores, in the codes' own coordinates: what a converged (or damped) fit adds to a mixture.
+    """
+    if damping < 0:
+        raise ValueError(f"`damping` must be >= 0, got {damping!r}.")
+    q = codes.detach().flatten(1).double().T  # (D, num_codes)
+    g = train.flatten(1).double().T  # (D, n)
+    inner = curv.project(q) + damping * q.T @ q  # (num_codes, num_codes)
+    return -torch.linalg.solve(inner, q.T @ g).T  # (n, num_codes)
+
+
 def quadratic_gains(
     codes: torch.Tensor | None, curv: Curvature, train: torch.Tensor, test: torch.Tensor
 ) -> tuple[float, float]:
