@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The exact command that produced src/peft_personamux/pretrained/shakespeare (see docs/pretrained_codebook.md).
+# The exact stage-1 command behind docs/pretrained/stage1_codebook, from which docs/pretrained/compute_codebook.py computes
+# the shipped src/peft_personamux/pretrained/shakespeare (see docs/pretrained_codebook.md).
 # Resumable: re-run with --resume_from_checkpoint true after an interruption.
 set -euo pipefail
 personamux pretrain \

@@ -42,6 +42,7 @@ from peft_personamux.evaluation.config import EvalConfig, read_config_file
 from peft_personamux.evaluation.headroom import (
     HeadroomSettings,
     free_prompt_model,
+    identification,
     per_persona,
     pretraining_mean_mixture,
     row_losses,
@@ -72,6 +73,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--spans", nargs="+", default=list(SPANS), choices=list(SPANS), help="Spans to fit (default: all)."
+    )
+    parser.add_argument(
+        "--identify",
+        action="store_true",
+        help="Score every character's held-out lines under every character's fitted mixture (64-weight spans).",
     )
     parser.add_argument(
         "--personas", choices=("every_third", "all"), default="all", help="Every third unseen character, or all 12."
@@ -197,8 +203,23 @@ def main() -> None:
                 "curve": out.persona_curves[row],
                 "objective": out.losses,
                 "seconds": out.seconds,
+                "mixture": model.get_mixture(name).detach().float().tolist() if label != "free8" else None,
                 **{k: float(nll.sum() / tokens.sum()) for k, (nll, tokens) in scored.items()},
             }
+            save()
+    if args.identify:
+        for label, (model, _, _, span_test, _) in fits.items():
+            done = state.get(label, {})
+            if label == "free8" or label in state.get("identification", {}):
+                continue
+            if not all(done.get(p, {}).get("mixture") for p in personas):
+                print(f"{label}: not every character has a saved mixture; no identification.")
+                continue
+            for name in personas:
+                model.set_mixture(name, torch.tensor(done[name]["mixture"]))
+            state.setdefault("identification", {})[label] = identification(
+                model, span_test, test_rows, personas, settings.chunk_size
+            )
             save()
     write_report(state, scaling)
 
@@ -273,6 +294,8 @@ def report(state: dict, scaling: dict) -> dict:
             free_gain = sum(base[p] - free[p]["test"] for p in common) / len(common)
             ratios[f"over_{over}"] = span_gain / free_gain
         result["spans"][label]["capture_ratio"] = ratios
+    for label, found in state.get("identification", {}).items():
+        result["spans"][label]["identification"] = {k: found[k] for k in ("accuracy", "chance", "predicted")}
     return result
 
 
@@ -305,6 +328,16 @@ def write_markdown(result: dict) -> None:
             f"{cell(stats['test']['over_start'])} | {cell(stats['predicted_held_out_over_start'])} | "
             f"{cell(stats['test']['over_zero'])} | {capture} | {stats['evaluations']['mean']:.1f} |"
         )
+    for label, stats in result["spans"].items():
+        if "identification" in stats:
+            found = stats["identification"]
+            hits = round(found["accuracy"] / found["chance"])
+            lines += [
+                "",
+                f"Likelihood identification, {label}: each character's held-out lines scored under every character's "
+                f"fitted mixture; the lowest loss names the true character {hits} times of {len(stats['personas'])} "
+                f"(accuracy {found['accuracy']:.2f}, chance {found['chance']:.2f}: {hits}x chance).",
+            ]
     spans = list(result["spans"])
     lines += [
         "",
