@@ -109,14 +109,14 @@ def main() -> None:
 
     unit = curv.mean_eigenvalue
     dampings = cross_validated_damping(codes, curv, lines, [f * unit for f in DAMPING_FACTORS])
+    missing = sorted(set(range(len(names))) - set(dampings))
+    if missing:
+        raise ValueError(f"No cross-validated damping for {[names[r] for r in missing]}: fewer than 5 lines each.")
     means = lines.persona_means()
     steps = torch.zeros(len(names), num_codes, dtype=torch.float64)  # (characters, 64)
     for damping in sorted(set(dampings.values())):
         rows = [r for r, d in dampings.items() if d == damping]
         steps[rows] = quadratic_steps(codes, curv, torch.stack([means[r] for r in rows]), damping)
-    missing = sorted(set(range(len(names))) - set(dampings))
-    if missing:
-        raise ValueError(f"No cross-validated damping for {[names[r] for r in missing]}: fewer than 5 lines each.")
     mixtures = steps - steps.mean(0, keepdim=True)
     mixtures[:, 0] += 1.0  # e_0 + centred fits: the mean mixture is the start prompt
 
