@@ -160,16 +160,17 @@ def main() -> None:
 
 
 def measure_identity(evaluation, config, stage1, computed, tokenizer, names, info, summary: dict) -> None:
+    rows = identity_rows(evaluation, config, names, info, IDENTITY_LINES)  # once: both codebooks score the same lines
     summary["identity"] = {
-        label: identity(evaluation, config, model, tokenizer, names, info, IDENTITY_LINES)
+        label: identity(evaluation, model, tokenizer, names, rows)
         for label, model in (("stage1", stage1), ("computed", computed))
     }
     REPORT.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary["identity"], indent=1))
 
 
-def identity(evaluation, config, model, tokenizer, names: list[str], info: dict, lines_per_persona: int) -> dict:
-    """`diagnostics.identity_gap` on pretraining characters' lines that neither codebook saw: outside the cached
+def identity_rows(evaluation, config, names: list[str], info: dict, lines_per_persona: int) -> list[dict]:
+    """Up to ``lines_per_persona`` lines of each pretraining character that neither codebook saw: outside the cached
     gradient lines and outside the stage-1 run's training sample (rebuilt from its recorded data flags)."""
     data_args = DataArguments(**info["data"])
     pretrain_ds, _ = split_personas(load_persona_dataset(data_args), data_args.pretrain_fraction, data_args.split_seed)
@@ -184,14 +185,18 @@ def identity(evaluation, config, model, tokenizer, names: list[str], info: dict,
     for row in everything:
         if tuple(row[k] for k in key) not in seen and len(held[row["persona"]]) < lines_per_persona:
             held[row["persona"]].append(row)
-    rows = [r for name in names for r in held.get(name, [])]
+    return [r for name in names for r in held.get(name, [])]
+
+
+def identity(evaluation, model, tokenizer, names: list[str], rows: list[dict]) -> dict:
+    """`diagnostics.identity_gap` of ``model``'s persona mixtures on ``rows`` (`identity_rows`), float32."""
     for name in names:
         if name not in model.personas:
             model.load_persona(name, activate=False)  # the codebook folder's own persona files
     collator = PersonaMuxCollator.for_model(model, tokenizer, **evaluation.mux_collator_kwargs())
     batches = [collator(rows[i : i + 16]) for i in range(0, len(rows), 16)]
-    gap = identity_gap(model, batches, options=FAST)  # float32
-    return {**gap, "lines": len(rows), "characters": sum(1 for name in names if held.get(name))}
+    gap = identity_gap(model, batches, options=FAST)
+    return {**gap, "lines": len(rows), "characters": len({r["persona"] for r in rows})}
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def main() -> None:
     for row, name in enumerate(names):
         computed.set_mixture(name, weights[row].float())
     info = json.loads((cc.STAGE1 / "personamux_pretrain.json").read_text())
-    gap = cc.identity(evaluation, config, computed, tokenizer, names, info, cc.IDENTITY_LINES)
+    rows = cc.identity_rows(evaluation, config, names, info, cc.IDENTITY_LINES)
+    gap = cc.identity(evaluation, computed, tokenizer, names, rows)
     report = json.loads(cc.REPORT.read_text())
     report["identity"]["projected"] = {**gap, "curvature_energy_kept": kept}
     cc.REPORT.write_text(json.dumps(report, indent=1) + "\n")
