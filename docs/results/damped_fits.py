@@ -9,9 +9,11 @@ exactly (float32). Spans: ``mix64`` the stage-1 codebook's 64 weights (docs/pret
 the 8 free tokens (float32: in bf16 its line search stalls), ``pca64`` 64 weights on the principal directions of
 every cached pretraining character's gradient (span_scaling.py's cache) plus the start prompt, ``ship64`` the shipped
 codebook (docs/pretrained/compute_codebook.py; its dampings and predictions are computed here with span_scaling.py's
-curvature). The 64-weight spans fit in bf16 like the headroom fits. Run from the repository root after
-span_scaling.py (on 2 CPU cores about 4.5 minutes per character for a 64-weight span, 9.5 for free8; resumable: each
-finished fit is saved in eval_span_scaling/damped_fits.json):
+curvature), ``rand64`` 64 weights on span_scaling.py's random codebook (Gaussian codes with the stage-1 codes'
+norms, seed 0) plus the start prompt. Only the spans asked for are built (pca64, and ship64's predictions when they
+are not saved yet, need span_scaling.py's gradient cache). The 64-weight spans fit in bf16 like the headroom fits.
+Run from the repository root after span_scaling.py (on 2 CPU cores about 4.5 minutes per character for a 64-weight
+span, 9.5 for free8; resumable: each finished fit is saved in eval_span_scaling/damped_fits.json):
 
     python docs/results/damped_fits.py --spans ship64
     python docs/results/damped_fits.py --report_only
@@ -48,7 +50,7 @@ from peft_personamux.evaluation.headroom import (
     row_losses,
     span_model,
 )
-from peft_personamux.evaluation.methods import codebook_tensors, zero_mixtures
+from peft_personamux.evaluation.methods import codebook_tensors, random_codebook_like, zero_mixtures
 from peft_personamux.evaluation.metrics import summarize
 from peft_personamux.evaluation.runner import Evaluation
 from peft_personamux.fitting import fit_mixtures
@@ -58,6 +60,7 @@ SPANS = {  # span_scaling's labels (ship64's predictions are computed here)
     "mix64": "learned (shipped) codebook",
     "free8": "every direction (free 8 tokens)",
     "pca64": "pca, all characters",
+    "rand64": "random codebook",
     "ship64": "shipped (computed) codebook",
 }
 OUT = Path("docs/results")
@@ -126,49 +129,52 @@ def main() -> None:
     if any(p not in state.get("start", {}).get("test", {}) for p in personas):
         state["start"] = merge(state.get("start"), scores(learned, train, test, "start"))
         save()
-    free = free_prompt_model(base, learned, start_prompt.shape[0])  # the identity codebook: a mixture is a prompt
-    free.add_personas(personas)
     exact = dataclasses.replace(settings.fit_options, autocast_dtype=None)  # float32
-    # the principal directions of every cached pretraining character's gradient (span_scaling.py), whitened like the
-    # stage-1 gradient start, with the start prompt as one more code at weight 1 (as the headroom fits)
-    pretrain, _ = pretraining_gradients(scaling_config(args.config))
-    code_norm = float(codebook.detach().flatten(1).norm(dim=1).mean())
-    pca, _ = codebook_from_gradients(pretrain.persona_means(), len(start), code_norm, seed=0, scale="whiten")
-    pca_model = span_model(base, learned, torch.cat([pca, start_prompt[None]]))
-    pca_model.add_personas(personas)
-    offset = torch.cat([torch.zeros(len(start)), torch.ones(1)])
-    # the shipped codebook (docs/pretrained/compute_codebook.py): its code 0 is the start prompt, and its mean
-    # pretraining mixture, where the library's fits start, is e_0
-    shipped = PeftModel.from_pretrained(copy.deepcopy(base), str(SHIPPED))
-    shipped.add_personas(personas, exist_ok=True)
-    shipped.freeze()
-    shipped_start = pretraining_mean_mixture(shipped)
-    shipped_codes = codebook_tensors(shipped)[0].detach().float()
-    shipped_prompt = torch.einsum("c,ckd->kd", shipped_start, shipped_codes)
-    torch.testing.assert_close(shipped_prompt, start_prompt, atol=1e-4, rtol=1e-4)  # the same start as the others
-    state.setdefault("predicted", {})
-    if "ship64" not in state["predicted"]:
-        state["predicted"]["ship64"] = shipped_predictions(shipped_codes, pretrain, unseen, config)
-        save()
-    fits = {  # label: (model, its start, its training and held-out batches, fit options)
-        "mix64": (learned, start, train, test, settings.fit_options),
-        "free8": (free, start_prompt.flatten(), collate(free, train_rows), collate(free, test_rows), exact),
-        "pca64": (
-            pca_model,
-            offset,
-            collate(pca_model, train_rows),
-            collate(pca_model, test_rows),
-            settings.fit_options,
-        ),
-        "ship64": (
-            shipped,
-            shipped_start,
-            collate(shipped, train_rows),
-            collate(shipped, test_rows),
-            settings.fit_options,
-        ),
-    }
-    fits = {label: fits[label] for label in args.spans}
+    offset = torch.cat([torch.zeros(len(start)), torch.ones(1)])  # a span's own codes at 0, the start prompt at 1
+
+    def with_start(codes: torch.Tensor) -> tuple:
+        """A 65-code span: ``codes`` plus the start prompt as one more code at weight 1 (as the headroom fits)."""
+        model = span_model(base, learned, torch.cat([codes, start_prompt[None]]))
+        model.add_personas(personas)
+        return model, offset, collate(model, train_rows), collate(model, test_rows), settings.fit_options
+
+    def free8() -> tuple:  # the identity codebook: a mixture is a prompt
+        free = free_prompt_model(base, learned, start_prompt.shape[0])
+        free.add_personas(personas)
+        return free, start_prompt.flatten(), collate(free, train_rows), collate(free, test_rows), exact
+
+    def pca64() -> tuple:
+        # the principal directions of every cached pretraining character's gradient (span_scaling.py), whitened like
+        # the stage-1 gradient start
+        pretrain, _ = pretraining_gradients(scaling_config(args.config))
+        code_norm = float(codebook.detach().flatten(1).norm(dim=1).mean())
+        pca, _ = codebook_from_gradients(pretrain.persona_means(), len(start), code_norm, seed=0, scale="whiten")
+        return with_start(pca)
+
+    def rand64() -> tuple:
+        # span_scaling.py's "random codebook": Gaussian codes of the stage-1 codebook's shape and code norms (seed 0)
+        return with_start(random_codebook_like(codebook.detach().float(), 0))
+
+    def ship64() -> tuple:
+        # the shipped codebook (docs/pretrained/compute_codebook.py): its code 0 is the start prompt, and its mean
+        # pretraining mixture, where the library's fits start, is e_0
+        shipped = PeftModel.from_pretrained(copy.deepcopy(base), str(SHIPPED))
+        shipped.add_personas(personas, exist_ok=True)
+        shipped.freeze()
+        shipped_start = pretraining_mean_mixture(shipped)
+        shipped_codes = codebook_tensors(shipped)[0].detach().float()
+        shipped_prompt = torch.einsum("c,ckd->kd", shipped_start, shipped_codes)
+        torch.testing.assert_close(shipped_prompt, start_prompt, atol=1e-4, rtol=1e-4)  # the same start as the others
+        if "ship64" not in state.setdefault("predicted", {}):
+            pretrain, _ = pretraining_gradients(scaling_config(args.config))
+            state["predicted"]["ship64"] = shipped_predictions(shipped_codes, pretrain, unseen, config)
+            save()
+        return shipped, shipped_start, collate(shipped, train_rows), collate(shipped, test_rows), settings.fit_options
+
+    builders = {"mix64": lambda: (learned, start, train, test, settings.fit_options), "free8": free8}
+    builders |= {"pca64": pca64, "rand64": rand64, "ship64": ship64}
+    # label: (model, its start, its training and held-out batches, fit options); only the spans asked for are built
+    fits = {label: builders[label]() for label in args.spans}
     dampings = {label: {p: v[1] for p, v in predictions(label, state, scaling).items()} for label in fits}
     for name in tqdm(personas, desc="damped fits"):  # persona by persona: an interrupted run keeps whole sets
         for label, (model, model_start, span_train, span_test, options) in fits.items():
@@ -294,6 +300,20 @@ def report(state: dict, scaling: dict) -> dict:
             free_gain = sum(base[p] - free[p]["test"] for p in common) / len(common)
             ratios[f"over_{over}"] = span_gain / free_gain
         result["spans"][label]["capture_ratio"] = ratios
+    randoms = state.get("rand64", {})
+    for label in spans:
+        if label in ("free8", "rand64"):
+            continue
+        common = [p for p in result["spans"][label]["personas"] if p in randoms]
+        if not common:
+            continue
+        ratios = {"personas": len(common)}
+        for over in ("start", "zero"):
+            base = state[over]["test"]
+            span_gain = sum(base[p] - state[label][p]["test"] for p in common) / len(common)
+            random_gain = sum(base[p] - randoms[p]["test"] for p in common) / len(common)
+            ratios[f"over_{over}"] = span_gain / random_gain
+        result["spans"][label]["ratio_to_random"] = ratios
     for label, found in state.get("identification", {}).items():
         result["spans"][label]["identification"] = {k: found[k] for k in ("accuracy", "chance", "predicted")}
     return result
@@ -312,7 +332,8 @@ def write_markdown(result: dict) -> None:
         "token, mean ± 95% CI over the characters each span has fitted; predicted: the quadratic model's damped "
         "held-out gain. Spans: mix64 the stage-1 codebook (shipped until the ninth pass), free8 every direction "
         "(8 free tokens), pca64 the principal directions of all pretraining characters' gradients plus the start "
-        "prompt (65 codes), ship64 the shipped codebook (docs/pretrained/compute_codebook.py: the start prompt and "
+        "prompt (65 codes), rand64 Gaussian codes with the stage-1 codes' norms plus the start prompt (65 codes), "
+        "ship64 the shipped codebook (docs/pretrained/compute_codebook.py: the start prompt and "
         "63 of those directions).",
         "",
         "| span | characters | train gain over the start | held-out gain over the start | predicted held-out gain | "
@@ -328,6 +349,15 @@ def write_markdown(result: dict) -> None:
             f"{cell(stats['test']['over_start'])} | {cell(stats['predicted_held_out_over_start'])} | "
             f"{cell(stats['test']['over_zero'])} | {capture} | {stats['evaluations']['mean']:.1f} |"
         )
+    for label, stats in result["spans"].items():
+        if "ratio_to_random" in stats:
+            ratio = stats["ratio_to_random"]
+            lines += [
+                "",
+                f"Ratio to the random codebook, {label}: mean held-out gain over the start {ratio['over_start']:.2f}x "
+                f"rand64's, over the zero mixture {ratio['over_zero']:.2f}x, on the {ratio['personas']} characters "
+                "both have fitted.",
+            ]
     for label, stats in result["spans"].items():
         if "identification" in stats:
             found = stats["identification"]
