@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import random
 import time
 from collections.abc import Sequence
@@ -130,8 +131,9 @@ def variants_for(
     ``compiled_model``: the same model with its decoder layers compiled (`compiled_copy`)."""
     plain = make_batches(collator, rows, batch_size, False, seed)
     grouped = make_batches(collator, rows, batch_size, True, seed)
-    labels_only = LossOptions(labels_only=True, prefix_cache=False)
-    prefix = LossOptions(labels_only=False, prefix_cache=True)
+    labels_only = LossOptions(labels_only=True, prefix_cache=False, shared_prompt=False)
+    prefix = LossOptions(labels_only=False, prefix_cache=True, shared_prompt=False)
+    shared = LossOptions(labels_only=False, prefix_cache=False, shared_prompt=True)
     dtype = torch.bfloat16 if bf16 else None
     everything = LossOptions(labels_only=True, prefix_cache=True, autocast_dtype=dtype)
     chosen = LossOptions(
@@ -141,14 +143,19 @@ def variants_for(
         Variant("plain (today)", plain, PLAIN, plain_forward=True),
         Variant("logits only at labels", plain, labels_only),
         Variant("prefix KV reuse", plain, prefix),
+        Variant("shared soft prompt", plain, shared),
         Variant("length-grouped batches", grouped, PLAIN, plain_forward=True),
         Variant("bf16 autocast", plain, LossOptions(autocast_dtype=torch.bfloat16), plain_forward=True),
         Variant("all (fp32)", grouped, LossOptions(labels_only=True, prefix_cache=True)),
     ]
     if bf16:
-        eager = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=dtype, attention="eager")
+        eager = LossOptions(
+            labels_only=False, prefix_cache=False, autocast_dtype=dtype, attention="eager", shared_prompt=False
+        )
         out.append(Variant("bf16 autocast + eager attention", plain, eager))
         out.append(Variant("all (bf16)", grouped, everything))
+        unshared = dataclasses.replace(chosen, shared_prompt=False)
+        out.append(Variant("all but the shared soft prompt (bf16, eager attention)", grouped, unshared))
         out.append(Variant("all (bf16, eager attention)", grouped, chosen))
         if bf16_model is not None:  # no per-call weight casts: the frozen weights are bf16 already
             out.append(Variant("all (bf16 weights, eager attention)", grouped, chosen, model=bf16_model))
@@ -310,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "Stage 1 rows have no text persona: the soft prompt goes first in the row, so there is no prefix to reuse "
         "and 'prefix KV reuse' equals the plain body there; stage 2 rows carry a text persona after the chat "
         "template's system turn.",
+        "'shared soft prompt': rows with the same prefix and persona run the soft prompt's virtual tokens once "
+        "and share their key/value states. Stage 1's rows are random pretraining lines of distinct personas (as "
+        "the default stage-1 sampler mixes personas), so nothing is shared there; stage 2's are one persona's, one "
+        "group per batch.",
         "'all' is every shortcut; with bf16 the library also picks eager attention (`loss.choose_attention`), the "
         "'eager attention' rows. Stage 2 fits on all of a persona's rows at once, so its rows per forward pass are "
         "free: 'chunks of N rows' is the same summed gradient in fewer, larger passes.",

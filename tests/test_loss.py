@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from tiny_models import ARCHS, batch_for, mux
+from tiny_models import ARCHS, batch_for, mux, shared_batch_for
 
+from peft_personamux import kv_cache
 from peft_personamux.loss import (
     PLAIN,
     LossOptions,
@@ -20,12 +21,14 @@ from peft_personamux.loss import (
 )
 
 FAST_OPTIONS = [
-    LossOptions(labels_only=True, prefix_cache=False),
-    LossOptions(labels_only=False, prefix_cache=True),
-    LossOptions(labels_only=True, prefix_cache=True),
+    LossOptions(labels_only=True, prefix_cache=False, shared_prompt=False),
+    LossOptions(labels_only=False, prefix_cache=True, shared_prompt=False),
+    LossOptions(labels_only=True, prefix_cache=True, shared_prompt=False),
     LossOptions(labels_only=True, prefix_cache=True, attention="eager"),
     LossOptions(labels_only=True, prefix_cache=True, attention="sdpa"),
+    LossOptions(labels_only=False, prefix_cache=False, shared_prompt=True),
 ]
+FAST_IDS = ["labels_only", "prefix", "both", "eager", "sdpa", "shared_prompt"]
 
 
 def test_token_nll_matches_a_hand_computed_value():
@@ -48,10 +51,11 @@ def loss_and_grads(model, batch, options, cache=None):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("options", FAST_OPTIONS, ids=["labels_only", "prefix", "both", "eager", "sdpa"])
-def test_fast_paths_give_the_plain_loss_and_gradients(arch, options):
+@pytest.mark.parametrize("options", FAST_OPTIONS, ids=FAST_IDS)
+@pytest.mark.parametrize("make_batch", [batch_for, shared_batch_for], ids=["distinct", "grouped"])
+def test_fast_paths_give_the_plain_loss_and_gradients(arch, options, make_batch):
     model = mux(arch)  # eval mode: GPT-2's dropout would make two passes differ
-    batch = batch_for(model)
+    batch = make_batch(model)
     plain_loss, plain_grads = loss_and_grads(model, batch, PLAIN)
     loss, grads = loss_and_grads(model, batch, options, PrefixCache())
     assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
@@ -145,3 +149,87 @@ def test_choose_attention_modes():
     assert choose_attention("cpu", None, "sdpa") == "sdpa"
     with pytest.raises(ValueError, match="`attention` must be one of .*got 'flash'"):
         choose_attention("cpu", None, "flash")
+
+
+def spy_groups(monkeypatch) -> list[int]:
+    """Record the number of groups each shared soft-prompt forward runs (none: the shared path was not taken)."""
+    seen: list[int] = []
+    real = kv_cache.split_shared_prompt
+
+    def spy(*args, **kwargs):
+        seen.append(len(args[7]))  # representatives
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("peft_personamux.loss.split_shared_prompt", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_runs_once_per_prefix_and_persona(arch, monkeypatch):
+    model = mux(arch)
+    seen = spy_groups(monkeypatch)
+    response_nll(model, shared_batch_for(model))
+    assert seen == [4]  # 8 rows: (prefix 0, persona 0) x3, (1, 1) x2, (2, 2) x2, (0, 1)
+    seen.clear()
+    response_nll(model, batch_for(model))  # every row its own (prefix, persona): the plain split
+    assert seen == []
+
+
+def test_shared_prompt_with_mixture_overrides(monkeypatch):
+    model = mux("llama")
+    batch = shared_batch_for(model)
+    seen = spy_groups(monkeypatch)
+    table = model.base_model.model.get_input_embeddings().personamux_mixture["default"].detach()
+    plain, _ = response_nll(model, batch, options=PLAIN)
+
+    def grads(shared_mixtures: bool, copies: bool) -> torch.Tensor:
+        per_persona = table.clone().requires_grad_(True)  # (personas, num_codes)
+        rows = per_persona[batch["persona_ids"]]
+        if copies:  # each row its own leaf: its gradient is that row's alone, so nothing may be shared
+            rows = rows.detach().clone().requires_grad_(True)
+        nll, _ = response_nll(model, batch, mixtures=rows, shared_mixtures=shared_mixtures)
+        torch.testing.assert_close(nll, plain, rtol=1e-5, atol=1e-5)
+        nll.sum().backward()
+        if copies:
+            return torch.zeros_like(table).index_add(0, batch["persona_ids"], rows.grad)
+        return per_persona.grad
+
+    reference = grads(shared_mixtures=False, copies=True)
+    assert seen == []
+    torch.testing.assert_close(grads(shared_mixtures=True, copies=False), reference, rtol=1e-4, atol=1e-6)
+    assert seen == [4]
+    with torch.no_grad():  # no gradient: rows are grouped by value, so distinct overrides stay apart
+        mixtures = table[batch["persona_ids"]].clone()
+        mixtures[1] += 1.0
+        split, _ = response_nll(model, batch, mixtures=mixtures)
+        alone, _ = response_nll(model, batch, mixtures=mixtures, options=PLAIN)
+    torch.testing.assert_close(split, alone, rtol=1e-5, atol=1e-5)
+    assert seen == [4, 5]
+
+
+def test_can_share_prompt_needs_virtual_tokens_without_labels_and_a_rest():
+    ph = 99
+    ids = torch.tensor([[1, ph, ph, 3, 4], [ph, ph, 5, 6, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, -100, 4], [-100, -100, -100, 6, -100]])
+    starts = torch.tensor([1, 0])
+    assert kv_cache.can_share_prompt(ids, mask, labels, starts, 2, ph)
+    assert not kv_cache.can_share_prompt(ids, mask, labels, starts, 0, ph)  # no virtual tokens
+    assert not kv_cache.can_share_prompt(ids, mask, labels, starts, 3, ph)  # not all virtual
+    early = labels.clone()
+    early[1, 2] = 5  # the token right after the prompt is a label: its prediction is the prompt's last position
+    assert not kv_cache.can_share_prompt(ids, mask, early, starts, 2, ph)
+    short = mask.clone()
+    short[1, 2:] = 0  # nothing after the prompt
+    assert not kv_cache.can_share_prompt(ids, short, labels, starts, 2, ph)
+
+
+def test_prompt_groups_by_prefix_persona_and_mixture():
+    ids = torch.tensor([[1, 2, 9], [1, 2, 9], [1, 3, 9], [9, 0, 0], [1, 2, 9]])
+    starts = torch.tensor([2, 2, 2, 0, 2])
+    personas = torch.tensor([0, 0, 0, 0, 1])
+    reps, groups = kv_cache.prompt_groups(ids, starts, personas, None)
+    assert reps == [0, 2, 3, 4] and groups.tolist() == [0, 0, 1, 2, 3]
+    mixtures = torch.tensor([[0.0], [1.0], [0.0], [0.0], [0.0]])
+    reps, groups = kv_cache.prompt_groups(ids, starts, personas, mixtures)
+    assert reps == [0, 1, 2, 3, 4] and groups.tolist() == [0, 1, 2, 3, 4]

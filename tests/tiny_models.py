@@ -85,6 +85,29 @@ def batch_for(model, with_prefix=(True, True, False, True)):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "persona_ids": torch.tensor([0, 1, 2, 0])}
 
 
+def shared_batch_for(model):
+    """Right-padded rows in which several share a prefix and a persona (and one pair shares a persona but not the
+    prefix), of different prompt and response lengths: what `loss`'s shared soft prompt groups."""
+    ph = model.peft_config["default"].placeholder_token_id
+    g = torch.Generator().manual_seed(3)
+    prefixes = [[5, 6, 7, 8], [5, 6, 7, 8, 9], []]
+    spec = [(0, 0), (0, 0), (1, 1), (0, 1), (1, 1), (2, 2), (2, 2), (0, 0)]  # (prefix, persona) per row
+    rows, labels = [], []
+    for i, (prefix, _) in enumerate(spec):
+        prompt = torch.randint(10, 100, (2 + i % 3,), generator=g).tolist()
+        response = torch.randint(10, 100, (1 + i % 4,), generator=g).tolist()
+        ids = prefixes[prefix] + ([ph] if prefixes[prefix] else []) + prompt + response
+        rows.append(ids)
+        labels.append([-100] * (len(ids) - len(response)) + response)
+    width = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask, lab = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
+    for i, (ids, lb) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(ids)], mask[i, : len(ids)], lab[i, : len(ids)] = torch.tensor(ids), 1, torch.tensor(lb)
+    personas = torch.tensor([persona for _, persona in spec])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "persona_ids": personas}
+
+
 # -- a tiny tokenizer with a chat template, and models sized for it -----------------------------------------------
 
 

@@ -252,10 +252,12 @@ def cross_validated_gains(
     gradient) of its fit on all its lines, damped as `cross_validated_damping` picks among ``factors`` x the mean
     eigenvalue, and that factor."""
     unit = curv.mean_eigenvalue
-    chosen = cross_validated_damping(codes, curv, lines, [f * unit for f in factors], folds)
+    dampings = [f * unit for f in factors]
+    chosen = cross_validated_damping(codes, curv, lines, dampings, folds)
     means = lines.persona_means()
     out = {}
     for row, damping in chosen.items():
         _, held = quadratic_gain_rows(codes, curv, means[row][None], test[row][None], damping)
-        out[row] = (float(held[0]), damping / unit)
+        picked = min(range(len(factors)), key=lambda i: abs(float(dampings[i]) - damping))
+        out[row] = (float(held[0]), factors[picked])  # the factor itself: damping / unit may differ in the last bit
     return out

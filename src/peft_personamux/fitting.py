@@ -72,7 +72,9 @@ def _row_losses(
         rows_mix = mixtures[sl] if index is None else mixtures[index[sl]]  # (rows, num_codes)
         if copies:
             rows_mix = rows_mix.detach().clone().requires_grad_(True)
-        nll, tokens = response_nll(tuner, chunk, bias_scale, rows_mix, options, prefix_cache)  # (rows,), (rows,)
+        # rows indexed from one per-persona mixture may share their soft prompt's forward; leaf copies may not
+        shared = index is not None and not copies
+        nll, tokens = response_nll(tuner, chunk, bias_scale, rows_mix, options, prefix_cache, shared)  # (rows,) x 2
         yield sl, nll, tokens, rows_mix
 
 

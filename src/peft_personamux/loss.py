@@ -8,6 +8,8 @@ and the whole prompt with gradient. Training a soft prompt needs neither:
 * **prefix reuse**: the tokens before the soft prompt (the chat template's system turn, the text persona) do not
   depend on any trained weight, so their key/value states are computed once without gradient (`PrefixCache`) and
   the rest of each row runs on top of them;
+* **shared soft prompt**: rows with the same prefix and persona (all of stage 2's rows, persona-grouped stage-1
+  batches) run the soft prompt's virtual tokens once and share their key/value states (`kv_cache`);
 * **bf16 autocast** where the processor has bf16 matrix units (`choose_autocast` measures it);
 * **eager attention under CPU bf16 autocast** (`choose_attention`): torch's CPU flash-attention backward is the
   largest single cost on short rows (30% of a step on a 2-core AMX Xeon); the plain matmul-softmax path is faster
@@ -20,10 +22,8 @@ persona fitting and loss evaluation call.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,7 +32,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import IGNORE_INDEX
+from .kv_cache import (
+    PrefixCache,
+    autocast,
+    can_share_prompt,
+    prompt_groups,
+    prompt_starts,
+    split_prefix,
+    split_shared_prompt,
+)
 from .tuner.model import as_tuner
+
+__all__ = [  # PrefixCache lives in kv_cache; the loss's callers import it from here
+    "FAST",
+    "PLAIN",
+    "LossOptions",
+    "PrefixCache",
+    "bf16_matmul_speedup",
+    "check_attention",
+    "choose_attention",
+    "choose_autocast",
+    "mean_response_loss",
+    "response_nll",
+    "token_nll",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,46 +82,11 @@ class LossOptions:
     prefix_cache: bool = True  # reuse the key/value states of the text before the soft prompt
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None runs in the weights' dtype
     attention: str | None = None  # attention implementation for the call ("eager", "sdpa"); None: the model's own
+    shared_prompt: bool = True  # rows of one (prefix, persona) run the soft prompt once (needs a decoder body)
 
 
 FAST = LossOptions()  # every exact shortcut, in the weights' dtype
-PLAIN = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=None)
-
-
-class PrefixCache:
-    """Key/value states of prompt prefixes (the tokens before the soft prompt), computed once without gradient.
-
-    Entries are per token sequence and dtype, at most ``max_entries`` (least recently used dropped). Valid only
-    while the base model's weights do not change, which is the case for Persona-Mux (they are frozen).
-    """
-
-    def __init__(self, max_entries: int = 256) -> None:
-        if max_entries < 1:
-            raise ValueError(f"`max_entries` must be a positive integer, got {max_entries!r}.")
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, body: nn.Module, ids: tuple[int, ...], device, autocast_dtype) -> list[tuple[torch.Tensor, ...]]:
-        """Per layer (key, value), each (1, kv_heads, len(ids), head_dim), of ``ids`` run through ``body``."""
-        key = (ids, str(device), str(autocast_dtype))
-        entry = self._entries.get(key)
-        if entry is not None:
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return entry
-        self.misses += 1
-        with torch.no_grad(), _autocast(device, autocast_dtype):
-            out = body(input_ids=torch.tensor([ids], device=device), use_cache=True)
-        entry = _cache_tensors(_output_cache(out))
-        self._entries[key] = entry
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return entry
+PLAIN = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=None, shared_prompt=False)
 
 
 def response_nll(
@@ -108,6 +96,7 @@ def response_nll(
     mixtures: torch.Tensor | None = None,
     options: LossOptions = FAST,
     prefix_cache: PrefixCache | None = None,
+    shared_mixtures: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response NLL per row (rows,) and label tokens per row (rows,) of a Persona-Mux model.
 
@@ -115,13 +104,16 @@ def response_nll(
     aligned with ``input_ids``) and ``persona_ids``, right padded, one placeholder per row (or none: the soft prompt
     then goes first). ``mixtures`` (rows, num_codes) overrides the persona table row by row (fitting). Gradients
     flow to whatever requires them (codebook, bias, mixtures). With ``options.prefix_cache`` and no
-    ``prefix_cache`` given, prefixes are computed for this call only.
+    ``prefix_cache`` given, prefixes are computed for this call only. ``shared_mixtures``: the rows of one persona
+    carry one mixture (e.g. indexed from a per-persona tensor), so ``options.shared_prompt`` may compute the soft
+    prompt once for them even when ``mixtures`` requires gradient; without it, only mixtures without gradient are
+    shared (rows grouped by value), so per-row leaf copies keep their own gradients.
     """
     with _attention(as_tuner(model).model, options.attention):
-        return _response_nll(model, batch, bias_scale, mixtures, options, prefix_cache)
+        return _response_nll(model, batch, bias_scale, mixtures, options, prefix_cache, shared_mixtures)
 
 
-def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, prefix_cache):
+def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, prefix_cache, shared_mixtures):
     tuner = as_tuner(model)
     device = batch["input_ids"].device
     prepared = tuner.prepare(
@@ -133,15 +125,47 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     body = _decoder_body(base)
     labels_only = options.labels_only and body is not None and _plain_head(base)
     input_ids, attention_mask, labels = prepared.input_ids, prepared.attention_mask, prepared.labels
-    starts = _prompt_starts(input_ids, tuner.adapter_config().placeholder_token_id) if enabled else None
-    use_prefix = options.prefix_cache and body is not None and starts is not None and bool((starts > 0).any())
+    placeholder = tuner.adapter_config().placeholder_token_id
+    starts = prompt_starts(input_ids, placeholder) if enabled else None
+    # without options.prefix_cache, prefixes still run once per call (without gradient) but are not kept across calls
+    cache = prefix_cache if prefix_cache is not None and options.prefix_cache else PrefixCache()
     kwargs: dict = {}
-    if use_prefix:
-        cache = prefix_cache if prefix_cache is not None else PrefixCache()
-        input_ids, attention_mask, labels, kwargs = _split_prefix(
+    shared = None
+    if options.shared_prompt and body is not None and enabled and not _checkpointing(base):
+        width = tuner.adapter_config().num_virtual(prepared.bias_scale)
+        shareable = mixtures is None or shared_mixtures or not mixtures.requires_grad
+        if shareable and can_share_prompt(input_ids, attention_mask, labels, starts, width, placeholder):
+            key_mixtures = None if mixtures is None or shared_mixtures else mixtures
+            representatives, group_of_row = prompt_groups(input_ids, starts, prepared.persona_ids, key_mixtures)
+            if len(representatives) < input_ids.shape[0]:  # else every row is its own group: nothing to share
+                shared = (width, representatives, group_of_row)
+    if shared is not None:
+        width, representatives, group_of_row = shared
+
+        def group_request(rows: list[int]):
+            picked = torch.tensor(rows, device=device)
+            rows_mixtures = None if mixtures is None else mixtures[picked]
+            return tuner.prompt_request(prepared.persona_ids[picked], prepared.bias_scale, rows_mixtures)
+
+        input_ids, attention_mask, labels, kwargs = split_shared_prompt(
+            body,
+            cache,
+            input_ids,
+            attention_mask,
+            labels,
+            starts,
+            width,
+            representatives,
+            group_of_row,
+            group_request,
+            options.autocast_dtype,
+        )
+        request = contextlib.nullcontext()  # the rest of each row has no virtual tokens
+    elif options.prefix_cache and body is not None and starts is not None and bool((starts > 0).any()):
+        input_ids, attention_mask, labels, kwargs = split_prefix(
             body, cache, input_ids, attention_mask, labels, starts, options.autocast_dtype
         )
-    with request, _autocast(device, options.autocast_dtype):
+    with request, autocast(device, options.autocast_dtype):
         if labels_only:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
             return _labels_only_nll(base.get_output_embeddings(), hidden, labels)
@@ -225,12 +249,6 @@ def choose_attention(device: torch.device | str, autocast_dtype: torch.dtype | N
 # -- internals -------------------------------------------------------------------------------------------------------
 
 
-def _autocast(device, dtype):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 @contextlib.contextmanager
 def _attention(base: nn.Module, implementation: str | None):
     """Run with ``base.config._attn_implementation = implementation`` (restored afterwards); None: unchanged.
@@ -239,8 +257,7 @@ def _attention(base: nn.Module, implementation: str | None):
     """
     config = getattr(base, "config", None)
     previous = getattr(config, "_attn_implementation", None)
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
-    if implementation is None or previous is None or previous == implementation or checkpointing:
+    if implementation is None or previous is None or previous == implementation or _checkpointing(base):
         yield
         return
     config._attn_implementation = implementation
@@ -248,6 +265,11 @@ def _attention(base: nn.Module, implementation: str | None):
         yield
     finally:
         config._attn_implementation = previous
+
+
+def _checkpointing(base: nn.Module) -> bool:
+    """True under activation checkpointing, where transformers turns the key/value cache off (no shared prompt)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
 
 
 def _decoder_body(base: nn.Module) -> nn.Module | None:
@@ -274,74 +296,3 @@ def _labels_only_nll(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor
     rows = keep.nonzero()[:, 0]
     per_row = torch.zeros(labels.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
     return per_row, keep.sum(-1)
-
-
-def _prompt_starts(input_ids: torch.Tensor, placeholder_id: int) -> torch.Tensor:
-    """Index of each row's first soft-prompt position (rows,); rows are right padded after insertion."""
-    is_ph = input_ids == placeholder_id
-    return torch.where(is_ph.any(-1), is_ph.int().argmax(-1), torch.zeros_like(is_ph[:, 0], dtype=torch.long))
-
-
-def _split_prefix(body, cache: PrefixCache, input_ids, attention_mask, labels, starts, autocast_dtype):
-    """Cut each row at its soft prompt: the prefix comes from ``cache``, the rest is returned to run.
-
-    Prefixes of different lengths are left padded in the key/value states (masked out), so every row's suffix
-    starts at its own position ``starts[row]``.
-    """
-    rows, device = input_ids.shape[0], input_ids.device
-    lengths = attention_mask.sum(-1)
-    starts_list, lengths_list = starts.tolist(), lengths.tolist()
-    prefixes = [
-        cache.get(body, tuple(input_ids[r, :s].tolist()), device, autocast_dtype) if s > 0 else None
-        for r, s in enumerate(starts_list)
-    ]
-    prefix_len = max(starts_list)
-    suffix_len = max(n - s for n, s in zip(lengths_list, starts_list))
-    padding = input_ids[attention_mask == 0]
-    pad_id = int(padding[0]) if padding.numel() else 0  # the batch's own pad id (masked out either way)
-    new_ids = torch.full((rows, suffix_len), pad_id, dtype=input_ids.dtype, device=device)  # (rows, suffix)
-    new_labels = torch.full((rows, suffix_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
-    suffix_mask = torch.zeros(rows, suffix_len, dtype=attention_mask.dtype, device=device)
-    prefix_mask = torch.zeros(rows, prefix_len, dtype=attention_mask.dtype, device=device)  # left padded
-    for r, (s, n) in enumerate(zip(starts_list, lengths_list)):
-        new_ids[r, : n - s] = input_ids[r, s:n]
-        new_labels[r, : n - s] = labels[r, s:n]
-        suffix_mask[r, : n - s] = 1
-        prefix_mask[r, prefix_len - s :] = 1
-    positions = starts[:, None] + torch.arange(suffix_len, device=device)  # (rows, suffix)
-    reference = next(p for p in prefixes if p is not None)
-    layers = []
-    for layer, (key_ref, value_ref) in enumerate(reference):
-        shape = (rows, key_ref.shape[1], prefix_len, key_ref.shape[3])  # (rows, kv_heads, prefix, head_dim)
-        keys, values = key_ref.new_zeros(shape), value_ref.new_zeros(shape)
-        for r, (s, entry) in enumerate(zip(starts_list, prefixes)):
-            if entry is not None:
-                keys[r, :, prefix_len - s :], values[r, :, prefix_len - s :] = entry[layer]
-        layers.append((keys, values))
-    kwargs = {_cache_kwarg(body): _make_cache(layers), "position_ids": positions, "use_cache": True}
-    return new_ids, torch.cat([prefix_mask, suffix_mask], dim=1), new_labels, kwargs
-
-
-def _cache_kwarg(body: nn.Module) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever the model's forward takes."""
-    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
-
-
-def _make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +42,7 @@ def prompt_line_gradients(
     ``desc``: the progress bar's text.
     """
     tuner = as_tuner(model)
+    options = replace(options, shared_prompt=False)  # each row's own prompt positions carry its own gradient
     layer = tuner.personamux_layer
     config = tuner.adapter_config()
     ph, per_code = config.placeholder_token_id, config.tokens_per_code
