@@ -135,9 +135,14 @@ def variants_for(
     prefix = LossOptions(labels_only=False, prefix_cache=True, shared_prompt=False)
     shared = LossOptions(labels_only=False, prefix_cache=False, shared_prompt=True)
     dtype = torch.bfloat16 if bf16 else None
-    everything = LossOptions(labels_only=True, prefix_cache=True, autocast_dtype=dtype)
+    # 'all': every lever, the opt-in shared soft prompt included; the library's default leaves that one out
+    everything = LossOptions(labels_only=True, prefix_cache=True, autocast_dtype=dtype, shared_prompt=True)
     chosen = LossOptions(
-        labels_only=True, prefix_cache=True, autocast_dtype=dtype, attention=choose_attention("cpu", dtype)
+        labels_only=True,
+        prefix_cache=True,
+        autocast_dtype=dtype,
+        attention=choose_attention("cpu", dtype),
+        shared_prompt=True,
     )
     out = [
         Variant("plain (today)", plain, PLAIN, plain_forward=True),
@@ -146,7 +151,7 @@ def variants_for(
         Variant("shared soft prompt", plain, shared),
         Variant("length-grouped batches", grouped, PLAIN, plain_forward=True),
         Variant("bf16 autocast", plain, LossOptions(autocast_dtype=torch.bfloat16), plain_forward=True),
-        Variant("all (fp32)", grouped, LossOptions(labels_only=True, prefix_cache=True)),
+        Variant("all (fp32)", grouped, LossOptions(labels_only=True, prefix_cache=True, shared_prompt=True)),
     ]
     if bf16:
         eager = LossOptions(
@@ -275,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         compiled_model=compiled_model,
     )
     measure(model, stage1, args.rounds)
+    personas1 = [r["persona"] for r in rows]
     # stage 2: one persona's lines with its text persona; only its mixture row trains
     one = rows[0]["persona"]
     fit_rows = [{**r, "persona": one} for r in rows]
@@ -318,9 +324,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "and 'prefix KV reuse' equals the plain body there; stage 2 rows carry a text persona after the chat "
         "template's system turn.",
         "'shared soft prompt': rows with the same prefix and persona run the soft prompt's virtual tokens once "
-        "and share their key/value states. Stage 1's rows are random pretraining lines of distinct personas (as "
-        "the default stage-1 sampler mixes personas), so nothing is shared there; stage 2's are one persona's, one "
-        "group per batch.",
+        f"and share their key/value states. Stage 1's rows are random pretraining lines ({len(set(personas1))} "
+        f"personas in {len(personas1)} rows, as the default stage-1 sampler mixes personas), so little is shared "
+        "there; stage 2's are one persona's, one group per batch. It is opt-in: the library's default path is 'all "
+        "but the shared soft prompt'.",
         "'all' is every shortcut; with bf16 the library also picks eager attention (`loss.choose_attention`), the "
         "'eager attention' rows. Stage 2 fits on all of a persona's rows at once, so its rows per forward pass are "
         "free: 'chunks of N rows' is the same summed gradient in fewer, larger passes.",

@@ -24,10 +24,11 @@ FAST_OPTIONS = [
     LossOptions(labels_only=True, prefix_cache=False, shared_prompt=False),
     LossOptions(labels_only=False, prefix_cache=True, shared_prompt=False),
     LossOptions(labels_only=True, prefix_cache=True, shared_prompt=False),
-    LossOptions(labels_only=True, prefix_cache=True, attention="eager"),
-    LossOptions(labels_only=True, prefix_cache=True, attention="sdpa"),
+    LossOptions(labels_only=True, prefix_cache=True, attention="eager", shared_prompt=True),
+    LossOptions(labels_only=True, prefix_cache=True, attention="sdpa", shared_prompt=True),
     LossOptions(labels_only=False, prefix_cache=False, shared_prompt=True),
 ]
+SHARED = LossOptions(shared_prompt=True)
 FAST_IDS = ["labels_only", "prefix", "both", "eager", "sdpa", "shared_prompt"]
 
 
@@ -169,9 +170,11 @@ def test_shared_prompt_runs_once_per_prefix_and_persona(arch, monkeypatch):
     model = mux(arch)
     seen = spy_groups(monkeypatch)
     response_nll(model, shared_batch_for(model))
+    assert seen == []  # off by default
+    response_nll(model, shared_batch_for(model), options=SHARED)
     assert seen == [4]  # 8 rows: (prefix 0, persona 0) x3, (1, 1) x2, (2, 2) x2, (0, 1)
     seen.clear()
-    response_nll(model, batch_for(model))  # every row its own (prefix, persona): the plain split
+    response_nll(model, batch_for(model), options=SHARED)  # every row its own (prefix, persona): the plain split
     assert seen == []
 
 
@@ -187,7 +190,7 @@ def test_shared_prompt_with_mixture_overrides(monkeypatch):
         rows = per_persona[batch["persona_ids"]]
         if copies:  # each row its own leaf: its gradient is that row's alone, so nothing may be shared
             rows = rows.detach().clone().requires_grad_(True)
-        nll, _ = response_nll(model, batch, mixtures=rows, shared_mixtures=shared_mixtures)
+        nll, _ = response_nll(model, batch, mixtures=rows, options=SHARED, shared_mixtures=shared_mixtures)
         torch.testing.assert_close(nll, plain, rtol=1e-5, atol=1e-5)
         nll.sum().backward()
         if copies:
@@ -201,7 +204,7 @@ def test_shared_prompt_with_mixture_overrides(monkeypatch):
     with torch.no_grad():  # no gradient: rows are grouped by value, so distinct overrides stay apart
         mixtures = table[batch["persona_ids"]].clone()
         mixtures[1] += 1.0
-        split, _ = response_nll(model, batch, mixtures=mixtures)
+        split, _ = response_nll(model, batch, mixtures=mixtures, options=SHARED)
         alone, _ = response_nll(model, batch, mixtures=mixtures, options=PLAIN)
     torch.testing.assert_close(split, alone, rtol=1e-5, atol=1e-5)
     assert seen == [4, 5]

@@ -10,10 +10,13 @@ the 8 free tokens (float32: in bf16 its line search stalls), ``pca64`` 64 weight
 every cached pretraining character's gradient (span_scaling.py's cache) plus the start prompt, ``ship64`` the shipped
 codebook (docs/pretrained/compute_codebook.py; its dampings and predictions are computed here with span_scaling.py's
 curvature), ``rand64`` 64 weights on span_scaling.py's random codebook (Gaussian codes with the stage-1 codes'
-norms, seed 0) plus the start prompt. Only the spans asked for are built (pca64, and ship64's predictions when they
-are not saved yet, need span_scaling.py's gradient cache). The 64-weight spans fit in bf16 like the headroom fits.
-Run from the repository root after span_scaling.py (on 2 CPU cores about 4.5 minutes per character for a 64-weight
-span, 9.5 for free8; resumable: each finished fit is saved in eval_span_scaling/damped_fits.json):
+norms, seed 0) plus the start prompt, ``randz64`` the same 64 random codes alone, fitted from the zero mixture (a
+random codebook has no pretraining mixtures to start from: the paper's ablation, with these fits; no quadratic
+prediction, as the gradient cache is at the start prompt, and rand64's dampings). Only the spans asked for are built
+(pca64, and ship64's predictions when they are not saved yet, need span_scaling.py's gradient cache). The 64-weight
+spans fit in bf16 like the headroom fits. Run from the repository root after span_scaling.py (on 2 CPU cores about
+4.5 minutes per character for a 64-weight span, 9.5 for free8; resumable: each finished fit is saved in
+eval_span_scaling/damped_fits.json):
 
     python docs/results/damped_fits.py --spans ship64
     python docs/results/damped_fits.py --report_only
@@ -61,6 +64,7 @@ SPANS = {  # span_scaling's labels (ship64's predictions are computed here)
     "free8": "every direction (free 8 tokens)",
     "pca64": "pca, all characters",
     "rand64": "random codebook",
+    "randz64": "random codebook from the zero mixture",
     "ship64": "shipped (computed) codebook",
 }
 OUT = Path("docs/results")
@@ -172,7 +176,14 @@ def main() -> None:
         return shipped, shipped_start, collate(shipped, train_rows), collate(shipped, test_rows), settings.fit_options
 
     builders = {"mix64": lambda: (learned, start, train, test, settings.fit_options), "free8": free8}
-    builders |= {"pca64": pca64, "rand64": rand64, "ship64": ship64}
+
+    def randz64() -> tuple:
+        model = span_model(base, learned, random_codebook_like(codebook.detach().float(), 0))
+        model.add_personas(personas)
+        zero = torch.zeros(len(start))
+        return model, zero, collate(model, train_rows), collate(model, test_rows), settings.fit_options
+
+    builders |= {"pca64": pca64, "rand64": rand64, "randz64": randz64, "ship64": ship64}
     # label: (model, its start, its training and held-out batches, fit options); only the spans asked for are built
     fits = {label: builders[label]() for label in args.spans}
     dampings = {label: {p: v[1] for p, v in predictions(label, state, scaling).items()} for label in fits}
@@ -252,6 +263,8 @@ def predictions(label: str, state: dict, scaling: dict) -> dict[str, tuple[float
     """Character -> (predicted damped held-out gain over the start, damping over the mean eigenvalue)."""
     if label in state.get("predicted", {}):
         return {p: tuple(v) for p, v in state["predicted"][label].items()}
+    if label == "randz64":  # no prediction from the zero mixture (the cached gradients are at the start prompt)
+        return {p: (float("nan"), damping) for p, (_, damping) in predictions("rand64", state, scaling).items()}
     stats = scaling["cross_validated"][SPANS[label]]
     return dict(
         zip(scaling["personas"], zip(stats["held_out_gain"]["per_persona"], stats["damping_over_mean_eigenvalue"]))
@@ -300,23 +313,28 @@ def report(state: dict, scaling: dict) -> dict:
             free_gain = sum(base[p] - free[p]["test"] for p in common) / len(common)
             ratios[f"over_{over}"] = span_gain / free_gain
         result["spans"][label]["capture_ratio"] = ratios
-    randoms = state.get("rand64", {})
-    for label in spans:
-        if label in ("free8", "rand64"):
-            continue
-        common = [p for p in result["spans"][label]["personas"] if p in randoms]
-        if not common:
-            continue
-        ratios = {"personas": len(common)}
-        for over in ("start", "zero"):
-            base = state[over]["test"]
-            span_gain = sum(base[p] - state[label][p]["test"] for p in common) / len(common)
-            random_gain = sum(base[p] - randoms[p]["test"] for p in common) / len(common)
-            ratios[f"over_{over}"] = span_gain / random_gain
-        result["spans"][label]["ratio_to_random"] = ratios
+    for random_label in ("rand64", "randz64"):
+        randoms = state.get(random_label, {})
+        for label in spans:
+            if label in ("free8", "rand64", "randz64"):
+                continue
+            common = [p for p in result["spans"][label]["personas"] if p in randoms]
+            if not common:
+                continue
+            ratios = {"personas": len(common)}
+            for over in ("start", "zero"):
+                base = state[over]["test"]
+                span_gain = sum(base[p] - state[label][p]["test"] for p in common) / len(common)
+                random_gain = sum(base[p] - randoms[p]["test"] for p in common) / len(common)
+                ratios[f"over_{over}"] = span_gain / random_gain
+            result["spans"][label].setdefault("ratio_to_random", {})[random_label] = ratios
     for label, found in state.get("identification", {}).items():
         result["spans"][label]["identification"] = {k: found[k] for k in ("accuracy", "chance", "predicted")}
     return result
+
+
+def predicted_cell(stats: dict) -> str:
+    return "—" if stats["mean"] is None else cell(stats)
 
 
 def write_markdown(result: dict) -> None:
@@ -333,6 +351,8 @@ def write_markdown(result: dict) -> None:
         "held-out gain. Spans: mix64 the stage-1 codebook (shipped until the ninth pass), free8 every direction "
         "(8 free tokens), pca64 the principal directions of all pretraining characters' gradients plus the start "
         "prompt (65 codes), rand64 Gaussian codes with the stage-1 codes' norms plus the start prompt (65 codes), "
+        "randz64 the same Gaussian codes alone, fitted from the zero mixture (no prediction; rand64's dampings; its "
+        "gains over the start are negative by construction: read its gains over the zero mixture), "
         "ship64 the shipped codebook (docs/pretrained/compute_codebook.py: the start prompt and "
         "63 of those directions).",
         "",
@@ -346,17 +366,16 @@ def write_markdown(result: dict) -> None:
         capture = f"{ratio['over_zero']:.2f} ({ratio['over_start']:.2f}), {ratio['personas']}" if ratio else "1"
         lines.append(
             f"| {label} | {len(stats['personas'])} | {cell(stats['train']['over_start'])} | "
-            f"{cell(stats['test']['over_start'])} | {cell(stats['predicted_held_out_over_start'])} | "
+            f"{cell(stats['test']['over_start'])} | {predicted_cell(stats['predicted_held_out_over_start'])} | "
             f"{cell(stats['test']['over_zero'])} | {capture} | {stats['evaluations']['mean']:.1f} |"
         )
     for label, stats in result["spans"].items():
-        if "ratio_to_random" in stats:
-            ratio = stats["ratio_to_random"]
+        for random_label, ratio in stats.get("ratio_to_random", {}).items():
             lines += [
                 "",
-                f"Ratio to the random codebook, {label}: mean held-out gain over the start {ratio['over_start']:.2f}x "
-                f"rand64's, over the zero mixture {ratio['over_zero']:.2f}x, on the {ratio['personas']} characters "
-                "both have fitted.",
+                f"Ratio to the random codebook {random_label}, {label}: mean held-out gain over the zero mixture "
+                f"{ratio['over_zero']:.2f}x {random_label}'s (over the start {ratio['over_start']:.2f}x), on the "
+                f"{ratio['personas']} characters both have fitted.",
             ]
     for label, stats in result["spans"].items():
         if "identification" in stats:

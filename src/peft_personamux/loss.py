@@ -8,8 +8,9 @@ and the whole prompt with gradient. Training a soft prompt needs neither:
 * **prefix reuse**: the tokens before the soft prompt (the chat template's system turn, the text persona) do not
   depend on any trained weight, so their key/value states are computed once without gradient (`PrefixCache`) and
   the rest of each row runs on top of them;
-* **shared soft prompt**: rows with the same prefix and persona (all of stage 2's rows, persona-grouped stage-1
-  batches) run the soft prompt's virtual tokens once and share their key/value states (`kv_cache`);
+* **shared soft prompt** (opt-in, ``LossOptions(shared_prompt=True)``): rows with the same prefix and persona (all
+  of stage 2's rows, persona-grouped stage-1 batches) run the soft prompt's virtual tokens once and share their
+  key/value states (`kv_cache`);
 * **bf16 autocast** where the processor has bf16 matrix units (`choose_autocast` measures it);
 * **eager attention under CPU bf16 autocast** (`choose_attention`): torch's CPU flash-attention backward is the
   largest single cost on short rows (30% of a step on a 2-core AMX Xeon); the plain matmul-softmax path is faster
@@ -82,11 +83,13 @@ class LossOptions:
     prefix_cache: bool = True  # reuse the key/value states of the text before the soft prompt
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None runs in the weights' dtype
     attention: str | None = None  # attention implementation for the call ("eager", "sdpa"); None: the model's own
-    shared_prompt: bool = True  # rows of one (prefix, persona) run the soft prompt once (needs a decoder body)
+    # rows of one (prefix, persona) run the soft prompt once (needs a decoder body); off by default: on a 2-core AMX
+    # Xeon it gave 1.09x alone in float32 and nothing measurable with bf16 and the rest (benchmarks/train_speed.py)
+    shared_prompt: bool = False
 
 
 FAST = LossOptions()  # every exact shortcut, in the weights' dtype
-PLAIN = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=None, shared_prompt=False)
+PLAIN = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=None)
 
 
 def response_nll(
