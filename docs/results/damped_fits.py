@@ -371,11 +371,13 @@ def write_markdown(result: dict) -> None:
         )
     for label, stats in result["spans"].items():
         for random_label, ratio in stats.get("ratio_to_random", {}).items():
+            # randz64 starts at the zero mixture, not the start prompt: only its gain over zero means anything
+            over_start = "" if random_label == "randz64" else f" (over the start {ratio['over_start']:.2f}x)"
             lines += [
                 "",
                 f"Ratio to the random codebook {random_label}, {label}: mean held-out gain over the zero mixture "
-                f"{ratio['over_zero']:.2f}x {random_label}'s (over the start {ratio['over_start']:.2f}x), on the "
-                f"{ratio['personas']} characters both have fitted.",
+                f"{ratio['over_zero']:.2f}x {random_label}'s{over_start}, on the {ratio['personas']} characters both "
+                "have fitted.",
             ]
     for label, stats in result["spans"].items():
         if "identification" in stats:
