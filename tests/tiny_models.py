@@ -77,12 +77,17 @@ def batch_for(model, with_prefix=(True, True, False, True)):
         ids = prefix + ([ph] if has else []) + prompt + response
         rows.append(ids)
         labels.append([-100] * (len(ids) - len(response)) + response)
+    return right_padded(rows, labels, [0, 1, 2, 0])
+
+
+def right_padded(rows: list[list[int]], labels: list[list[int]], personas: list[int]) -> dict[str, torch.Tensor]:
+    """A collator-style batch of token rows and their labels, right padded with 0 (labels with -100)."""
     width = max(map(len, rows))
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask, lab = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
     for i, (ids, lb) in enumerate(zip(rows, labels)):
         input_ids[i, : len(ids)], mask[i, : len(ids)], lab[i, : len(ids)] = torch.tensor(ids), 1, torch.tensor(lb)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "persona_ids": torch.tensor([0, 1, 2, 0])}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "persona_ids": torch.tensor(personas)}
 
 
 def shared_batch_for(model):
@@ -99,13 +104,7 @@ def shared_batch_for(model):
         ids = prefixes[prefix] + ([ph] if prefixes[prefix] else []) + prompt + response
         rows.append(ids)
         labels.append([-100] * (len(ids) - len(response)) + response)
-    width = max(map(len, rows))
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask, lab = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
-    for i, (ids, lb) in enumerate(zip(rows, labels)):
-        input_ids[i, : len(ids)], mask[i, : len(ids)], lab[i, : len(ids)] = torch.tensor(ids), 1, torch.tensor(lb)
-    personas = torch.tensor([persona for _, persona in spec])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "persona_ids": personas}
+    return right_padded(rows, labels, [persona for _, persona in spec])
 
 
 # -- a tiny tokenizer with a chat template, and models sized for it -----------------------------------------------

@@ -299,38 +299,33 @@ def report(state: dict, scaling: dict) -> dict:
         stats["evaluations"] = summarize([len(fits[p]["curve"]) for p in personas])
         stats["damping_over_mean_eigenvalue"] = [fits[p]["damping_over_mean_eigenvalue"] for p in personas]
         result["spans"][label] = stats
-    free = state.get("free8", {})
     for label in spans:
-        if label == "free8":
-            continue
-        common = [p for p in result["spans"][label]["personas"] if p in free]
-        if not common:
-            continue
-        ratios = {"personas": len(common)}
-        for over in ("start", "zero"):
-            base = state[over]["test"]
-            span_gain = sum(base[p] - state[label][p]["test"] for p in common) / len(common)
-            free_gain = sum(base[p] - free[p]["test"] for p in common) / len(common)
-            ratios[f"over_{over}"] = span_gain / free_gain
-        result["spans"][label]["capture_ratio"] = ratios
+        if label != "free8" and (ratios := gain_ratios(state, label, "free8", result["spans"][label]["personas"])):
+            result["spans"][label]["capture_ratio"] = ratios
     for random_label in ("rand64", "randz64"):
-        randoms = state.get(random_label, {})
         for label in spans:
             if label in ("free8", "rand64", "randz64"):
                 continue
-            common = [p for p in result["spans"][label]["personas"] if p in randoms]
-            if not common:
-                continue
-            ratios = {"personas": len(common)}
-            for over in ("start", "zero"):
-                base = state[over]["test"]
-                span_gain = sum(base[p] - state[label][p]["test"] for p in common) / len(common)
-                random_gain = sum(base[p] - randoms[p]["test"] for p in common) / len(common)
-                ratios[f"over_{over}"] = span_gain / random_gain
-            result["spans"][label].setdefault("ratio_to_random", {})[random_label] = ratios
+            if ratios := gain_ratios(state, label, random_label, result["spans"][label]["personas"]):
+                result["spans"][label].setdefault("ratio_to_random", {})[random_label] = ratios
     for label, found in state.get("identification", {}).items():
         result["spans"][label]["identification"] = {k: found[k] for k in ("accuracy", "chance", "predicted")}
     return result
+
+
+def gain_ratios(state: dict, label: str, reference: str, personas: list[str]) -> dict | None:
+    """Mean held-out gain of ``label`` over that of ``reference``, over the start and over the zero mixture, on the
+    characters both have fitted (None when there are none)."""
+    common = [p for p in personas if p in state.get(reference, {})]
+    if not common:
+        return None
+    ratios: dict = {"personas": len(common)}
+    for over in ("start", "zero"):
+        base = state[over]["test"]
+        gain = sum(base[p] - state[label][p]["test"] for p in common) / len(common)
+        reference_gain = sum(base[p] - state[reference][p]["test"] for p in common) / len(common)
+        ratios[f"over_{over}"] = gain / reference_gain
+    return ratios
 
 
 def predicted_cell(stats: dict) -> str:
