@@ -84,7 +84,7 @@ class LossOptions:
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None runs in the weights' dtype
     attention: str | None = None  # attention implementation for the call ("eager", "sdpa"); None: the model's own
     # rows of one (prefix, persona) run the soft prompt once (needs a decoder body); off by default: on a 2-core AMX
-    # Xeon it gave 1.09x alone in float32 and nothing measurable with bf16 and the rest (benchmarks/train_speed.py)
+    # Xeon it gave 1.09x over prefix reuse in float32 and nothing measurable on top of bf16 (benchmarks/train_speed.py)
     shared_prompt: bool = False
 
 
