@@ -88,7 +88,7 @@ class LossOptions:
     shared_prompt: bool = False
 
 
-FAST = LossOptions()  # every exact shortcut, in the weights' dtype
+FAST = LossOptions()  # the default exact shortcuts (the shared prompt is opt-in), in the weights' dtype
 PLAIN = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=None)
 
 
@@ -135,13 +135,7 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     kwargs: dict = {}
     shared = None
     if options.shared_prompt and body is not None and enabled and not _checkpointing(base):
-        width = tuner.adapter_config().num_virtual(prepared.bias_scale)
-        shareable = mixtures is None or shared_mixtures or not mixtures.requires_grad
-        if shareable and can_share_prompt(input_ids, attention_mask, labels, starts, width, placeholder):
-            key_mixtures = None if mixtures is None or shared_mixtures else mixtures
-            representatives, group_of_row = prompt_groups(input_ids, starts, prepared.persona_ids, key_mixtures)
-            if len(representatives) < input_ids.shape[0]:  # else every row is its own group: nothing to share
-                shared = (width, representatives, group_of_row)
+        shared = _prompt_sharing(tuner, prepared, mixtures, shared_mixtures, starts, placeholder)
     if shared is not None:
         width, representatives, group_of_row = shared
 
@@ -268,6 +262,25 @@ def _attention(base: nn.Module, implementation: str | None):
         yield
     finally:
         config._attn_implementation = previous
+
+
+def _prompt_sharing(tuner, prepared, mixtures, shared_mixtures: bool, starts, placeholder: int):
+    """(width, representatives, group_of_row) when rows can share their soft prompt's forward, else None.
+
+    Mixtures that require gradient are shared only when the caller says rows of one persona carry one mixture;
+    otherwise rows are grouped by value, so per-row leaf copies keep their own gradients.
+    """
+    width = tuner.adapter_config().num_virtual(prepared.bias_scale)
+    if mixtures is not None and mixtures.requires_grad and not shared_mixtures:
+        return None
+    ids, mask, labels = prepared.input_ids, prepared.attention_mask, prepared.labels
+    if not can_share_prompt(ids, mask, labels, starts, width, placeholder):
+        return None
+    key_mixtures = None if mixtures is None or shared_mixtures else mixtures
+    representatives, group_of_row = prompt_groups(ids, starts, prepared.persona_ids, key_mixtures)
+    if len(representatives) == ids.shape[0]:  # every row its own group: nothing to share
+        return None
+    return width, representatives, group_of_row
 
 
 def _checkpointing(base: nn.Module) -> bool:
