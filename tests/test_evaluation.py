@@ -34,7 +34,7 @@ from peft_personamux.evaluation.methods import (
     plain_format,
     random_codebook_like,
 )
-from peft_personamux.evaluation.metrics import identification_summary
+from peft_personamux.evaluation.metrics import gain_ratio, identification_summary, paired_difference
 from peft_personamux.inputs import PERSONA_PLACEHOLDER
 from peft_personamux.prompting import DEFAULT_INSTRUCTION
 
@@ -312,6 +312,19 @@ def test_subnetwork_identification_summary_by_hand():
     assert identification_summary([[3.0]], ["a"])["own_mask_advantage"] == [None]  # nobody to compare with
 
 
+def test_paired_difference_and_gain_ratio_by_hand():
+    personas = ["a", "b", "c", "d"]
+    fit = {"a": 1.0, "b": 2.0, "c": 3.0, "d": None}  # d has no score: left out of every pair
+    ref = {"a": 1.5, "b": 2.5, "c": 2.0, "d": 4.0}
+    out = paired_difference(fit, ref, personas)
+    assert out["n"] == 3 and out["lower"] == 2 and out["mean"] == pytest.approx((-0.5 - 0.5 + 1.0) / 3)
+    assert out["ci95"] is not None and out["ci_low"] < out["mean"] < out["ci_high"]
+    zero = {"a": 2.0, "b": 3.0, "c": 4.0, "d": 5.0}
+    random = {"a": 1.9, "b": 2.9, "c": 3.6, "d": 4.0}  # gains 0.1, 0.1, 0.4 where fit has a score
+    assert gain_ratio(zero, fit, random, personas) == pytest.approx(1.0 / 0.2)  # mean gains 1.0 and 0.2
+    assert gain_ratio(zero, fit, zero, personas) is None  # a reference that gains nothing: no ratio
+
+
 @pytest.mark.slow
 def test_quick_config_end_to_end_and_resume(tmp_path):
     data = tmp_path / "personas.jsonl"
@@ -346,6 +359,15 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
         "personamux_lbfgs",
         "random_codebook",
     }
+    paired = results["paired"]  # every fit against every reference, persona by persona
+    assert set(paired) == {"personamux_adam", "personamux_fisher", "personamux_lbfgs"}
+    for row in paired.values():
+        assert set(row["minus"]) == {"zero", "random_codebook", "sp", "lora", "base"}
+        assert all(d["n"] == len(personas) and 0 <= d["lower"] <= d["n"] for d in row["minus"].values())
+    sp_minus = paired["personamux_adam"]["minus"]["sp"]["mean"]
+    sp_loss = results["methods"]["sp"]["heldout_loss"]["mean"]
+    assert sp_minus == pytest.approx(results["methods"]["personamux_adam_bias1"]["heldout_loss"]["mean"] - sp_loss)
+    assert "## Persona-Mux against each reference, paired by persona" in (out / "results.md").read_text()
     fitting = results["fitting"]
     lbfgs = fitting["personamux_lbfgs"]  # each persona on its own, from the mean of the pretraining personas
     assert lbfgs["start"] == "mean" and set(lbfgs["curves"]) == set(personas)

@@ -50,6 +50,32 @@ def summarize(values: Sequence[float | None], confidence: float = 0.95) -> dict[
 # -- discrimination --------------------------------------------------------------------------------------------------
 
 
+def paired_difference(
+    a: dict[str, float | None], b: dict[str, float | None], personas: Sequence[str]
+) -> dict[str, float | int | None]:
+    """``a - b`` per persona (e.g. held-out loss of a method minus a reference's), summarised over the personas that
+    have both values, and ``lower``: on how many of them ``a`` is below ``b``."""
+    diffs = [
+        float(a[p]) - float(b[p])
+        for p in personas
+        if a.get(p) is not None and b.get(p) is not None and math.isfinite(a[p]) and math.isfinite(b[p])
+    ]
+    return {**summarize(diffs), "lower": sum(d < 0 for d in diffs)}
+
+
+def gain_ratio(
+    reference: dict[str, float | None], a: dict[str, float | None], b: dict[str, float | None], personas: Sequence[str]
+) -> float | None:
+    """Mean gain of ``a`` over ``reference`` divided by the mean gain of ``b`` (lower loss is a gain), over the
+    personas all three score; None when ``b`` gains nothing on average (the ratio would be meaningless)."""
+    keep = [p for p in personas if all(d.get(p) is not None and math.isfinite(d[p]) for d in (reference, a, b))]
+    if not keep:
+        return None
+    gain_a = float(np.mean([reference[p] - a[p] for p in keep]))
+    gain_b = float(np.mean([reference[p] - b[p] for p in keep]))
+    return gain_a / gain_b if gain_b > 0 else None
+
+
 def pick_fake(nlls: Sequence[float]) -> int:
     """Index of the candidate the judge calls fake: the least likely one (highest mean token NLL).
 

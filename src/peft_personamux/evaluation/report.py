@@ -112,6 +112,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
             f"| {row['label']} | {fmt(t['mean'])} | {fmt(t['std'])} | {fmt(t['max'])} | {fmt(t['min'])} | "
             f"{_cell(row['test'])} |"
         )
+    lines += paired_markdown(results.get("paired") or {})
     lines += [
         "",
         "## Fitting cost",
@@ -142,6 +143,29 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
     lines += ["", "## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def paired_markdown(paired: dict) -> list[str]:
+    """Persona-Mux against each reference, persona by persona (results.json ``paired``)."""
+    if not paired:
+        return []
+    references = next(iter(paired.values()))["minus"]
+    lines = [
+        "",
+        "## Persona-Mux against each reference, paired by persona",
+        "",
+        "Held-out loss of the fit (bias 1) minus the reference's, per persona: mean ± 95% CI, and on how many "
+        "personas the fit is lower. Gain over random: the fit's mean gain over the zero mixture divided by the random "
+        "codebook's.",
+        "",
+        "| Fit | " + " | ".join(f"− {r['label']}" for r in references.values()) + " | Gain over random |",
+        "|---|" + "---|" * (len(references) + 1),
+    ]
+    for row in paired.values():
+        cells = [f"{_cell(d, 4)} ({d['lower']}/{d['n']})" for d in row["minus"].values()]
+        ratio = row["gain_over_random"]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {'—' if ratio is None else f'{ratio:.2f}x'} |")
+    return lines
 
 
 def _zero_shot_markdown(zero_shot: dict) -> list[str]:

@@ -12,7 +12,7 @@ from .common import PM_LABELS, REFERENCE, method_keys, method_source, pm_methods
 from .config import EvalConfig
 from .data import Split
 from .data_efficiency import summarize_data_efficiency
-from .metrics import summarize
+from .metrics import gain_ratio, paired_difference, summarize
 
 _METRICS = ("heldout_loss", "judge_loss", "discrimination_caught", "who_said_it")
 
@@ -90,6 +90,7 @@ def build_results(
         "who_said_it_all_test_lines": summarize(list(accuracy["_all_test_lines"].values())),
         "methods": methods,
         "loss_improvement": _improvements(stages, config, personas),
+        "paired": _paired(methods, stages, config, personas),
         "fitting": _fitting(stages, config, len(personas)),
         "zero_shot": _zero_shot(stages, personas),
         "headroom": (
@@ -135,6 +136,40 @@ def _zero_shot(stages: dict, personas: list[str]) -> dict:
             "per_persona": {p: losses[p] for p in personas},
         }
     return {"map": stage["map"], "rows": rows}
+
+
+_PAIRED_REFERENCES = {
+    "zero": "Zero mixture (bias tokens only)",
+    "random_codebook": "Random codebook",
+    "sp": "Soft prompt",
+    "lora": "LoRA",
+    "base": "Base",
+}
+
+
+def _paired(methods: dict, stages: dict, config: EvalConfig, personas: list[str]) -> dict[str, dict]:
+    """Each Persona-Mux fit (bias 1) against each reference, persona by persona: held-out loss minus the reference's
+    (mean, 95% CI, on how many personas it is lower), and its gain over the zero mixture as a multiple of the random
+    codebook's (the paper's Table 6 ratio)."""
+    losses = {
+        key: {p: methods[key]["per_persona"][p]["heldout_loss"] for p in personas}
+        for key in _PAIRED_REFERENCES
+        if key in methods
+    }
+    losses["zero"] = {p: stages["pm_zero"]["test"][p] for p in personas}
+    out = {}
+    for method in pm_methods(config):
+        key = f"personamux_{method}_bias1"
+        mine = {p: methods[key]["per_persona"][p]["heldout_loss"] for p in personas}
+        out[f"personamux_{method}"] = {
+            "label": f"Persona-Mux ({PM_LABELS[method]})",
+            "minus": {
+                ref: {"label": _PAIRED_REFERENCES[ref], **paired_difference(mine, losses[ref], personas)}
+                for ref in _PAIRED_REFERENCES
+            },
+            "gain_over_random": gain_ratio(losses["zero"], mine, losses["random_codebook"], personas),
+        }
+    return out
 
 
 def _improvements(stages: dict, config: EvalConfig, personas: list[str]) -> dict[str, dict]:
