@@ -321,8 +321,14 @@ def test_paired_difference_and_gain_ratio_by_hand():
     assert out["ci95"] is not None and out["ci_low"] < out["mean"] < out["ci_high"]
     zero = {"a": 2.0, "b": 3.0, "c": 4.0, "d": 5.0}
     random = {"a": 1.9, "b": 2.9, "c": 3.6, "d": 4.0}  # gains 0.1, 0.1, 0.4 where fit has a score
-    assert gain_ratio(zero, fit, random, personas) == pytest.approx(1.0 / 0.2)  # mean gains 1.0 and 0.2
-    assert gain_ratio(zero, fit, zero, personas) is None  # a reference that gains nothing: no ratio
+    ratio = gain_ratio(zero, fit, random, personas)
+    assert ratio["ratio"] == pytest.approx(1.0 / 0.2) and ratio["n"] == 3  # mean gains 1.0 and 0.2
+    assert ratio["ci_low"] <= ratio["ratio"] <= ratio["ci_high"] and ratio["unbounded_share"] == 0.0
+    assert 1.0 / 0.4 <= ratio["ci_low"] and ratio["ci_high"] <= 1.0 / 0.1  # within the ratios of any resample
+    assert gain_ratio(zero, fit, random, personas, seed=1)["ratio"] == ratio["ratio"]  # the seed moves only the CI
+    flat = gain_ratio(zero, fit, zero, personas)  # a reference that gains nothing: no ratio, unbounded interval
+    assert flat["ratio"] is None and flat["ci_low"] is None and flat["ci_high"] is None
+    assert flat["unbounded_share"] == 1.0
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ from peft_personamux.evaluation.headroom import (
     span_model,
 )
 from peft_personamux.evaluation.methods import codebook_tensors, random_codebook_like, zero_mixtures
-from peft_personamux.evaluation.metrics import summarize
+from peft_personamux.evaluation.metrics import gain_ratio, summarize
 from peft_personamux.evaluation.runner import Evaluation
 from peft_personamux.fitting import fit_mixtures
 
@@ -315,17 +315,24 @@ def report(state: dict, scaling: dict) -> dict:
 
 def gain_ratios(state: dict, label: str, reference: str, personas: list[str]) -> dict | None:
     """Mean held-out gain of ``label`` over that of ``reference``, over the start and over the zero mixture, on the
-    characters both have fitted (None when there are none)."""
+    characters both have fitted, each with its 95% bootstrap interval over characters (None when there are none)."""
     common = [p for p in personas if p in state.get(reference, {})]
     if not common:
         return None
     ratios: dict = {"personas": len(common)}
     for over in ("start", "zero"):
-        base = state[over]["test"]
-        gain = sum(base[p] - state[label][p]["test"] for p in common) / len(common)
-        reference_gain = sum(base[p] - state[reference][p]["test"] for p in common) / len(common)
-        ratios[f"over_{over}"] = gain / reference_gain
+        mine = {p: state[label][p]["test"] for p in common}
+        theirs = {p: state[reference][p]["test"] for p in common}
+        found = gain_ratio(state[over]["test"], mine, theirs, common)
+        ratios[f"over_{over}"] = found["ratio"]
+        ratios[f"over_{over}_ci95"] = [found["ci_low"], found["ci_high"]]  # None: unbounded
     return ratios
+
+
+def interval(bounds: list) -> str:
+    """``95% CI 2.10-15.3x`` of a bootstrap interval; an unbounded end is ∞."""
+    low, high = ("-∞" if bounds[0] is None else f"{bounds[0]:.2f}"), ("∞" if bounds[1] is None else f"{bounds[1]:.2f}")
+    return f"95% bootstrap interval {low} to {high}x"
 
 
 def predicted_cell(stats: dict) -> str:
@@ -367,12 +374,16 @@ def write_markdown(result: dict) -> None:
     for label, stats in result["spans"].items():
         for random_label, ratio in stats.get("ratio_to_random", {}).items():
             # randz64 starts at the zero mixture, not the start prompt: only its gain over zero means anything
-            over_start = "" if random_label == "randz64" else f" (over the start {ratio['over_start']:.2f}x)"
+            over_start = (
+                ""
+                if random_label == "randz64"
+                else f" (over the start {ratio['over_start']:.2f}x, {interval(ratio['over_start_ci95'])})"
+            )
             lines += [
                 "",
                 f"Ratio to the random codebook {random_label}, {label}: mean held-out gain over the zero mixture "
-                f"{ratio['over_zero']:.2f}x {random_label}'s{over_start}, on the {ratio['personas']} characters both "
-                "have fitted.",
+                f"{ratio['over_zero']:.2f}x {random_label}'s ({interval(ratio['over_zero_ci95'])}){over_start}, on "
+                f"the {ratio['personas']} characters both have fitted.",
             ]
     for label, stats in result["spans"].items():
         if "identification" in stats:

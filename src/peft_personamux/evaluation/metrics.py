@@ -64,16 +64,36 @@ def paired_difference(
 
 
 def gain_ratio(
-    reference: dict[str, float | None], a: dict[str, float | None], b: dict[str, float | None], personas: Sequence[str]
-) -> float | None:
+    reference: dict[str, float | None],
+    a: dict[str, float | None],
+    b: dict[str, float | None],
+    personas: Sequence[str],
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, float | int | None]:
     """Mean gain of ``a`` over ``reference`` divided by the mean gain of ``b`` (lower loss is a gain), over the
-    personas all three score; None when ``b`` gains nothing on average (the ratio would be meaningless)."""
+    personas all three score, with a 95% percentile-bootstrap interval over personas (paired resamples).
+
+    ``ratio`` is None when ``b`` gains nothing on average (the ratio would be meaningless). A resample in which ``b``
+    gains nothing counts as an unbounded ratio (of ``a``'s sign), so an interval bound is None when it is unbounded;
+    ``unbounded_share`` says how often that happened.
+    """
     keep = [p for p in personas if all(d.get(p) is not None and math.isfinite(d[p]) for d in (reference, a, b))]
+    out: dict[str, float | int | None] = {"ratio": None, "ci_low": None, "ci_high": None, "n": len(keep)}
     if not keep:
-        return None
-    gain_a = float(np.mean([reference[p] - a[p] for p in keep]))
-    gain_b = float(np.mean([reference[p] - b[p] for p in keep]))
-    return gain_a / gain_b if gain_b > 0 else None
+        return {**out, "unbounded_share": None}
+    gain_a = np.array([reference[p] - a[p] for p in keep])  # (n,)
+    gain_b = np.array([reference[p] - b[p] for p in keep])  # (n,)
+    if gain_b.mean() > 0:
+        out["ratio"] = float(gain_a.mean() / gain_b.mean())
+    rows = np.random.default_rng(seed).integers(0, len(keep), size=(resamples, len(keep)))  # (resamples, n)
+    mean_a, mean_b = gain_a[rows].mean(axis=1), gain_b[rows].mean(axis=1)  # (resamples,)
+    positive = mean_b > 0
+    ratios = np.where(positive, mean_a / np.where(positive, mean_b, 1.0), np.where(mean_a > 0, np.inf, -np.inf))
+    low, high = np.quantile(ratios, 0.025, method="lower"), np.quantile(ratios, 0.975, method="higher")
+    out["ci_low"] = float(low) if np.isfinite(low) else None
+    out["ci_high"] = float(high) if np.isfinite(high) else None
+    return {**out, "unbounded_share": float(1.0 - positive.mean())}
 
 
 def pick_fake(nlls: Sequence[float]) -> int:

@@ -145,6 +145,15 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def ratio_cell(ratio: dict) -> str:
+    """``4.72x (2.10-15.3x)`` from `metrics.gain_ratio`'s dict; an unbounded interval end is ∞."""
+    if ratio["ratio"] is None:
+        return "—"
+    low = "-∞" if ratio["ci_low"] is None else f"{ratio['ci_low']:.2f}"
+    high = "∞" if ratio["ci_high"] is None else f"{ratio['ci_high']:.2f}"
+    return f"{ratio['ratio']:.2f}x ({low} to {high}x)"
+
+
 def paired_markdown(paired: dict) -> list[str]:
     """Persona-Mux against each reference, persona by persona (results.json ``paired``)."""
     if not paired:
@@ -155,16 +164,16 @@ def paired_markdown(paired: dict) -> list[str]:
         "## Persona-Mux against each reference, paired by persona",
         "",
         "Held-out loss of the fit (bias 1) minus the reference's, per persona: mean ± 95% CI, and on how many "
-        "personas the fit is lower. Gain over random: the fit's mean gain over the zero mixture divided by the random "
-        "codebook's.",
+        "personas the fit is lower. Gain over random: the fit's mean gain over the zero mixture divided by the "
+        "random codebook's, with its 95% bootstrap interval over personas (∞: some resamples' random codebook gains "
+        "nothing).",
         "",
         "| Fit | " + " | ".join(f"− {r['label']}" for r in references.values()) + " | Gain over random |",
         "|---|" + "---|" * (len(references) + 1),
     ]
     for row in paired.values():
         cells = [f"{_cell(d, 4)} ({d['lower']}/{d['n']})" for d in row["minus"].values()]
-        ratio = row["gain_over_random"]
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {'—' if ratio is None else f'{ratio:.2f}x'} |")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {ratio_cell(row['gain_over_random'])} |")
     return lines
 
 
