@@ -112,7 +112,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
             f"| {row['label']} | {fmt(t['mean'])} | {fmt(t['std'])} | {fmt(t['max'])} | {fmt(t['min'])} | "
             f"{_cell(row['test'])} |"
         )
-    lines += paired_markdown(results.get("paired") or {})
+    lines += paired_markdown(results.get("paired") or {}, config["random_codebook_method"])
     lines += [
         "",
         "## Fitting cost",
@@ -154,7 +154,7 @@ def ratio_cell(ratio: dict) -> str:
     return f"{ratio['ratio']:.2f}x ({low} to {high}x)"
 
 
-def paired_markdown(paired: dict) -> list[str]:
+def paired_markdown(paired: dict, random_method: str) -> list[str]:
     """Persona-Mux against each reference, persona by persona (results.json ``paired``)."""
     if not paired:
         return []
@@ -166,7 +166,8 @@ def paired_markdown(paired: dict) -> list[str]:
         "Held-out loss of the fit (bias 1) minus the reference's, per persona: mean ± 95% CI, and on how many "
         "personas the fit is lower. Gain over random: the fit's mean gain over the zero mixture divided by the "
         "random codebook's, with its 95% bootstrap interval over personas (∞: some resamples' random codebook gains "
-        "nothing).",
+        f"nothing). The random codebook is fitted with {random_method}: the like-for-like ratio is the "
+        f"{random_method} fit's.",
         "",
         "| Fit | " + " | ".join(f"− {r['label']}" for r in references.values()) + " | Gain over random |",
         "|---|" + "---|" * (len(references) + 1),
