@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+from tiny_models import make_model, right_padded
 
 from peft_personamux.evaluation import (
     EvalConfig,
@@ -33,9 +34,11 @@ from peft_personamux.evaluation.methods import (
     persona_losses,
     plain_format,
     random_codebook_like,
+    row_nll,
 )
 from peft_personamux.evaluation.metrics import gain_ratio, identification_summary, paired_difference
 from peft_personamux.inputs import PERSONA_PLACEHOLDER
+from peft_personamux.loss import token_nll
 from peft_personamux.prompting import DEFAULT_INSTRUCTION
 
 COMMON = "the a and of to in that it is was for on with as his be at by i you my".split()
@@ -172,6 +175,25 @@ def test_plain_and_soft_prompt_losses_match_the_models_own_loss(tiny):
     assert got["g0/p0"] == pytest.approx(float(expected), abs=1e-5)
     curve = prompts.fit(batch, seed=0)
     assert len(curve) == 2 and curve[0] == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_row_nll_keeps_only_label_logits_with_the_same_numbers(arch):
+    model = make_model(arch)
+    rows = [[1, 5, 6, 7, 8, 9, 10, 2], [1, 11, 12, 13, 2], [1, 14, 15, 16, 17, 18, 2]]  # responses end each row
+    labels = [[-100] * 5 + [9, 10, 2], [-100, -100, 12, 13, 2], [-100] * 4 + [17, 18, 2]]
+    batch = right_padded(rows, labels, [0, 0, 0])
+    prompts = SoftPrompts(model, EvalConfig(sp_num_virtual_tokens=3))
+    prompts.reset(0)
+    for net, prefix in ((model, 0), (prompts.model, prompts.num_virtual_tokens)):
+        with torch.no_grad():
+            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, prefix:]
+        expected = token_nll(logits, batch["labels"]).sum(-1)  # every position through the head
+        nll, tokens = row_nll(net, batch, prefix)
+        assert tokens.tolist() == [3, 3, 3]
+        torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
+    nll.sum().backward()  # SP training: the gradient reaches the prompt through the kept positions
+    assert prompts.embedding.weight.grad.abs().sum() > 0
 
 
 def test_prompt_formats():

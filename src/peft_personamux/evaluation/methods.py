@@ -9,6 +9,7 @@ instruction, and peft's prompt tuning (SP) prepends its 8 virtual tokens to the 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import random
 from collections import defaultdict
@@ -16,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -87,17 +89,33 @@ def encode_rows(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _keeps_logits(model) -> bool:
+    """True when the causal LM under ``model`` (a peft model or not) takes ``logits_to_keep`` as positions."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def row_nll(model, batch: Mapping[str, torch.Tensor], prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response NLL per row (rows,) and response tokens per row (rows,).
 
-    ``prefix``: virtual tokens the model prepends (peft prompt tuning); their logits are dropped.
+    ``prefix``: virtual tokens the model prepends (peft prompt tuning); their logits are dropped. Where the model
+    takes ``logits_to_keep``, the output head runs only at positions that predict a response token in some row (the
+    49k-vocabulary head at every position is a large share of the cost); the numbers are the same.
     """
     device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    logits = logits[:, prefix:]  # (rows, width, vocab), aligned with input_ids
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
-    nll = token_nll(logits, labels)  # (rows, width - 1)
-    return nll.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    targets = labels[:, 1:]  # (rows, width - 1): position t predicts token t + 1
+    tokens = (targets != IGNORE_INDEX).sum(-1)  # (rows,)
+    if not _keeps_logits(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prefix:]  # (rows, width, vocab)
+        return token_nll(logits, labels).sum(-1), tokens
+    positions = (targets != IGNORE_INDEX).any(0).nonzero()[:, 0]  # (k,) positions predicting a label in any row
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions + prefix).logits
+    nll = F.cross_entropy(  # (rows, k); 0 where a kept position predicts no label of this row
+        logits.float().transpose(1, 2), targets[:, positions], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return nll.sum(-1), tokens
 
 
 @torch.no_grad()
