@@ -146,7 +146,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
 
 
 def ratio_cell(ratio: dict) -> str:
-    """``4.72x (2.10-15.3x)`` from `metrics.gain_ratio`'s dict; an unbounded interval end is ∞."""
+    """``4.72x (3.46 to 8.37x)`` from `metrics.gain_ratio`'s dict; an unbounded interval end is ∞."""
     if ratio["ratio"] is None:
         return "—"
     low = "-∞" if ratio["ci_low"] is None else f"{ratio['ci_low']:.2f}"

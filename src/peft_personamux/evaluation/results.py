@@ -160,6 +160,8 @@ def _paired(methods: dict, stages: dict, config: EvalConfig, personas: list[str]
     out = {}
     for method in pm_methods(config):
         key = f"personamux_{method}_bias1"
+        if key not in methods:  # bias_scales without full bias
+            continue
         mine = {p: methods[key]["per_persona"][p]["heldout_loss"] for p in personas}
         out[f"personamux_{method}"] = {
             "label": f"Persona-Mux ({PM_LABELS[method]})",
