@@ -31,12 +31,14 @@ from peft_personamux.evaluation.loading import load_causal_lm, save_tiny_model
 from peft_personamux.evaluation.methods import (
     SoftPrompts,
     encode_rows,
+    keeps_logits,
     persona_losses,
     plain_format,
     random_codebook_like,
     row_nll,
 )
 from peft_personamux.evaluation.metrics import gain_ratio, identification_summary, paired_difference
+from peft_personamux.evaluation.report import ratio_cell
 from peft_personamux.inputs import PERSONA_PLACEHOLDER
 from peft_personamux.loss import token_nll
 from peft_personamux.prompting import DEFAULT_INSTRUCTION
@@ -189,6 +191,7 @@ def test_row_nll_keeps_only_label_logits_with_the_same_numbers(arch):
         with torch.no_grad():
             logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, prefix:]
         expected = token_nll(logits, batch["labels"]).sum(-1)  # every position through the head
+        assert keeps_logits(net)  # the shortcut is what is tested
         nll, tokens = row_nll(net, batch, prefix)
         assert tokens.tolist() == [3, 3, 3]
         torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
@@ -347,10 +350,16 @@ def test_paired_difference_and_gain_ratio_by_hand():
     assert ratio["ratio"] == pytest.approx(1.0 / 0.2) and ratio["n"] == 3  # mean gains 1.0 and 0.2
     assert ratio["ci_low"] <= ratio["ratio"] <= ratio["ci_high"] and ratio["unbounded_share"] == 0.0
     assert 1.0 / 0.4 <= ratio["ci_low"] and ratio["ci_high"] <= 1.0 / 0.1  # within the ratios of any resample
-    assert gain_ratio(zero, fit, random, personas, seed=1)["ratio"] == ratio["ratio"]  # the seed moves only the CI
-    flat = gain_ratio(zero, fit, zero, personas)  # a reference that gains nothing: no ratio, unbounded interval
+    flat = gain_ratio(zero, fit, zero, personas)  # a reference that gains nothing: no ratio, no interval
     assert flat["ratio"] is None and flat["ci_low"] is None and flat["ci_high"] is None
-    assert flat["unbounded_share"] == 1.0
+    assert gain_ratio(zero, fit, random, ["a"])["ci_low"] is None  # one persona: a ratio, no interval
+    # a reference that gains on average but not in every resample: the interval's upper end is unbounded
+    shaky = gain_ratio(zero, fit, {"a": 2.5, "b": 3.5, "c": 2.0, "d": 4.0}, personas)  # gains -0.5, -0.5, 2.0
+    assert shaky["ratio"] == pytest.approx(1.0 / (1.0 / 3)) and shaky["ci_high"] == "+inf"
+    assert 0 < shaky["unbounded_share"] < 1
+    json.dumps(shaky, allow_nan=False)  # results.json stays strict JSON
+    assert ratio_cell(shaky).endswith(" to ∞x)") and ratio_cell(flat) == "—"
+    assert ratio_cell(ratio) == f"5.00x ({ratio['ci_low']:.2f} to {ratio['ci_high']:.2f}x)"
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ from peft_personamux.evaluation.headroom import (
 )
 from peft_personamux.evaluation.methods import codebook_tensors, random_codebook_like, zero_mixtures
 from peft_personamux.evaluation.metrics import gain_ratio, summarize
+from peft_personamux.evaluation.report import ratio_cell
 from peft_personamux.evaluation.runner import Evaluation
 from peft_personamux.fitting import fit_mixtures
 
@@ -324,15 +325,9 @@ def gain_ratios(state: dict, label: str, reference: str, personas: list[str]) ->
         mine = {p: state[label][p]["test"] for p in common}
         theirs = {p: state[reference][p]["test"] for p in common}
         found = gain_ratio(state[over]["test"], mine, theirs, common)
-        ratios[f"over_{over}"] = found["ratio"]
-        ratios[f"over_{over}_ci95"] = [found["ci_low"], found["ci_high"]]  # None: unbounded
+        ratios[f"over_{over}"] = found["ratio"]  # None: the reference gains nothing on average
+        ratios[f"over_{over}_bootstrap"] = found
     return ratios
-
-
-def interval(bounds: list) -> str:
-    """``95% CI 2.10-15.3x`` of a bootstrap interval; an unbounded end is ∞."""
-    low, high = ("-∞" if bounds[0] is None else f"{bounds[0]:.2f}"), ("∞" if bounds[1] is None else f"{bounds[1]:.2f}")
-    return f"95% bootstrap interval {low} to {high}x"
 
 
 def predicted_cell(stats: dict) -> str:
@@ -359,13 +354,19 @@ def write_markdown(result: dict) -> None:
         "63 of those directions).",
         "",
         "| span | characters | train gain over the start | held-out gain over the start | predicted held-out gain | "
-        "held-out gain over the zero mixture | capture ratio over the zero mixture (over the start), same characters "
+        "held-out gain over the zero mixture | capture ratio over the zero mixture (over the start), 95% bootstrap "
+        "intervals, same characters "
         "| loss evaluations |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, stats in result["spans"].items():
         ratio = stats.get("capture_ratio")
-        capture = f"{ratio['over_zero']:.2f} ({ratio['over_start']:.2f}), {ratio['personas']}" if ratio else "1"
+        capture = (
+            f"{ratio_cell(ratio['over_zero_bootstrap'])} ({ratio_cell(ratio['over_start_bootstrap'])}), "
+            f"{ratio['personas']}"
+            if ratio
+            else "1"
+        )
         lines.append(
             f"| {label} | {len(stats['personas'])} | {cell(stats['train']['over_start'])} | "
             f"{cell(stats['test']['over_start'])} | {predicted_cell(stats['predicted_held_out_over_start'])} | "
@@ -375,15 +376,13 @@ def write_markdown(result: dict) -> None:
         for random_label, ratio in stats.get("ratio_to_random", {}).items():
             # randz64 starts at the zero mixture, not the start prompt: only its gain over zero means anything
             over_start = (
-                ""
-                if random_label == "randz64"
-                else f" (over the start {ratio['over_start']:.2f}x, {interval(ratio['over_start_ci95'])})"
+                "" if random_label == "randz64" else f"; over the start {ratio_cell(ratio['over_start_bootstrap'])}"
             )
             lines += [
                 "",
                 f"Ratio to the random codebook {random_label}, {label}: mean held-out gain over the zero mixture "
-                f"{ratio['over_zero']:.2f}x {random_label}'s ({interval(ratio['over_zero_ci95'])}){over_start}, on "
-                f"the {ratio['personas']} characters both have fitted.",
+                f"{ratio_cell(ratio['over_zero_bootstrap'])} {random_label}'s{over_start} (95% bootstrap intervals "
+                f"over characters), on the {ratio['personas']} characters both have fitted.",
             ]
     for label, stats in result["spans"].items():
         if "identification" in stats:

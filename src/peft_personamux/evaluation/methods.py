@@ -89,8 +89,12 @@ def encode_rows(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _keeps_logits(model) -> bool:
-    """True when the causal LM under ``model`` (a peft model or not) takes ``logits_to_keep`` as positions."""
+def keeps_logits(model) -> bool:
+    """True when ``model`` keeps each row's token positions (a causal LM, with LoRA or peft prompt tuning) and its
+    causal LM takes ``logits_to_keep`` (transformers >= 4.50 accepts positions as a 1-D tensor there)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config.peft_type, "value", config.peft_type) not in ("LORA", "PROMPT_TUNING"):
+        return False  # e.g. Persona-Mux widens rows at its placeholder: positions would not line up
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
@@ -98,16 +102,17 @@ def _keeps_logits(model) -> bool:
 def row_nll(model, batch: Mapping[str, torch.Tensor], prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response NLL per row (rows,) and response tokens per row (rows,).
 
-    ``prefix``: virtual tokens the model prepends (peft prompt tuning); their logits are dropped. Where the model
-    takes ``logits_to_keep``, the output head runs only at positions that predict a response token in some row (the
-    49k-vocabulary head at every position is a large share of the cost); the numbers are the same.
+    ``model``: a causal LM, with LoRA or peft prompt tuning. ``prefix``: virtual tokens the model prepends (prompt
+    tuning); their logits are dropped. Where the model takes ``logits_to_keep``, the output head runs only at
+    positions that predict a response token in some row (with a large vocabulary the head at every position is a
+    large share of the cost); the numbers are the same within float rounding.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
     targets = labels[:, 1:]  # (rows, width - 1): position t predicts token t + 1
     tokens = (targets != IGNORE_INDEX).sum(-1)  # (rows,)
-    if not _keeps_logits(model):
+    if not keeps_logits(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prefix:]  # (rows, width, vocab)
         return token_nll(logits, labels).sum(-1), tokens
     positions = (targets != IGNORE_INDEX).any(0).nonzero()[:, 0]  # (k,) positions predicting a label in any row

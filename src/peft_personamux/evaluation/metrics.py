@@ -1,4 +1,5 @@
-"""Metric functions, pure and small: spread over personas, the discrimination game, the who-said-it classifier.
+"""Metric functions, pure and small: spread over personas, paired comparisons of methods, the discrimination game,
+the who-said-it classifier.
 
 Every metric is computed per unseen persona first and then summarised over personas (`summarize`), so the spread
 says how much the method's quality varies from one persona to the next.
@@ -47,7 +48,7 @@ def summarize(values: Sequence[float | None], confidence: float = 0.95) -> dict[
     return {**out, "std": std, "ci_low": mean - half, "ci_high": mean + half, "ci95": half}
 
 
-# -- discrimination --------------------------------------------------------------------------------------------------
+# -- paired comparisons -----------------------------------------------------------------------------------------------
 
 
 def paired_difference(
@@ -70,30 +71,43 @@ def gain_ratio(
     personas: Sequence[str],
     resamples: int = 10_000,
     seed: int = 0,
-) -> dict[str, float | int | None]:
+) -> dict[str, float | int | str | None]:
     """Mean gain of ``a`` over ``reference`` divided by the mean gain of ``b`` (lower loss is a gain), over the
     personas all three score, with a 95% percentile-bootstrap interval over personas (paired resamples).
 
-    ``ratio`` is None when ``b`` gains nothing on average (the ratio would be meaningless). A resample in which ``b``
-    gains nothing counts as an unbounded ratio (of ``a``'s sign), so an interval bound is None when it is unbounded;
-    ``unbounded_share`` says how often that happened.
+    ``ratio`` is None when ``b`` gains nothing on average (the ratio would be meaningless); the interval
+    (``ci_low``, ``ci_high``) is None then and with fewer than two personas. A resample in which ``b`` gains nothing
+    has an unbounded ratio of ``a``'s sign: an interval end that is unbounded is the string ``"+inf"`` or ``"-inf"``
+    (results.json stays strict JSON), and ``unbounded_share`` says how many resamples were.
     """
     keep = [p for p in personas if all(d.get(p) is not None and math.isfinite(d[p]) for d in (reference, a, b))]
-    out: dict[str, float | int | None] = {"ratio": None, "ci_low": None, "ci_high": None, "n": len(keep)}
+    out: dict[str, float | int | str | None] = {
+        "ratio": None,
+        "ci_low": None,
+        "ci_high": None,
+        "n": len(keep),
+        "unbounded_share": None,
+    }
     if not keep:
-        return {**out, "unbounded_share": None}
+        return out
     gain_a = np.array([reference[p] - a[p] for p in keep])  # (n,)
     gain_b = np.array([reference[p] - b[p] for p in keep])  # (n,)
-    if gain_b.mean() > 0:
-        out["ratio"] = float(gain_a.mean() / gain_b.mean())
+    if gain_b.mean() <= 0 or not math.isfinite(gain_a.mean() / gain_b.mean()):
+        return out
+    out["ratio"] = float(gain_a.mean() / gain_b.mean())
+    if len(keep) < 2:
+        return out
     rows = np.random.default_rng(seed).integers(0, len(keep), size=(resamples, len(keep)))  # (resamples, n)
     mean_a, mean_b = gain_a[rows].mean(axis=1), gain_b[rows].mean(axis=1)  # (resamples,)
     positive = mean_b > 0
     ratios = np.where(positive, mean_a / np.where(positive, mean_b, 1.0), np.where(mean_a > 0, np.inf, -np.inf))
-    low, high = np.quantile(ratios, 0.025, method="lower"), np.quantile(ratios, 0.975, method="higher")
-    out["ci_low"] = float(low) if np.isfinite(low) else None
-    out["ci_high"] = float(high) if np.isfinite(high) else None
-    return {**out, "unbounded_share": float(1.0 - positive.mean())}
+    ends = np.quantile(ratios, 0.025, method="lower"), np.quantile(ratios, 0.975, method="higher")
+    out["ci_low"], out["ci_high"] = (float(e) if np.isfinite(e) else ("+inf" if e > 0 else "-inf") for e in ends)
+    out["unbounded_share"] = float(1.0 - positive.mean())
+    return out
+
+
+# -- discrimination --------------------------------------------------------------------------------------------------
 
 
 def pick_fake(nlls: Sequence[float]) -> int:

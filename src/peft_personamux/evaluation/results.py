@@ -151,12 +151,9 @@ def _paired(methods: dict, stages: dict, config: EvalConfig, personas: list[str]
     """Each Persona-Mux fit (bias 1) against each reference, persona by persona: held-out loss minus the reference's
     (mean, 95% CI, on how many personas it is lower), and its gain over the zero mixture as a multiple of the random
     codebook's (the paper's Table 6 ratio)."""
-    losses = {
-        key: {p: methods[key]["per_persona"][p]["heldout_loss"] for p in personas}
-        for key in _PAIRED_REFERENCES
-        if key in methods
-    }
-    losses["zero"] = {p: stages["pm_zero"]["test"][p] for p in personas}
+    losses = {"zero": {p: stages["pm_zero"]["test"][p] for p in personas}}  # the zero mixture is no table row
+    for key in _PAIRED_REFERENCES.keys() - {"zero"}:
+        losses[key] = {p: methods[key]["per_persona"][p]["heldout_loss"] for p in personas}
     out = {}
     for method in pm_methods(config):
         key = f"personamux_{method}_bias1"
