@@ -1,0 +1,152 @@
+"""Held-out loss of the rows an evaluation run has finished so far, paired by character (a run still going, or
+interrupted before its report).
+
+    python docs/results/evaluation_partial.py eval_core100 docs/results/core100/partial \
+        --damped docs/results/damped_fits_state.json
+
+reads ``<run dir>/stages/*.json`` and writes ``<prefix>.md`` and ``<prefix>.json``: every finished row's held-out
+loss (mean ± 95% CI over the unseen characters) and each Persona-Mux row against each reference, persona by persona
+(`metrics.paired_difference`, `metrics.gain_ratio`), as the finished run's report does. ``--damped`` adds the damped
+fits of docs/results/damped_fits.py (shipped codebook and free 8-token prompt), after checking that they scored the
+same held-out lines: their zero-mixture losses must equal the run's. Running `personamux evaluate` again with the same
+config continues the run; its own results.md replaces this report at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from peft_personamux.evaluation.metrics import gain_ratio, paired_difference, summarize
+from peft_personamux.evaluation.report import ratio_cell
+from peft_personamux.files import read_json, write_json
+
+PM_STAGES = {
+    "pm_adam": "Persona-Mux (adam)",
+    "pm_fisher": "Persona-Mux (fisher)",
+    "pm_lbfgs": "Persona-Mux (lbfgs from mean)",
+}
+DAMPED = {"ship64": "Persona-Mux, damped fit (shipped codebook)", "free8": "8 free tokens after the bias, damped fit"}
+REFERENCES = ("zero", "random_codebook", "sp", "lora", "base")
+
+
+def finished_rows(stages: Path) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Held-out loss per character of every finished row (bias 1), and each row's label."""
+    rows, labels = {}, {}
+
+    def add(key: str, label: str, losses: dict[str, float]) -> None:
+        rows[key], labels[key] = losses, label
+
+    base_icl = read_json(stages / "base_icl.json")
+    if base_icl.get("done"):
+        add("base", "Base", base_icl["base"]["heldout_loss"]["1.0"])
+        add("icl", "ICL", base_icl["icl"]["heldout_loss"]["1.0"])
+    lora = read_json(stages / "lora.json")
+    if lora.get("done"):
+        add("lora", "LoRA", lora["heldout_loss"]["1.0"])
+    sp = read_json(stages / "sp.json")
+    if sp.get("done"):
+        add("sp", "Soft prompt", {p: v["test_loss_after"] for p, v in sp["personas"].items()})
+    zero = read_json(stages / "pm_zero.json")
+    if zero.get("done"):
+        add("zero", "Zero mixture (bias tokens only)", zero["test"])
+    for stage, label in {**PM_STAGES, "random_codebook": "Random codebook"}.items():
+        found = read_json(stages / f"{stage}.json")
+        if found.get("done"):
+            add(
+                stage.removeprefix("pm_") if stage != "random_codebook" else stage, label, found["heldout_loss"]["1.0"]
+            )
+    return rows, labels
+
+
+def add_damped(rows: dict, labels: dict, state_path: Path, personas: list[str]) -> float:
+    """Add the damped fits' rows; returns the largest difference between their zero-mixture losses and the run's."""
+    state = read_json(state_path)
+    if "zero" not in rows:
+        raise SystemExit("The run has no finished pm_zero stage: nothing to check the damped fits' lines against.")
+    gap = max(abs(state["zero"]["test"][p] - rows["zero"][p]) for p in personas)
+    if gap > 1e-3:
+        raise SystemExit(f"The damped fits scored other lines (zero-mixture losses differ by up to {gap:.4f}).")
+    for span, label in DAMPED.items():
+        if all(p in state.get(span, {}) for p in personas):
+            rows[f"damped_{span}"], labels[f"damped_{span}"] = {p: state[span][p]["test"] for p in personas}, label
+    return gap
+
+
+def cell(summary: dict, digits: int = 3) -> str:
+    return "—" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['ci95']:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("prefix", type=Path, help="writes <prefix>.md and <prefix>.json")
+    parser.add_argument("--damped", type=Path, default=None, help="damped_fits.py's state file")
+    args = parser.parse_args()
+    stages = args.run_dir / "stages"
+    data = read_json(stages / "data.json")
+    if not data:
+        raise SystemExit(f"{stages}/data.json does not exist or is empty: the run has not started.")
+    personas = data["unseen_personas"]
+    rows, labels = finished_rows(stages)
+    gap = add_damped(rows, labels, args.damped, personas) if args.damped else None
+    fits = [k for k in rows if k in ("adam", "fisher", "lbfgs") or k == "damped_ship64"]
+    paired = {
+        fit: {
+            ref: paired_difference(rows[fit], rows[ref], personas)
+            for ref in (*REFERENCES, "damped_free8")
+            if ref in rows
+        }
+        for fit in fits
+    }
+    ratios = {
+        fit: gain_ratio(rows["zero"], rows[fit], rows["random_codebook"], personas)
+        for fit in fits
+        if "zero" in rows and "random_codebook" in rows
+    }
+    out = {
+        "command": "python docs/results/evaluation_partial.py "
+        + " ".join([str(args.run_dir), str(args.prefix)] + ([f"--damped {args.damped}"] if args.damped else [])),
+        "personas": personas,
+        "heldout_loss": {
+            k: {"label": labels[k], **summarize([v[p] for p in personas]), "per_persona": v} for k, v in rows.items()
+        },
+        "paired": paired,
+        "gain_over_random": ratios,
+        "damped_zero_gap": gap,
+    }
+    args.prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.prefix.with_suffix(".json"), out)
+    lines = [
+        f"# Evaluation so far: `{args.run_dir}`",
+        "",
+        f"Command: `{out['command']}`. Rows whose stage has finished; held-out loss at bias 1, mean ± 95% CI over "
+        f"{len(personas)} unseen characters.",
+        "",
+        "| Row | Held-out loss |",
+        "|---|---|",
+        *(f"| {labels[k]} | {cell(out['heldout_loss'][k])} |" for k in rows),
+    ]
+    if gap is not None:
+        lines += ["", f"Damped fits' zero-mixture losses equal the run's within {gap:.1e}: the same lines and tokens."]
+    if paired:
+        references = [r for r in (*REFERENCES, "damped_free8") if r in rows]
+        lines += [
+            "",
+            "Each fit minus each reference, per character: mean ± 95% CI (fit lower on k of n).",
+            "",
+            "| Fit | " + " | ".join(f"− {labels[r]}" for r in references) + " | Gain over random |",
+            "|---|" + "---|" * (len(references) + 1),
+        ]
+        for fit in fits:
+            cells = [
+                f"{cell(paired[fit][r], 4)} ({paired[fit][r]['lower']}/{paired[fit][r]['n']})" for r in references
+            ]
+            ratio = ratio_cell(ratios[fit]) if fit in ratios else "—"
+            lines.append(f"| {labels[fit]} | " + " | ".join(cells) + f" | {ratio} |")
+    args.prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
