@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from peft_personamux.evaluation.metrics import gain_ratio, paired_difference, summarize
-from peft_personamux.evaluation.report import ratio_cell
+from peft_personamux.evaluation.report import paired_markdown
 from peft_personamux.files import read_json, write_json
 
 PM_STAGES = {
@@ -91,18 +91,19 @@ def main() -> None:
     rows, labels = finished_rows(stages)
     gap = add_damped(rows, labels, args.damped, personas) if args.damped else None
     fits = [k for k in rows if k in ("adam", "fisher", "lbfgs") or k == "damped_ship64"]
-    paired = {
+    references = [r for r in (*REFERENCES, "damped_free8") if r in rows]
+    no_ratio = {"ratio": None, "ci_low": None, "ci_high": None, "n": 0, "unbounded_share": None}
+    paired = {  # the shape of results.json's `paired`, so that the run's own renderer draws the table
         fit: {
-            ref: paired_difference(rows[fit], rows[ref], personas)
-            for ref in (*REFERENCES, "damped_free8")
-            if ref in rows
+            "label": labels[fit],
+            "minus": {r: {"label": labels[r], **paired_difference(rows[fit], rows[r], personas)} for r in references},
+            "gain_over_random": (
+                gain_ratio(rows["zero"], rows[fit], rows["random_codebook"], personas)
+                if "zero" in rows and "random_codebook" in rows
+                else no_ratio
+            ),
         }
         for fit in fits
-    }
-    ratios = {
-        fit: gain_ratio(rows["zero"], rows[fit], rows["random_codebook"], personas)
-        for fit in fits
-        if "zero" in rows and "random_codebook" in rows
     }
     out = {
         "command": "python docs/results/evaluation_partial.py "
@@ -112,7 +113,6 @@ def main() -> None:
             k: {"label": labels[k], **summarize([v[p] for p in personas]), "per_persona": v} for k, v in rows.items()
         },
         "paired": paired,
-        "gain_over_random": ratios,
         "damped_zero_gap": gap,
     }
     args.prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -129,21 +129,7 @@ def main() -> None:
     ]
     if gap is not None:
         lines += ["", f"Damped fits' zero-mixture losses equal the run's within {gap:.1e}: the same lines and tokens."]
-    if paired:
-        references = [r for r in (*REFERENCES, "damped_free8") if r in rows]
-        lines += [
-            "",
-            "Each fit minus each reference, per character: mean ± 95% CI (fit lower on k of n).",
-            "",
-            "| Fit | " + " | ".join(f"− {labels[r]}" for r in references) + " | Gain over random |",
-            "|---|" + "---|" * (len(references) + 1),
-        ]
-        for fit in fits:
-            cells = [
-                f"{cell(paired[fit][r], 4)} ({paired[fit][r]['lower']}/{paired[fit][r]['n']})" for r in references
-            ]
-            ratio = ratio_cell(ratios[fit]) if fit in ratios else "—"
-            lines.append(f"| {labels[fit]} | " + " | ".join(cells) + f" | {ratio} |")
+    lines += paired_markdown(paired, None)
     args.prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

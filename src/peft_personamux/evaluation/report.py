@@ -158,11 +158,16 @@ def ratio_cell(ratio: dict) -> str:
     return f"{ratio['ratio']:.2f}x ({low} to {high}x)"
 
 
-def paired_markdown(paired: dict, random_method: str) -> list[str]:
+def paired_markdown(paired: dict, random_method: str | None) -> list[str]:
     """Persona-Mux against each reference, persona by persona (results.json ``paired``)."""
     if not paired:
         return []
     references = next(iter(paired.values()))["minus"]
+    like_for_like = (
+        f" The random codebook is fitted with {random_method}: the like-for-like ratio is the {random_method} fit's."
+        if random_method
+        else ""
+    )
     lines = [
         "",
         "## Persona-Mux against each reference, paired by persona",
@@ -170,8 +175,7 @@ def paired_markdown(paired: dict, random_method: str) -> list[str]:
         "Held-out loss of the fit (bias 1) minus the reference's, per persona: mean ± 95% CI, and on how many "
         "personas the fit is lower. Gain over random: the fit's mean gain over the zero mixture divided by the "
         "random codebook's, with its 95% bootstrap interval over personas (∞: some resamples' random codebook gains "
-        f"nothing). The random codebook is fitted with {random_method}: the like-for-like ratio is the "
-        f"{random_method} fit's.",
+        f"nothing).{like_for_like}",
         "",
         "| Fit | " + " | ".join(f"− {r['label']}" for r in references.values()) + " | Gain over random |",
         "|---|" + "---|" * (len(references) + 1),
