@@ -1,12 +1,13 @@
 """Held-out loss of the rows an evaluation run has finished so far, paired by character (a run still going, or
 interrupted before its report).
 
-    python docs/results/evaluation_partial.py eval_core100 docs/results/core100/partial \
+    python docs/results/evaluation_partial.py docs/results/core100 docs/results/core100/partial \
         --damped docs/results/damped_fits_state.json
 
 reads ``<run dir>/stages/*.json`` and writes ``<prefix>.md`` and ``<prefix>.json``: every finished row's held-out
 loss (mean ± 95% CI over the unseen characters) and each Persona-Mux row against each reference, persona by persona
-(`metrics.paired_difference`, `metrics.gain_ratio`), as the finished run's report does. ``--damped`` adds the damped
+(`metrics.paired_difference`, `metrics.gain_ratio`), as the finished run's report does, the zero mixture among the
+fits; and each finished fit's cost and training curve. ``--damped`` adds the damped
 fits of docs/results/damped_fits.py (shipped codebook and free 8-token prompt), after checking that they scored the
 same held-out lines: their zero-mixture losses must equal the run's. Running `personamux evaluate` again with the same
 config continues the run; its own results.md replaces this report at the end.
@@ -18,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from peft_personamux.evaluation.metrics import gain_ratio, paired_difference, summarize
-from peft_personamux.evaluation.report import paired_markdown
+from peft_personamux.evaluation.report import paired_markdown, summary_cell
 from peft_personamux.files import read_json, write_json
 
 PM_STAGES = {
@@ -59,6 +60,42 @@ def finished_rows(stages: Path) -> tuple[dict[str, dict[str, float]], dict[str, 
     return rows, labels
 
 
+def fitting(stages: Path) -> dict[str, dict]:
+    """Cost and training curve of every finished fit: example passes per second, the mean training loss over
+    characters before each step and after the last, and the range over characters of the last step's drop."""
+    out = {}
+    sp = read_json(stages / "sp.json")
+    if sp.get("done"):
+        found = list(sp["personas"].values())
+        out["sp"] = {
+            "label": "Soft prompt (one character at a time)",
+            "example_passes": sum(v["example_passes"] for v in found),
+            "seconds": sum(v["seconds"] for v in found),
+            "curves": [v["curve"] for v in found],
+            "after": [v["train_loss_after"] for v in found],
+        }
+    for stage, label in {**PM_STAGES, "random_codebook": "Random codebook"}.items():
+        found = read_json(stages / f"{stage}.json")
+        if found.get("done") and "curves" in found["fit"]:
+            personas = list(found["fit"]["curves"])
+            out[stage] = {
+                "label": label,
+                "example_passes": found["fit"]["example_passes"],
+                "seconds": found["fit"]["seconds"],
+                "curves": [found["fit"]["curves"][p] for p in personas],
+                "after": [found["train_loss_after"][p] for p in personas],
+            }
+    for row in out.values():
+        curves, after = row.pop("curves"), row["after"]
+        width = min(map(len, curves))
+        row["passes_per_second"] = row["example_passes"] / row["seconds"]
+        row["mean_before_each_step"] = [sum(c[i] for c in curves) / len(curves) for i in range(width)]
+        row["mean_after"] = sum(after) / len(after)
+        drops = [c[-1] - a for c, a in zip(curves, after)]  # the last step's own drop, per character
+        row["last_step_drop"] = {"min": min(drops), "max": max(drops)}
+    return out
+
+
 def add_damped(rows: dict, labels: dict, state_path: Path, personas: list[str]) -> float:
     """Add the damped fits' rows; returns the largest difference between their zero-mixture losses and the run's."""
     state = read_json(state_path)
@@ -71,10 +108,6 @@ def add_damped(rows: dict, labels: dict, state_path: Path, personas: list[str]) 
         if all(p in state.get(span, {}) for p in personas):
             rows[f"damped_{span}"], labels[f"damped_{span}"] = {p: state[span][p]["test"] for p in personas}, label
     return gap
-
-
-def cell(summary: dict, digits: int = 3) -> str:
-    return "—" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['ci95']:.{digits}f}"
 
 
 def main() -> None:
@@ -90,7 +123,7 @@ def main() -> None:
     personas = data["unseen_personas"]
     rows, labels = finished_rows(stages)
     gap = add_damped(rows, labels, args.damped, personas) if args.damped else None
-    fits = [k for k in rows if k in ("adam", "fisher", "lbfgs") or k == "damped_ship64"]
+    fits = [k for k in rows if k in ("zero", "adam", "fisher", "lbfgs", "damped_ship64")]  # zero: bias tokens only
     references = [r for r in (*REFERENCES, "damped_free8") if r in rows]
     no_ratio = {"ratio": None, "ci_low": None, "ci_high": None, "n": 0, "unbounded_share": None}
     paired = {  # the shape of results.json's `paired`, so that the run's own renderer draws the table
@@ -113,6 +146,7 @@ def main() -> None:
             k: {"label": labels[k], **summarize([v[p] for p in personas]), "per_persona": v} for k, v in rows.items()
         },
         "paired": paired,
+        "fitting": fitting(stages),
         "damped_zero_gap": gap,
     }
     args.prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -125,11 +159,30 @@ def main() -> None:
         "",
         "| Row | Held-out loss |",
         "|---|---|",
-        *(f"| {labels[k]} | {cell(out['heldout_loss'][k])} |" for k in rows),
+        *(f"| {labels[k]} | {summary_cell(out['heldout_loss'][k])} |" for k in rows),
     ]
     if gap is not None:
         lines += ["", f"Damped fits' zero-mixture losses equal the run's within {gap:.1e}: the same lines and tokens."]
     lines += paired_markdown(paired, None)
+    if out["fitting"]:
+        lines += [
+            "",
+            "## Fitting",
+            "",
+            "Training loss: mean over characters before each step, and after the last; the last step's own drop, "
+            "smallest and largest over characters.",
+            "",
+            "| Fit | Example passes | Seconds | Passes / s | Mean training loss before each step → after "
+            "| Last step's drop |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in out["fitting"].values():
+            curve = " → ".join(f"{v:.3f}" for v in [*row["mean_before_each_step"], row["mean_after"]])
+            drop = row["last_step_drop"]
+            lines.append(
+                f"| {row['label']} | {row['example_passes']} | {row['seconds']:.0f} | "
+                f"{row['passes_per_second']:.2f} | {curve} | {drop['min']:.3f} to {drop['max']:.3f} |"
+            )
     args.prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -32,7 +32,8 @@ def write_outputs(results: dict, generations: dict, output_dir: Path) -> None:
     (output_dir / RESULTS_MD).write_text(markdown(results, plots), encoding="utf-8")
 
 
-def _cell(summary: dict | None, digits: int = 3, percent: bool = False) -> str:
+def summary_cell(summary: dict | None, digits: int = 3, percent: bool = False) -> str:
+    """``mean ± half-width of the 95% CI`` of a `metrics.summarize` dict (— without a mean)."""
     if not summary or summary.get("mean") is None:
         return "—"
     scale = 100.0 if percent else 1.0
@@ -56,8 +57,8 @@ def main_table(results: dict) -> list[str]:
     ]
     for m in results["methods"].values():
         lines.append(
-            f"| {m['label']} | {_cell(m['heldout_loss'])} | {_cell(m['judge_loss'])} | "
-            f"{_cell(m['discrimination_caught'], 1, True)} | {_cell(m['who_said_it'], 1, True)} | "
+            f"| {m['label']} | {summary_cell(m['heldout_loss'])} | {summary_cell(m['judge_loss'])} | "
+            f"{summary_cell(m['discrimination_caught'], 1, True)} | {summary_cell(m['who_said_it'], 1, True)} | "
             f"{_int(m.get('params_global'))} | {_int(m.get('params_per_persona'))} | "
             f"{_int(m.get('bytes_per_persona'))} | "
             f"{m['empty_generations'] if 'empty_generations' in m else '—'}"
@@ -92,7 +93,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         f"`{config['judge_model']}`; chance of catching the fake: "
         f"{100 * results['chance']['discrimination_caught']:.0f}%; who-said-it chance: "
         f"{100 * results['chance']['who_said_it']:.1f}% (classifier on all real held-out lines: "
-        f"{_cell(results['who_said_it_all_test_lines'], 1, True)}).",
+        f"{summary_cell(results['who_said_it_all_test_lines'], 1, True)}).",
         "",
         "## Methods (paper Tables 2, 4, 5, 7)",
         "",
@@ -110,7 +111,7 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(
             f"| {row['label']} | {fmt(t['mean'])} | {fmt(t['std'])} | {fmt(t['max'])} | {fmt(t['min'])} | "
-            f"{_cell(row['test'])} |"
+            f"{summary_cell(row['test'])} |"
         )
     lines += paired_markdown(results.get("paired") or {}, config["random_codebook_method"])
     lines += [
@@ -181,7 +182,7 @@ def paired_markdown(paired: dict, random_method: str | None) -> list[str]:
         "|---|" + "---|" * (len(references) + 1),
     ]
     for row in paired.values():
-        cells = [f"{_cell(d, 4)} ({d['lower']}/{d['n']})" for d in row["minus"].values()]
+        cells = [f"{summary_cell(d, 4)} ({d['lower']}/{d['n']})" for d in row["minus"].values()]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {ratio_cell(row['gain_over_random'])} |")
     return lines
 
@@ -205,7 +206,7 @@ def _zero_shot_markdown(zero_shot: dict) -> list[str]:
         "|---|---|---|",
     ]
     lines += [
-        f"| {row['label']} | {_cell(row['heldout_loss'])} | {_cell(row['distance_to_fitted'])} |"
+        f"| {row['label']} | {summary_cell(row['heldout_loss'])} | {summary_cell(row['distance_to_fitted'])} |"
         for row in zero_shot["rows"].values()
     ]
     return lines
@@ -218,15 +219,17 @@ def subnetwork_markdown(sub: dict) -> list[str]:
         f"rows): identification accuracy against chance {100 * sub['chance']:.1f}%, and the own-mask advantage (mean "
         "loss under the other personas' masks minus under its own: near 0 means a pruned model, not a persona). "
         f"General text: loss on a fixed non-Shakespeare text (base model {sub['general_loss_base']:.3f}). Seconds: "
-        f"calibration forward passes ({_cell(sub['calibration_seconds'], 2)} s per persona) plus building the mask.",
+        f"calibration forward passes ({summary_cell(sub['calibration_seconds'], 2)} s per persona) plus building "
+        "the mask.",
         "",
         "| Row | Identification | Own-mask advantage | General-text loss ↓ | Seconds / persona | Bytes / persona |",
         "|---|---|---|---|---|---|",
     ]
     for row in sub["rows"].values():
         lines.append(
-            f"| {row['label']} | {100 * row['identification_accuracy']:.1f}% | {_cell(row['own_mask_advantage'])} | "
-            f"{_cell(row['general_loss'])} | {_cell(row['seconds_per_persona'], 2)} | "
+            f"| {row['label']} | {100 * row['identification_accuracy']:.1f}% | "
+            f"{summary_cell(row['own_mask_advantage'])} | "
+            f"{summary_cell(row['general_loss'])} | {summary_cell(row['seconds_per_persona'], 2)} | "
             f"{_int(row['bytes_per_persona'])} |"
         )
     return lines
