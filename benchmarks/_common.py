@@ -198,6 +198,52 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, q_len, dim = query
+    return 4 * batch * heads * q_len * key[-2] * dim  # q @ k^T and p @ v; grouped keys counted at the query's heads
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _cpu_attention_flops(query, key, value)  # gradients of both products, two operands each
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Matrix-multiply FLOPs of one call of ``fn`` (forward and any backward it runs), as torch's
+    ``FlopCounterMode`` counts them (mm, bmm, addmm, convolution and attention kernels; elementwise work is free).
+    Torch's CPU attention kernel is counted like its eager form (torch 2.13 leaves it out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    counter = FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+        },
+    )
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_rate(
+    dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]], device: torch.device | str = "cpu", repeats: int = 10
+) -> float:
+    """This machine's matrix-multiply throughput in FLOP/s for ``(m, k, n)`` products in ``dtype``: total FLOPs over
+    total seconds of the fastest of three rounds (each ``repeats`` products per shape, after one warm-up)."""
+    pairs = [
+        (torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)) for m, k, n in shapes
+    ]
+    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs) * repeats
+    for a, b in pairs:  # warm-up: first-call allocation and kernel selection
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        seconds, _ = timed(lambda: [a @ b for a, b in pairs for _ in range(repeats)], torch.device(device))
+        best = min(best, seconds)
+    return flops / best
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -23,9 +23,11 @@ import torch
 from _common import (
     add_common_arguments,
     command_line,
+    count_flops,
     hardware,
     load_model,
     markdown_table,
+    matmul_rate,
     ratio,
     setup,
     write_report,
@@ -87,6 +89,8 @@ class Variant:
         self.seconds: list[float] = []
         self.untimed_seconds = 0.0  # compiled variants: the first run, which compiles
         self.loss = float("nan")
+        self.flops = 0  # matrix-multiply FLOPs of one run over all its batches (`count`)
+        self.bf16 = False  # runs its matrix multiplies in bf16 (autocast or bf16 weights)
 
     def run(self, model) -> None:
         threads = torch.get_num_threads()
@@ -112,6 +116,13 @@ class Variant:
         self.seconds.append(time.perf_counter() - start)
         self.loss = total / tokens
         torch.set_num_threads(threads)
+
+    def count(self, model) -> None:
+        """Count one untimed run's matrix-multiply FLOPs. A compiled variant is counted on ``model`` (eager, the
+        same computation): the counter does not see inside compiled graphs."""
+        eager = model if self.model is None or "compiled" in self.name else self.model
+        self.flops = count_flops(lambda: self.run(eager))
+        self.seconds.pop()
 
     @property
     def rows(self) -> int:
@@ -171,6 +182,9 @@ def variants_for(
         out.append(Variant(f"all + chunks of {4 * batch_size} rows", chunks, chosen))
     if torch.get_num_threads() > 1:
         out.append(Variant("all, 1 thread", grouped, chosen, threads=1))
+    for variant in out:
+        bf16_weights = bf16_model is not None and variant.model is bf16_model
+        variant.bf16 = variant.options.autocast_dtype == torch.bfloat16 or bf16_weights
     return out
 
 
@@ -214,21 +228,47 @@ def measure(model, variants: Sequence[Variant], rounds: int) -> None:
     for _ in range(rounds):
         for variant in variants:
             variant.run(variant.model if variant.model is not None else model)
+    for variant in variants:
+        variant.count(model)
 
 
-def table(variants: Sequence[Variant]) -> tuple[str, list[dict]]:
+def table(variants: Sequence[Variant], matmul: dict[str, float]) -> tuple[str, list[dict]]:
+    """The stage's table and records. ``matmul``: this CPU's measured matrix-multiply FLOP/s per dtype name; each
+    variant's counted FLOPs over its time give its achieved rate, and its FLOPs at its dtype's measured rate the
+    fastest it could run (its ceiling, as a ratio to plain like the measured speed)."""
     base = variants[0]
     base_rate = base.rows / min(base.seconds)
     rows, records = [], []
     for v in variants:
         rate = v.rows / min(v.seconds)
         diff = abs(v.loss - base.loss) / base.loss
-        rows.append([v.name, round(rate, 3), round(ratio(rate, base_rate), 2), round(v.loss, 5), f"{diff:.1e}"])
+        achieved = v.flops / min(v.seconds)  # FLOP/s
+        peak = matmul["bfloat16" if v.bf16 else "float32"]
+        ceiling = v.rows / (v.flops / peak) if v.flops else float("nan")  # passes/s at the measured matmul rate
+        rows.append(
+            [
+                v.name,
+                round(rate, 3),
+                round(ratio(rate, base_rate), 2),
+                round(v.flops / v.rows / 1e9, 1),
+                f"{achieved / 1e9:.0f} ({100 * achieved / peak:.0f}%)",
+                round(ratio(ceiling, base_rate), 2),
+                round(v.loss, 5),
+                f"{diff:.1e}",
+            ]
+        )
         records.append(
             {
                 "variant": v.name,
                 "passes_per_second": rate,
                 "ratio": ratio(rate, base_rate),
+                "matmul_dtype": "bfloat16" if v.bf16 else "float32",
+                "flops": v.flops,
+                "flops_per_pass": v.flops / v.rows,
+                "matmul_flops_per_second": achieved,
+                "share_of_matmul_rate": achieved / peak,
+                "ceiling_passes_per_second": ceiling,
+                "ceiling_ratio": ratio(ceiling, base_rate),
                 "mean_loss": v.loss,
                 "relative_loss_difference": diff,
                 "padded_tokens": v.padded_tokens,
@@ -236,8 +276,33 @@ def table(variants: Sequence[Variant]) -> tuple[str, list[dict]]:
                 "seconds": v.seconds,
             }
         )
-    headers = ["variant", "example passes / s", "× plain", "mean loss", "|Δloss| / loss"]
+    headers = [
+        "variant",
+        "example passes / s",
+        "× plain",
+        "GFLOP / pass",
+        "GFLOP/s (% of matmul rate)",
+        "ceiling × plain",
+        "mean loss",
+        "|Δloss| / loss",
+    ]
     return markdown_table(headers, rows), records
+
+
+MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def model_matmul_shapes(config, plain: Variant) -> list[tuple[int, int, int]]:
+    """The decoder's projection shapes (m, k, n) for one batch of ``plain``'s: m its mean tokens per batch."""
+    tokens = round(plain.padded_tokens / len(plain.batches))
+    hidden = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    return [(tokens, hidden, hidden), (tokens, hidden, inner), (tokens, inner, hidden)]
+
+
+def ceiling(records: Sequence[dict]) -> str:
+    best = max(records, key=lambda r: r["ceiling_ratio"] if r["flops"] else 0.0)
+    return f"{best['ceiling_ratio']:.2f}x ({best['variant']})"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -300,8 +365,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         compiled_model=compiled_model,
     )
     measure(model, stage2, args.rounds)
-    table1, records1 = table(stage1)
-    table2, records2 = table(stage2)
+    shapes = model_matmul_shapes(model.get_base_model().config, stage1[0])
+    matmul = {name: matmul_rate(dtype, shapes, device) for name, dtype in MATMUL_DTYPES.items()}
+    table1, records1 = table(stage1, matmul)
+    table2, records2 = table(stage2, matmul)
     best1 = max(records1[1:], key=lambda r: r["ratio"])
     best2 = max(records2[1:], key=lambda r: r["ratio"])
     payload = {
@@ -312,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "bf16_matmul_speedup": speedup,
         "bf16_chosen": bf16,
+        "matmul_shapes": shapes,
+        "matmul_flops_per_second": matmul,
         "stage1": records1,
         "stage2": records2,
     }
@@ -320,6 +389,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{'bf16' if bf16 else 'float32'} is what training uses here.",
         f"Best combined: stage 1 {best1['ratio']:.2f}x ({best1['variant']}), stage 2 {best2['ratio']:.2f}x "
         f"({best2['variant']}).",
+        f"Matrix-multiply rate of this CPU at the model's shapes ({shapes}, m x k x n, rows = one plain batch's "
+        f"tokens), measured in the same run: float32 {matmul['float32'] / 1e9:.0f} GFLOP/s, bf16 "
+        f"{matmul['bfloat16'] / 1e9:.0f} GFLOP/s. 'GFLOP / pass' counts a variant's matrix multiplies, forward and "
+        "backward (torch's FlopCounterMode; elementwise work, norms and softmax are not counted), per row; "
+        "'ceiling' is the speed those FLOPs would reach at its dtype's measured rate with no other cost, as a ratio "
+        f"to plain. Highest ceiling: stage 1 {ceiling(records1)}, stage 2 {ceiling(records2)}.",
         "Stage 1 rows have no text persona: the soft prompt goes first in the row, so there is no prefix to reuse "
         "and 'prefix KV reuse' equals the plain body there; stage 2 rows carry a text persona after the chat "
         "template's system turn.",

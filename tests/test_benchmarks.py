@@ -141,3 +141,44 @@ def test_trainer_speed_parses_the_trainer_summary_and_builds_both_sides(load_scr
     assert earlier == current and earlier[earlier.index("--fit_method") + 1] == "adam"
     with pytest.raises(SystemExit, match="must be positive"):
         module.main(["--steps", "0"])
+
+
+def test_count_flops_counts_forward_and_the_input_gradient_only():
+    """A frozen (k -> n) projection of m rows: 2mkn forward, 2mkn for the input's gradient, none for the weight."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    m, k, n = 6, 5, 7
+    layer = torch.nn.Linear(k, n, bias=False).requires_grad_(False)
+    x = torch.randn(m, k, requires_grad=True)
+    assert _common.count_flops(lambda: layer(x).sum().backward()) == 4 * m * k * n
+    layer.requires_grad_(True)
+    assert _common.count_flops(lambda: layer(x).sum().backward()) == 6 * m * k * n
+    # torch's CPU attention kernel counts like its eager form
+    q, k_, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
+    fused = _common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k_, v).sum().backward())
+    eager = _common.count_flops(lambda: (torch.softmax(q @ k_.transpose(-1, -2), -1) @ v).sum().backward())
+    assert fused == eager == 3 * 4 * (1 * 2 * 5 * 5 * 4)  # two products forward, four backward
+    rate = _common.matmul_rate(torch.float32, [(m, k, n)], repeats=2)
+    assert 0 < rate < float("inf")
+
+
+def test_train_speed_ceiling_is_the_counted_flops_at_the_measured_rate(load_script):
+    """The roofline columns: achieved FLOP/s, its share of the dtype's rate, and the speed at that rate, vs plain."""
+    module = load_script("train_speed")
+
+    def variant(name, seconds, flops, bf16):
+        v = module.Variant(name, [{"input_ids": torch.zeros(4, 10)}], module.PLAIN)
+        v.seconds, v.flops, v.bf16, v.loss = [seconds, 2 * seconds], flops, bf16, 1.0
+        return v
+
+    plain, fast = variant("plain", 2.0, 8e9, False), variant("fast", 0.5, 4e9, True)
+    _, records = module.table([plain, fast], {"float32": 1e10, "bfloat16": 4e10})
+    assert [r["ratio"] for r in records] == [1.0, 4.0]  # 4 rows in 2 s vs in 0.5 s (fastest of the repeats)
+    assert records[0]["share_of_matmul_rate"] == pytest.approx(0.4)  # 8 GFLOP in 2 s at 10 GFLOP/s
+    assert records[1]["share_of_matmul_rate"] == pytest.approx(0.2)  # 4 GFLOP in 0.5 s at 40 GFLOP/s
+    assert records[1]["ceiling_passes_per_second"] == pytest.approx(40.0)  # 4 rows, 4 GFLOP at 40 GFLOP/s
+    assert records[1]["ceiling_ratio"] == pytest.approx(20.0)  # 40 passes/s over plain's 2
+    assert module.ceiling(records) == "20.00x (fast)"

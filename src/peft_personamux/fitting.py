@@ -158,6 +158,10 @@ def fit_mixtures(
     n = batch["input_ids"].shape[0]
     was_training = tuner.training
     tuner.eval()  # no dropout while fitting 64 numbers
+    # L-BFGS may evaluate several times per iteration (line search); ``budget`` bounds its loss evaluations
+    budget = math.ceil(1.25 * steps)
+    evaluations = {"adam": steps, "fisher": steps + 1, "lbfgs": budget}[method]  # full passes over the batch, at most
+    bar = tqdm(total=n * evaluations, desc=f"fit ({method})", unit="row", disable=not progress)  # one tick per row
 
     # inserting the soft prompt adds only -100 labels, so the collator's labels count the loss's tokens
     row_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().to(table.device)  # (examples,)
@@ -172,6 +176,7 @@ def fit_mixtures(
             tuner, batch, p, index, scale, chunk_size, per_example, num_tokens, options, cache
         ):
             nll[sl] = row_nll
+            bar.update(sl.stop - sl.start)
         return nll, per_example
 
     def persona_losses(nll: torch.Tensor) -> torch.Tensor:
@@ -192,6 +197,7 @@ def fit_mixtures(
             loss.backward()
             loss_value += loss.item()
             step_nll[sl] = nll.detach()
+            bar.update(sl.stop - sl.start)
         if prompt_penalty:  # each persona's term, weighted by its share of the tokens like its loss
             moved = torch.einsum("pc,ckd->pkd", params - anchor, codebook)  # (personas, tokens_per_code, hidden)
             weights = persona_tokens / num_tokens  # (personas,)
@@ -201,12 +207,11 @@ def fit_mixtures(
         record(persona_losses(step_nll))
         result.losses.append(loss_value)
         result.example_passes += n
+        bar.set_postfix(loss=f"{loss_value:.4f}")
         return loss_value
 
     if method == "lbfgs":
-        # L-BFGS may evaluate several times per iteration (line search); ``budget`` bounds the evaluations, and the
-        # fit ends at the best point it evaluated (a line search cut off by the budget leaves a trial point behind)
-        budget = math.ceil(1.25 * steps)
+        # the fit ends at the best point it evaluated (a line search cut off by the budget leaves a trial point behind)
         optimizer = torch.optim.LBFGS(
             [params],
             lr=1.0,
@@ -218,29 +223,25 @@ def fit_mixtures(
             tolerance_change=1e-9,
         )
         best = {"loss": math.inf, "params": params.detach().clone()}
-        bar = tqdm(total=budget, desc="fit (lbfgs)", disable=not progress)  # one tick per loss evaluation
 
         def closure() -> torch.Tensor:
             if len(result.losses) >= budget:
                 raise _BudgetSpent
             optimizer.zero_grad()
             loss = full_batch_loss()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
             if loss < best["loss"]:
                 best.update(loss=loss, params=params.detach().clone())
             return torch.tensor(loss)
 
-        with bar:
-            try:
-                optimizer.step(closure)
-            except _BudgetSpent:
-                pass
+        try:
+            optimizer.step(closure)
+        except _BudgetSpent:
+            pass
         with torch.no_grad():
             params.copy_(best["params"])
     elif method == "adam":
         optimizer = torch.optim.Adam([params], lr=lr, eps=eps)
-        for _ in tqdm(range(steps), desc="fit (adam)", disable=not progress):
+        for _ in range(steps):
             optimizer.zero_grad()
             full_batch_loss()  # the loss at the parameters before this step
             optimizer.step()
@@ -251,7 +252,7 @@ def fit_mixtures(
         losses = persona_losses(nll)
         result.losses.append(float(losses.sum()) / num_tokens)
         record(losses)
-        for _ in tqdm(range(steps), desc="fit (fisher)", disable=not progress):
+        for _ in range(steps):
             step = torch.zeros_like(params)
             for k in range(len(rows)):
                 g_k = per_example[index == k]  # (examples of persona k, num_codes): gradients of the mean loss
@@ -271,6 +272,8 @@ def fit_mixtures(
             lam = torch.where(better, (lam / 3).clamp(min=1e-4), lam * 10)
             result.losses.append(float(losses.sum()) / num_tokens)
             record(losses)
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+    bar.close()
     with torch.no_grad():
         table[rows] = params.detach().to(table.dtype)
     tuner.train(was_training)
