@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from peft_personamux.evaluation.metrics import gain_ratio, paired_difference, summarize
-from peft_personamux.evaluation.report import paired_markdown, summary_cell
+from peft_personamux.evaluation.report import paired_markdown, ratio_cell, summary_cell
 from peft_personamux.files import read_json, write_json
 
 PM_STAGES = {
@@ -132,12 +132,18 @@ def main() -> None:
             "minus": {r: {"label": labels[r], **paired_difference(rows[fit], rows[r], personas)} for r in references},
             "gain_over_random": (
                 gain_ratio(rows["zero"], rows[fit], rows["random_codebook"], personas)
-                if "zero" in rows and "random_codebook" in rows
+                if fit != "zero" and "zero" in rows and "random_codebook" in rows
                 else no_ratio
             ),
         }
         for fit in fits
     }
+    capture = {  # the issue's capture ratio: (zero - fit) / (zero - free8), with its bootstrap interval
+        fit: {"label": labels[fit], **gain_ratio(rows["zero"], rows[fit], rows["damped_free8"], personas)}
+        for fit in fits
+        if fit != "zero" and "zero" in rows and "damped_free8" in rows
+    }
+    random_method = read_json(stages / "random_codebook.json").get("fit", {}).get("method")
     out = {
         "command": "python docs/results/evaluation_partial.py "
         + " ".join([str(args.run_dir), str(args.prefix)] + ([f"--damped {args.damped}"] if args.damped else [])),
@@ -146,6 +152,7 @@ def main() -> None:
             k: {"label": labels[k], **summarize([v[p] for p in personas]), "per_persona": v} for k, v in rows.items()
         },
         "paired": paired,
+        "capture_ratio": capture,
         "fitting": fitting(stages),
         "damped_zero_gap": gap,
     }
@@ -163,7 +170,17 @@ def main() -> None:
     ]
     if gap is not None:
         lines += ["", f"Damped fits' zero-mixture losses equal the run's within {gap:.1e}: the same lines and tokens."]
-    lines += paired_markdown(paired, None)
+    lines += paired_markdown(paired, random_method)
+    if capture:
+        lines += [
+            "",
+            "Capture ratio of each fit: its mean held-out gain over the zero mixture divided by the damped free "
+            "prompt's (8 free tokens after the bias), 95% bootstrap interval over characters.",
+            "",
+            "| Fit | Capture ratio |",
+            "|---|---|",
+            *(f"| {row['label']} | {ratio_cell(row)} |" for row in capture.values()),
+        ]
     if out["fitting"]:
         lines += [
             "",
