@@ -33,6 +33,7 @@ from _common import (
     write_report,
 )
 from peft import get_peft_model
+from tqdm.auto import tqdm
 
 from peft_personamux import PersonaMuxConfig
 from peft_personamux.collator import PersonaMuxCollator
@@ -215,21 +216,26 @@ def compiled_copy(model):
     return twin
 
 
-def measure(model, variants: Sequence[Variant], rounds: int) -> None:
+def measure(model, variants: Sequence[Variant], rounds: int, desc: str) -> None:
     """``rounds`` interleaved runs of every variant; the report takes each one's fastest (the first round also
     fills the prefix caches, a one-time cost that training amortises). Compiled variants first run once untimed:
     compiling is a one-time cost too (its seconds are logged)."""
-    for variant in variants:
-        if "compiled" in variant.name:
-            start = time.perf_counter()
-            variant.run(variant.model)
-            variant.seconds.clear()
-            variant.untimed_seconds = time.perf_counter() - start
+    compiled = [v for v in variants if "compiled" in v.name]
+    bar = tqdm(total=len(compiled) + (rounds + 1) * len(variants), desc=desc, unit="run")
+    for variant in compiled:
+        start = time.perf_counter()
+        variant.run(variant.model)
+        variant.seconds.clear()
+        variant.untimed_seconds = time.perf_counter() - start
+        bar.update(1)
     for _ in range(rounds):
         for variant in variants:
             variant.run(variant.model if variant.model is not None else model)
-    for variant in variants:
+            bar.update(1)
+    for variant in variants:  # untimed: the counter's own overhead would distort the clock
         variant.count(model)
+        bar.update(1)
+    bar.close()
 
 
 def table(variants: Sequence[Variant], matmul: dict[str, float]) -> tuple[str, list[dict]]:
@@ -344,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bf16_model=bf16_model,
         compiled_model=compiled_model,
     )
-    measure(model, stage1, args.rounds)
+    measure(model, stage1, args.rounds, "stage 1")
     personas1 = [r["persona"] for r in rows]
     # stage 2: one persona's lines with its text persona; only its mixture row trains
     one = rows[0]["persona"]
@@ -364,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bf16_model=bf16_model,
         compiled_model=compiled_model,
     )
-    measure(model, stage2, args.rounds)
+    measure(model, stage2, args.rounds, "stage 2")
     shapes = model_matmul_shapes(model.get_base_model().config, stage1[0])
     matmul = {name: matmul_rate(dtype, shapes, device) for name, dtype in MATMUL_DTYPES.items()}
     table1, records1 = table(stage1, matmul)
