@@ -306,7 +306,7 @@ def model_matmul_shapes(config, plain: Variant) -> list[tuple[int, int, int]]:
     return [(tokens, hidden, hidden), (tokens, hidden, inner), (tokens, inner, hidden)]
 
 
-def ceiling(records: Sequence[dict]) -> str:
+def highest_ceiling(records: Sequence[dict]) -> str:
     best = max(records, key=lambda r: r["ceiling_ratio"] if r["flops"] else 0.0)
     return f"{best['ceiling_ratio']:.2f}x ({best['variant']})"
 
@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{matmul['bfloat16'] / 1e9:.0f} GFLOP/s. 'GFLOP / pass' counts a variant's matrix multiplies, forward and "
         "backward (torch's FlopCounterMode; elementwise work, norms and softmax are not counted), per row; "
         "'ceiling' is the speed those FLOPs would reach at its dtype's measured rate with no other cost, as a ratio "
-        f"to plain. Highest ceiling: stage 1 {ceiling(records1)}, stage 2 {ceiling(records2)}.",
+        f"to plain. Highest ceiling: stage 1 {highest_ceiling(records1)}, stage 2 {highest_ceiling(records2)}.",
         "Stage 1 rows have no text persona: the soft prompt goes first in the row, so there is no prefix to reuse "
         "and 'prefix KV reuse' equals the plain body there; stage 2 rows carry a text persona after the chat "
         "template's system turn.",
