@@ -104,6 +104,34 @@ def test_prompt_penalty_holds_the_prompt_near_its_start(method):
     assert moved[1e4] < (0.02 if method == "lbfgs" else 0.1) * moved[0.0]  # Adam's steps keep the size of lr
 
 
+@pytest.mark.parametrize("method", ["adam", "fisher", "lbfgs"])
+def test_a_failed_fit_leaves_table_and_mode_as_they_were(method, monkeypatch):
+    import peft_personamux.fitting as fitting
+
+    model = mux()
+    model.add_personas(["x"])
+    batch = fit_batch(model, ["x"])
+    start = torch.full((6,), 0.1)
+    model.set_mixture("x", start)
+    model.train()
+    calls = {"n": 0}
+    real = fitting._row_losses
+
+    def failing(*args, **kwargs):  # the second chunk of the first pass fails (e.g. out of memory)
+        for item in real(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("boom")
+            yield item
+
+    monkeypatch.setattr(fitting, "_row_losses", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit_mixtures(model, batch, method=method, steps=3, chunk_size=4, progress=False)
+    assert calls["n"] == 2
+    torch.testing.assert_close(model.get_mixture("x"), start)
+    assert fitting.as_tuner(model).training
+
+
 def test_fit_rejects_bad_arguments():
     model = mux()
     batch = fit_batch(model, ["a"])

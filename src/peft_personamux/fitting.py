@@ -210,73 +210,75 @@ def fit_mixtures(
         bar.set_postfix(loss=f"{loss_value:.4f}")
         return loss_value
 
-    if method == "lbfgs":
-        # the fit ends at the best point it evaluated (a line search cut off by the budget leaves a trial point behind)
-        optimizer = torch.optim.LBFGS(
-            [params],
-            lr=1.0,
-            max_iter=steps,
-            max_eval=budget,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=1e-9,
-            tolerance_change=1e-9,
-        )
-        best = {"loss": math.inf, "params": params.detach().clone()}
+    try:
+        if method == "lbfgs":
+            # the fit ends at the best point it evaluated (a line search cut off by the budget leaves a trial point)
+            optimizer = torch.optim.LBFGS(
+                [params],
+                lr=1.0,
+                max_iter=steps,
+                max_eval=budget,
+                history_size=20,
+                line_search_fn="strong_wolfe",
+                tolerance_grad=1e-9,
+                tolerance_change=1e-9,
+            )
+            best = {"loss": math.inf, "params": params.detach().clone()}
 
-        def closure() -> torch.Tensor:
-            if len(result.losses) >= budget:
-                raise _BudgetSpent
-            optimizer.zero_grad()
-            loss = full_batch_loss()
-            if loss < best["loss"]:
-                best.update(loss=loss, params=params.detach().clone())
-            return torch.tensor(loss)
+            def closure() -> torch.Tensor:
+                if len(result.losses) >= budget:
+                    raise _BudgetSpent
+                optimizer.zero_grad()
+                loss = full_batch_loss()
+                if loss < best["loss"]:
+                    best.update(loss=loss, params=params.detach().clone())
+                return torch.tensor(loss)
 
-        try:
-            optimizer.step(closure)
-        except _BudgetSpent:
-            pass
-        with torch.no_grad():
-            params.copy_(best["params"])
-    elif method == "adam":
-        optimizer = torch.optim.Adam([params], lr=lr, eps=eps)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            full_batch_loss()  # the loss at the parameters before this step
-            optimizer.step()
-    else:
-        # one damping factor per persona: their losses are independent sums, so each accepts its own steps
-        lam = torch.full((len(rows),), damping, device=table.device)
-        nll, per_example = evaluate(params)
-        losses = persona_losses(nll)
-        result.losses.append(float(losses.sum()) / num_tokens)
-        record(losses)
-        for _ in range(steps):
-            step = torch.zeros_like(params)
-            for k in range(len(rows)):
-                g_k = per_example[index == k]  # (examples of persona k, num_codes): gradients of the mean loss
-                # empirical Fisher of the mean token loss (each row's gradient sums its tokens' gradients)
-                fisher = g_k.T @ g_k * num_tokens
-                eye = torch.eye(fisher.shape[0], device=fisher.device)
-                damped = fisher + lam[k] * (fisher.diagonal().mean() + 1e-12) * eye
-                step[k] = -torch.linalg.solve(damped, g_k.sum(0))
-            # the trial is evaluated with gradients: an accepted step (the usual case) then costs one pass
-            trial_nll, trial_grads = evaluate(params + step)
-            trial_losses = persona_losses(trial_nll)
-            better = trial_losses < losses  # (personas,)
-            params = torch.where(better[:, None], params + step, params)
-            losses = torch.where(better, trial_losses, losses)
-            accepted = better[index]  # (examples,)
-            per_example = torch.where(accepted[:, None], trial_grads, per_example)
-            lam = torch.where(better, (lam / 3).clamp(min=1e-4), lam * 10)
+            try:
+                optimizer.step(closure)
+            except _BudgetSpent:
+                pass
+            with torch.no_grad():
+                params.copy_(best["params"])
+        elif method == "adam":
+            optimizer = torch.optim.Adam([params], lr=lr, eps=eps)
+            for _ in range(steps):
+                optimizer.zero_grad()
+                full_batch_loss()  # the loss at the parameters before this step
+                optimizer.step()
+        else:
+            # one damping factor per persona: their losses are independent sums, so each accepts its own steps
+            lam = torch.full((len(rows),), damping, device=table.device)
+            nll, per_example = evaluate(params)
+            losses = persona_losses(nll)
             result.losses.append(float(losses.sum()) / num_tokens)
             record(losses)
-            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
-    bar.close()
+            for _ in range(steps):
+                step = torch.zeros_like(params)
+                for k in range(len(rows)):
+                    g_k = per_example[index == k]  # (examples of persona k, num_codes): gradients of the mean loss
+                    # empirical Fisher of the mean token loss (each row's gradient sums its tokens' gradients)
+                    fisher = g_k.T @ g_k * num_tokens
+                    eye = torch.eye(fisher.shape[0], device=fisher.device)
+                    damped = fisher + lam[k] * (fisher.diagonal().mean() + 1e-12) * eye
+                    step[k] = -torch.linalg.solve(damped, g_k.sum(0))
+                # the trial is evaluated with gradients: an accepted step (the usual case) then costs one pass
+                trial_nll, trial_grads = evaluate(params + step)
+                trial_losses = persona_losses(trial_nll)
+                better = trial_losses < losses  # (personas,)
+                params = torch.where(better[:, None], params + step, params)
+                losses = torch.where(better, trial_losses, losses)
+                accepted = better[index]  # (examples,)
+                per_example = torch.where(accepted[:, None], trial_grads, per_example)
+                lam = torch.where(better, (lam / 3).clamp(min=1e-4), lam * 10)
+                result.losses.append(float(losses.sum()) / num_tokens)
+                record(losses)
+                bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+    finally:  # an error leaves the table untouched, the model in its mode and no bar open
+        bar.close()
+        tuner.train(was_training)
     with torch.no_grad():
         table[rows] = params.detach().to(table.dtype)
-    tuner.train(was_training)
     result.seconds = time.perf_counter() - start
     logger.info(
         "fitted %d persona(s) with %s: loss %.4f -> %.4f, %d example passes, %.1f s",

@@ -137,10 +137,12 @@ def row_losses(
     chunk_size: int,
     persona_row: int | None = None,
     desc: str | None = None,
+    bias_scale: float = 1.0,
 ):
     """Summed NLL and label tokens per row, each row under its own persona or all under ``persona_row``.
 
-    ``desc``: show a progress bar over the chunks with this text (none when None).
+    ``desc``: show a progress bar over the chunks with this text (none when None). ``bias_scale``: 0 scores without
+    the bias tokens.
     """
     cache = PrefixCache()
     nlls, tokens = [], []
@@ -149,7 +151,7 @@ def row_losses(
         chunk = {k: v[start : start + chunk_size] for k, v in batch.items()}
         if persona_row is not None:
             chunk["persona_ids"] = torch.full_like(chunk["persona_ids"], persona_row)
-        nll, count = response_nll(model, chunk, bias_scale=1.0, prefix_cache=cache)
+        nll, count = response_nll(model, chunk, bias_scale=bias_scale, prefix_cache=cache)
         nlls.append(nll)
         tokens.append(count)
     return torch.cat(nlls), torch.cat(tokens)
