@@ -226,24 +226,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_rate(
-    dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]], device: torch.device | str = "cpu", repeats: int = 10
-) -> float:
-    """This machine's matrix-multiply throughput in FLOP/s for ``(m, k, n)`` products in ``dtype``: total FLOPs over
-    total seconds of the fastest of three rounds (each ``repeats`` products per shape, after one warm-up)."""
-    pairs = [
-        (torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)) for m, k, n in shapes
-    ]
-    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs) * repeats
-    for a, b in pairs:  # warm-up: first-call allocation and kernel selection
-        a @ b
-    best = float("inf")
-    for _ in range(3):
-        seconds, _ = timed(lambda: [a @ b for a, b in pairs for _ in range(repeats)], torch.device(device))
-        best = min(best, seconds)
-    return flops / best
-
-
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -27,7 +27,6 @@ from _common import (
     hardware,
     load_model,
     markdown_table,
-    matmul_rate,
     ratio,
     setup,
     write_report,
@@ -43,6 +42,7 @@ from peft_personamux.loss import (
     PrefixCache,
     bf16_matmul_speedup,
     choose_attention,
+    matmul_rate,
     mean_response_loss,
 )
 from peft_personamux.sampling import PersonaBatchSampler, row_lengths
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     measure(model, stage2, args.rounds, "stage 2")
     shapes = model_matmul_shapes(model.get_base_model().config, stage1[0])
-    matmul = {name: matmul_rate(dtype, shapes, device) for name, dtype in MATMUL_DTYPES.items()}
+    matmul = {name: matmul_rate(dtype, shapes, device, repeats=10) for name, dtype in MATMUL_DTYPES.items()}
     table1, records1 = table(stage1, matmul)
     table2, records2 = table(stage2, matmul)
     best1 = max(records1[1:], key=lambda r: r["ratio"])

@@ -161,8 +161,6 @@ def test_count_flops_counts_forward_and_the_input_gradient_only():
     fused = _common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k_, v).sum().backward())
     eager = _common.count_flops(lambda: (torch.softmax(q @ k_.transpose(-1, -2), -1) @ v).sum().backward())
     assert fused == eager == 3 * 4 * (1 * 2 * 5 * 5 * 4)  # two products forward, four backward
-    rate = _common.matmul_rate(torch.float32, [(m, k, n)], repeats=2)
-    assert 0 < rate < float("inf")
 
 
 def test_train_speed_ceiling_is_the_counted_flops_at_the_measured_rate(load_script):

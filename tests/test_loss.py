@@ -13,8 +13,10 @@ from peft_personamux.loss import (
     PLAIN,
     LossOptions,
     PrefixCache,
+    bf16_matmul_speedup,
     choose_attention,
     choose_autocast,
+    matmul_rate,
     mean_response_loss,
     response_nll,
     token_nll,
@@ -117,6 +119,17 @@ def test_bf16_autocast_stays_close_to_float32():
     plain = mean_response_loss(model, batch, options=PLAIN)
     bf16 = mean_response_loss(model, batch, options=LossOptions(autocast_dtype=torch.bfloat16))
     assert bf16.item() == pytest.approx(plain.item(), rel=2e-2)
+
+
+def test_matmul_rate_counts_flops_over_the_fastest_round(monkeypatch):
+    import peft_personamux.loss as loss
+
+    clock = iter([0.0, 4.0, 10.0, 12.0, 20.0, 23.0])  # rounds of 4, 2 and 3 seconds
+    monkeypatch.setattr(loss.time, "perf_counter", lambda: next(clock))
+    rate = matmul_rate(torch.float32, [(4, 3, 2), (2, 2, 2)], repeats=5, rounds=3)
+    assert rate == (2 * 4 * 3 * 2 + 2 * 2 * 2 * 2) * 5 / 2.0  # FLOPs of all products over the 2-second round
+    monkeypatch.undo()
+    assert bf16_matmul_speedup(rows=16, inner=8, cols=8, repeats=1) > 0
 
 
 def test_choose_autocast_modes():

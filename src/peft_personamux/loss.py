@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +53,7 @@ __all__ = [  # PrefixCache lives in kv_cache; the loss's callers import it from 
     "check_attention",
     "choose_attention",
     "choose_autocast",
+    "matmul_rate",
     "mean_response_loss",
     "response_nll",
     "token_nll",
@@ -204,18 +205,44 @@ def choose_autocast(device: torch.device | str, mode: str = "auto", min_speedup:
     return torch.bfloat16 if speedup >= min_speedup else None
 
 
-def bf16_matmul_speedup(rows: int = 1024, inner: int = 576, cols: int = 1536, repeats: int = 5) -> float:
-    """How many times faster a (rows, inner) @ (inner, cols) matmul runs in bf16 than in float32 on the CPU."""
-    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+def matmul_rate(
+    dtype: torch.dtype,
+    shapes: Sequence[tuple[int, int, int]],
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    rounds: int = 3,
+) -> float:
+    """Matrix-multiply throughput in FLOP/s of ``(m, k) @ (k, n)`` products in ``dtype``: their FLOPs over the fastest
+    of ``rounds`` timed rounds (each ``repeats`` products per shape, after one warm-up product per shape)."""
+    device = torch.device(device)
+    pairs = [
+        (torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)) for m, k, n in shapes
+    ]
+    flops = repeats * sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs)
 
-    def timed(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y  # warm-up: the first call picks the kernel
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for a, b in pairs:  # warm-up: first-call allocation and kernel selection
+        a @ b
+    best = float("inf")
+    for _ in range(rounds):
+        sync()
         start = time.perf_counter()
-        for _ in range(repeats):
-            x @ y
-        return time.perf_counter() - start
+        for a, b in pairs:
+            for _ in range(repeats):
+                a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return flops / max(best, 1e-9)
 
-    return timed(a, b) / max(timed(a.bfloat16(), b.bfloat16()), 1e-9)
+
+def bf16_matmul_speedup(rows: int = 1024, inner: int = 576, cols: int = 1536, repeats: int = 5) -> float:
+    """How many times faster a (rows, inner) @ (inner, cols) matmul runs in bf16 than in float32 on the CPU
+    (`matmul_rate` of each, best of three rounds)."""
+    shapes = [(rows, inner, cols)]
+    return matmul_rate(torch.bfloat16, shapes, repeats=repeats) / matmul_rate(torch.float32, shapes, repeats=repeats)
 
 
 def check_attention(mode: str) -> None:
