@@ -49,6 +49,13 @@ STATE = Path("eval_span_scaling/converged_sp.json")
 PROMPTS = Path("eval_span_scaling/converged_sp")
 SHIPPED = Path("src/peft_personamux/pretrained/shakespeare")  # only its placeholder id and shape: bias scale 0
 RUN = Path("docs/results/core100")  # the 100-line evaluation whose rows this pairs with
+PAIR_LABELS = {
+    "lbfgs-sp_last": "Persona-Mux (L-BFGS from the mean) − SP, last round",
+    "lbfgs-sp_best": "Persona-Mux (L-BFGS from the mean) − SP, best round",
+    "zero-sp_last": "zero mixture − SP, last round",
+    "zero-sp_best": "zero mixture − SP, best round",
+    "sp_last-sp": "SP, last round − the run's SP",
+}
 COMPARE = {"sp": "the run's SP (6 Adam steps)", "zero": "zero mixture", "lbfgs": "Persona-Mux, L-BFGS from the mean"}
 
 
@@ -133,15 +140,16 @@ def main() -> None:
 
 def write_report(state: dict) -> None:
     run_rows, _ = finished_rows(RUN / "stages")
-    done = {p: r for p, r in state["personas"].items() if r["rounds"]}
-    if not done:
+    rounds = max((len(r["rounds"]) for r in state["personas"].values()), default=0)
+    if not rounds:
         raise SystemExit(f"No finished rounds in {STATE}.")
-    rounds = min(len(r["rounds"]) for r in done.values())
+    done = {p: r for p, r in state["personas"].items() if len(r["rounds"]) == rounds}  # the characters with them all
     personas = sorted(done)
     last = {p: done[p]["rounds"][rounds - 1]["test"] for p in personas}
     best = {p: min(r["test"] for r in done[p]["rounds"][:rounds]) for p in personas}
     start = {p: done[p]["start"]["test"] for p in personas}
     run_sp = json.loads((RUN / "stages" / "sp.json").read_text())["personas"]
+    run_lbfgs = json.loads((RUN / "stages" / "pm_lbfgs.json").read_text())
     start_gap = max(abs(start[p] - run_sp[p]["test_loss_before"]) for p in personas)
     rows = {"sp_start": start, "sp_last": last, "sp_best": best}
     result = {
@@ -154,6 +162,12 @@ def write_report(state: dict) -> None:
         | {k: summarize([run_rows[k][p] for p in personas]) for k in COMPARE},
         "train_by_round": [summarize([done[p]["rounds"][i]["train"] for p in personas]) for i in range(rounds)],
         "test_by_round": [summarize([done[p]["rounds"][i]["test"] for p in personas]) for i in range(rounds)],
+        "late_drop_by_round": [  # mean over characters of the curve's fall over its last 3 evaluations
+            sum(done[p]["rounds"][i]["curve"][-4] - done[p]["rounds"][i]["curve"][-1] for p in personas)
+            / len(personas)
+            for i in range(rounds)
+        ],
+        "lbfgs_train": summarize([run_lbfgs["train_loss_after"][p] for p in personas]),
         "seconds": sum(r["seconds"] for p in personas for r in done[p]["rounds"][:rounds]),
         "paired": {
             f"{reference}-{sp}": paired_difference(run_rows[reference], rows[sp], personas)
@@ -174,7 +188,7 @@ def write_report(state: dict) -> None:
 def write_markdown(result: dict) -> None:
     held = result["heldout"]
     lines = [
-        "# SP fitted to convergence (no bias tokens), against the 100-line evaluation's rows",
+        "# SP fitted further (no bias tokens), against the 100-line evaluation's rows",
         "",
         f"`{result['command']}`; {len(result['personas'])} unseen characters, {result['rounds']} rounds of "
         f"{result['steps_per_round']} L-BFGS iterations each (float32, full batch of 100 training lines), "
@@ -194,18 +208,26 @@ def write_markdown(result: dict) -> None:
         "",
         "## By round (mean over these characters)",
         "",
-        "| round | train | held out |",
-        "|---|---|---|",
+        "| round | train | held out | training loss drop in the round's last 3 evaluations |",
+        "|---|---|---|---|",
         *(
-            f"| {i + 1} | {tr['mean']:.3f} | {te['mean']:.3f} |"
-            for i, (tr, te) in enumerate(zip(result["train_by_round"], result["test_by_round"]))
+            f"| {i + 1} | {tr['mean']:.3f} | {te['mean']:.3f} | {drop:.3f} |"
+            for i, (tr, te, drop) in enumerate(
+                zip(result["train_by_round"], result["test_by_round"], result["late_drop_by_round"])
+            )
         ),
+        "",
+        f"The run's Persona-Mux L-BFGS fit ends at training loss {result['lbfgs_train']['mean']:.3f} on these "
+        "characters.",
         "",
         "## Paired by character (first minus second, mean ± 95% CI, first lower on k characters)",
         "",
         "| difference | mean ± CI | first lower on |",
         "|---|---|---|",
-        *(f"| {key} | {summary_cell(d)} | {d['lower']} of {d['n']} |" for key, d in result["paired"].items()),
+        *(
+            f"| {PAIR_LABELS[key]} | {summary_cell(d)} | {d['lower']} of {d['n']} |"
+            for key, d in result["paired"].items()
+        ),
         "",
     ]
     lines.append(
