@@ -163,6 +163,20 @@ def test_count_flops_counts_forward_and_the_input_gradient_only():
     assert fused == eager == 3 * 4 * (1 * 2 * 5 * 5 * 4)  # two products forward, four backward
 
 
+def test_matmul_rates_tiny(load_script, tmp_path):
+    payload = load_script("matmul_rates").main(
+        ["--tiny", "--rounds", "3", "--repeats", "2", "--output-dir", str(tmp_path)]
+    )
+    (record,) = payload["results"]
+    for dtype in ("float32", "bf16"):
+        rounds = record[dtype]["rounds"]
+        assert len(rounds) == 3 and all(r > 0 for r in rounds)
+        assert record[dtype]["best"] == max(rounds) and record[dtype]["first"] == rounds[0]
+    assert record["bf16_over_float32"]["best"] == record["bf16"]["best"] / record["float32"]["best"]
+    assert COMMON_KEYS <= set(json.loads((tmp_path / "matmul_rates.json").read_text()))
+    assert "bf16 / float32" in (tmp_path / "matmul_rates.md").read_text()
+
+
 def test_train_speed_ceiling_is_the_counted_flops_at_the_measured_rate(load_script):
     """The roofline columns: achieved FLOP/s, its share of the dtype's rate, and the speed at that rate, vs plain."""
     module = load_script("train_speed")
