@@ -44,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--hidden", type=int, default=576, help="SmolLM2-135M's hidden size.")
     parser.add_argument("--inner", type=int, default=1536, help="SmolLM2-135M's MLP size.")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPU cores).")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: all CPU cores; --tiny: 1)."
+    )
     parser.add_argument("--output-dir", default=None, help="Folder of the report (default benchmarks/results).")
     parser.add_argument("--tiny", action="store_true", help="One small shape (for tests).")
     args = parser.parse_args(argv)
@@ -97,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     notes = [
         f"{args.rounds} interleaved rounds per dtype and shape set, {args.repeats} products per shape each; a "
-        "round's rate is its FLOPs over its seconds. `loss.bf16_matmul_speedup` is the 'best' ratio at the probe's "
-        "shape; train_speed.py's ceilings use the 'best' rates at the model's shapes.",
+        "round's rate is its FLOPs over its seconds. `loss.bf16_matmul_speedup` measures the probe's shape the "
+        "same way with fewer products (the best of 3 rounds of 5 products per dtype); train_speed.py's ceilings use "
+        "the best of 3 rounds of 10 at the model's shapes.",
     ]
     write_report(
         NAME,

@@ -124,10 +124,18 @@ def test_a_failed_fit_leaves_table_and_mode_as_they_were(method, monkeypatch):
                 raise RuntimeError("boom")
             yield item
 
+    closed = []
+
+    class Bar(fitting.tqdm):
+        def close(self) -> None:
+            closed.append(self.n)
+            super().close()
+
     monkeypatch.setattr(fitting, "_row_losses", failing)
+    monkeypatch.setattr(fitting, "tqdm", Bar)
     with pytest.raises(RuntimeError, match="boom"):
         fit_mixtures(model, batch, method=method, steps=3, chunk_size=4, progress=False)
-    assert calls["n"] == 2
+    assert calls["n"] == 2 and closed  # the bar was closed on the way out
     torch.testing.assert_close(model.get_mixture("x"), start)
     assert fitting.as_tuner(model).training
 

@@ -122,14 +122,16 @@ def test_bf16_autocast_stays_close_to_float32():
 
 
 def test_matmul_rate_counts_flops_over_the_fastest_round(monkeypatch):
-    import peft_personamux.loss as loss
+    import peft_personamux.machine as machine
 
     clock = iter([0.0, 4.0, 10.0, 12.0, 20.0, 23.0])  # rounds of 4, 2 and 3 seconds
-    monkeypatch.setattr(loss.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: next(clock))
     rate = matmul_rate(torch.float32, [(4, 3, 2), (2, 2, 2)], repeats=5, rounds=3)
     assert rate == (2 * 4 * 3 * 2 + 2 * 2 * 2 * 2) * 5 / 2.0  # FLOPs of all products over the 2-second round
     monkeypatch.undo()
-    assert bf16_matmul_speedup(rows=16, inner=8, cols=8, repeats=1) > 0
+    rates = {torch.float32: 100.0, torch.bfloat16: 250.0}
+    monkeypatch.setattr(machine, "matmul_rate", lambda dtype, shapes, **kwargs: rates[dtype])
+    assert bf16_matmul_speedup() == 2.5  # bf16's rate over float32's at the probe's shape
 
 
 def test_choose_autocast_modes():

@@ -1,21 +1,23 @@
-"""The paper's SP baseline fitted to convergence: an 8-token soft prompt per character, no bias tokens, L-BFGS.
+"""The paper's SP baseline fitted further: an 8-token soft prompt per character, no bias tokens, L-BFGS in rounds.
 
 The 100-line evaluation's SP row (6 full-batch Adam steps at lr 0.01, the config's budget) was still falling about
 0.08 nats per step when it stopped, so "Persona-Mux is at or below SP" says little about SP itself. This script fits
 the same prompts further: each unseen character's 8 free tokens (the identity codebook at bias scale 0, so the bias
 tokens are removed and the prompt goes first, where peft's prompt tuning puts it) start where the run's SP started
-(8 random vocabulary embeddings, seed ``config.seed + crc32(name)``), then take ``--segments`` rounds of ``--steps``
-L-BFGS iterations (float32, full batch of its 100 training lines; L-BFGS's memory restarts each round). After each
-round the training and held-out lines are scored exactly, so the report gives both the last round and the best round
-on held-out lines (a stop chosen on the test lines: the most SP could get from early stopping). It pairs them with
-the run's rows, character by character (`metrics.paired_difference`), and checks that the start scores the held-out
-lines as the run's SP did before fitting (the same lines, the same prompt through another code path).
+(8 random vocabulary embeddings, seed ``config.seed + crc32(name)``), then take ``--rounds`` rounds of L-BFGS
+(float32, full batch of its 100 training lines), each ``--steps`` iterations or ``ceil(1.25 * steps)`` loss
+evaluations, whichever ends first (`fitting.fit_mixtures`); L-BFGS's memory restarts each round. After each round the
+training and held-out lines are scored exactly, so the report gives both the last round and the best round on
+held-out lines (a stop chosen on the test lines: the most SP could get from early stopping), and how much the last
+round still lowered the training loss: whether the fits converged is read there, not assumed. It pairs them with the
+run's rows, character by character (`metrics.paired_difference`), and reports how far the start's held-out loss is
+from the run's SP before fitting (the same lines, the same prompt through another code path).
 
 Run from the repository root (every third character first; on 2 CPU cores about 9 minutes per round per character;
 resumable: each finished round is saved in eval_span_scaling/converged_sp.json, its prompt in
-eval_span_scaling/converged_sp/):
+eval_span_scaling/converged_sp/; a resumed run must use the same --steps and --config):
 
-    python docs/results/converged_sp.py --personas every_third
+    python docs/results/converged_sp.py --personas every_third --rounds 4
     python docs/results/converged_sp.py --report_only
 
 Writes docs/results/converged_sp.{md,json} (and a copy of the state, docs/results/converged_sp_state.json).
@@ -42,6 +44,7 @@ from peft_personamux.evaluation.config import EvalConfig, read_config_file
 from peft_personamux.evaluation.headroom import HeadroomSettings, free_prompt_model, row_losses
 from peft_personamux.evaluation.metrics import paired_difference, summarize
 from peft_personamux.evaluation.report import summary_cell
+from peft_personamux.evaluation.runner import Evaluation
 from peft_personamux.fitting import fit_mixtures
 
 OUT = Path("docs/results")
@@ -63,25 +66,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/eval_core100.json")
     parser.add_argument("--personas", choices=("all", "every_third"), default="all")
-    parser.add_argument("--segments", type=int, default=2, help="Rounds of L-BFGS, scored after each.")
-    parser.add_argument("--steps", type=int, default=10, help="L-BFGS iterations per round.")
+    parser.add_argument("--rounds", type=int, default=2, help="Rounds of L-BFGS, scored after each.")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="L-BFGS iterations per round (at most 1.25x as many loss evaluations)."
+    )
     parser.add_argument("--report_only", action="store_true", help="Write the report from the rounds saved so far.")
     args = parser.parse_args()
-    if args.segments < 1 or args.steps < 1:
-        raise SystemExit(f"--segments and --steps must be >= 1, got {args.segments} and {args.steps}.")
+    if args.rounds < 1 or args.steps < 1:
+        raise SystemExit(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}.")
     state = json.loads(STATE.read_text()) if STATE.is_file() else {"personas": {}}
     if args.report_only:
         return write_report(state)
+    if state.get("config", args.config) != args.config or state.get("steps", args.steps) != args.steps:
+        raise SystemExit(
+            f"{STATE} holds rounds of --config {state['config']} --steps {state['steps']}: resume with those, or move "
+            "it away to start over."
+        )
     config = EvalConfig(**read_config_file(args.config))
-    from peft_personamux.evaluation.runner import Evaluation
-
     evaluation = Evaluation(config)
     unseen = list(evaluation.personas)
     run_rows, _ = finished_rows(RUN / "stages")
     if sorted(unseen) != sorted(run_rows["sp"]):
         raise SystemExit(f"{args.config} splits other characters than {RUN}: {unseen}")
     personas = unseen[::3] + ([p for p in unseen if p not in unseen[::3]] if args.personas == "all" else [])
-    state["config"], state["steps_per_segment"] = args.config, args.steps
+    state["config"], state["steps"] = args.config, args.steps
     base, tokenizer = evaluation.base()
     shipped = PeftModel.from_pretrained(copy.deepcopy(base), str(SHIPPED))
     tokens = shipped.peft_config[shipped.active_adapter].tokens_per_code
@@ -103,39 +111,44 @@ def main() -> None:
 
     for name in tqdm(personas, desc="converged SP"):
         record = state["personas"].setdefault(name, {"rounds": []})
-        if len(record["rounds"]) >= args.segments:
+        if len(record["rounds"]) >= args.rounds:
             continue
         train = collate(evaluation.split.rows_of("train", name))
         test = collate(evaluation.split.rows_of("test", name))
         row = model.persona_index(name)
         train["persona_ids"] = torch.full_like(train["persona_ids"], row)
         test["persona_ids"] = torch.full_like(test["persona_ids"], row)
-        saved = PROMPTS / f"{name.replace('/', '__')}.pt"
         if record["rounds"]:
-            model.set_mixture(name, torch.load(saved))
+            model.set_mixture(name, torch.load(prompt_file(name, len(record["rounds"]))))
         else:  # the run's SP start: peft's SAMPLE_VOCAB draw with the run's seed
             seed = config.seed + zlib.crc32(name.encode("utf-8"))
             ids = torch.randint(0, embeddings.shape[0], (tokens,), generator=torch.Generator().manual_seed(seed))
             model.set_mixture(name, embeddings[ids].flatten())  # (tokens * hidden,)
             record["start"] = {"train": score(train), "test": score(test)}
             save()
-        while len(record["rounds"]) < args.segments:
+        while len(record["rounds"]) < args.rounds:
             start = time.perf_counter()
             out = fit_mixtures(
                 model, train, method="lbfgs", steps=args.steps, chunk_size=chunk, bias_scale=0.0, options=exact
             )
-            torch.save(model.get_mixture(name).detach().float().clone(), saved)
-            record["rounds"].append(
-                {
-                    "curve": out.persona_curves[row],
-                    "example_passes": out.example_passes,
-                    "seconds": time.perf_counter() - start,
-                    "train": score(train),
-                    "test": score(test),
-                }
-            )
+            finished = {
+                "curve": out.persona_curves[row],  # the loss at every evaluation, line-search trials included
+                "evaluations": out.example_passes // len(train["input_ids"]),
+                "seconds": time.perf_counter() - start,
+                "train": score(train),
+                "test": score(test),
+            }
+            # the prompt first, then the record: a run stopped in between redoes the round
+            prompt = model.get_mixture(name).detach().float().clone()  # (tokens * hidden,)
+            torch.save(prompt, prompt_file(name, len(record["rounds"]) + 1))
+            record["rounds"].append(finished)
             save()
     write_report(state)
+
+
+def prompt_file(name: str, round_number: int) -> Path:
+    """Where a character's prompt after a round is kept."""
+    return PROMPTS / f"{name.replace('/', '__')}.round{round_number}.pt"
 
 
 def write_report(state: dict) -> None:
@@ -145,6 +158,7 @@ def write_report(state: dict) -> None:
         raise SystemExit(f"No finished rounds in {STATE}.")
     done = {p: r for p, r in state["personas"].items() if len(r["rounds"]) == rounds}  # the characters with them all
     personas = sorted(done)
+    partly = {p: len(r["rounds"]) for p, r in state["personas"].items() if 0 < len(r["rounds"]) < rounds}
     last = {p: done[p]["rounds"][rounds - 1]["test"] for p in personas}
     best = {p: min(r["test"] for r in done[p]["rounds"][:rounds]) for p in personas}
     start = {p: done[p]["start"]["test"] for p in personas}
@@ -156,15 +170,24 @@ def write_report(state: dict) -> None:
         "command": "python docs/results/converged_sp.py",
         "personas": personas,
         "rounds": rounds,
-        "steps_per_round": state.get("steps_per_segment"),
+        "steps_per_round": state["steps"],
+        "left_out": partly,  # characters with fewer rounds: name -> rounds
+        "evaluations_by_round": [
+            summarize([done[p]["rounds"][i]["evaluations"] for p in personas]) for i in range(rounds)
+        ],
         "start_vs_run_sp_before": start_gap,
         "heldout": {k: summarize(list(v.values())) for k, v in rows.items()}
         | {k: summarize([run_rows[k][p] for p in personas]) for k in COMPARE},
         "train_by_round": [summarize([done[p]["rounds"][i]["train"] for p in personas]) for i in range(rounds)],
         "test_by_round": [summarize([done[p]["rounds"][i]["test"] for p in personas]) for i in range(rounds)],
-        "late_drop_by_round": [  # mean over characters of the curve's fall over its last 3 evaluations
-            sum(done[p]["rounds"][i]["curve"][-4] - done[p]["rounds"][i]["curve"][-1] for p in personas)
-            / len(personas)
+        "train_drop_by_round": [  # the exact training loss's fall over each round (the first: from the start)
+            summarize(
+                [
+                    (done[p]["rounds"][i - 1]["train"] if i else done[p]["start"]["train"])
+                    - done[p]["rounds"][i]["train"]
+                    for p in personas
+                ]
+            )
             for i in range(rounds)
         ],
         "lbfgs_train": summarize([run_lbfgs["train_loss_after"][p] for p in personas]),
@@ -190,10 +213,18 @@ def write_markdown(result: dict) -> None:
     lines = [
         "# SP fitted further (no bias tokens), against the 100-line evaluation's rows",
         "",
-        f"`{result['command']}`; {len(result['personas'])} unseen characters, {result['rounds']} rounds of "
-        f"{result['steps_per_round']} L-BFGS iterations each (float32, full batch of 100 training lines), "
-        f"{result['seconds'] / 60:.0f} minutes of fitting. The start is the run's SP start (8 random vocabulary "
-        "embeddings, the run's seeds).",
+        f"`{result['command']}`; {len(result['personas'])} unseen characters, {result['rounds']} rounds of L-BFGS "
+        f"each (--steps {result['steps_per_round']}: that many iterations or 1.25x as many loss evaluations, "
+        f"whichever ends first; float32, full batch of 100 training lines), {result['seconds'] / 60:.0f} minutes of "
+        "fitting. The start is the run's SP start (8 random vocabulary embeddings, the run's seeds).",
+    ]
+    if result["left_out"]:
+        lines.append(
+            "Left out, with fewer rounds: "
+            + ", ".join(f"{name} ({n})" for name, n in sorted(result["left_out"].items()))
+            + "."
+        )
+    lines += [
         "",
         "## Held-out loss (mean ± 95% CI over these characters)",
         "",
@@ -208,12 +239,17 @@ def write_markdown(result: dict) -> None:
         "",
         "## By round (mean over these characters)",
         "",
-        "| round | train | held out | training loss drop in the round's last 3 evaluations |",
-        "|---|---|---|---|",
+        "| round | loss evaluations | train | held out | training loss drop over the round |",
+        "|---|---|---|---|---|",
         *(
-            f"| {i + 1} | {tr['mean']:.3f} | {te['mean']:.3f} | {drop:.3f} |"
-            for i, (tr, te, drop) in enumerate(
-                zip(result["train_by_round"], result["test_by_round"], result["late_drop_by_round"])
+            f"| {i + 1} | {ev['mean']:.1f} | {tr['mean']:.3f} | {te['mean']:.3f} | {summary_cell(drop)} |"
+            for i, (ev, tr, te, drop) in enumerate(
+                zip(
+                    result["evaluations_by_round"],
+                    result["train_by_round"],
+                    result["test_by_round"],
+                    result["train_drop_by_round"],
+                )
             )
         ),
         "",
@@ -229,11 +265,9 @@ def write_markdown(result: dict) -> None:
             for key, d in result["paired"].items()
         ),
         "",
+        "The start's held-out loss against the run's SP before its first step (peft prompt tuning, the same lines): "
+        f"largest gap over characters {result['start_vs_run_sp_before']:.2e} nats.",
     ]
-    lines.append(
-        "The start scores the held-out lines as the run's SP did before its first step (peft prompt tuning; largest "
-        f"gap over characters {result['start_vs_run_sp_before']:.2e} nats)."
-    )
     (OUT / "converged_sp.md").write_text("\n".join(lines) + "\n")
 
 

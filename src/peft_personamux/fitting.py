@@ -156,12 +156,9 @@ def fit_mixtures(
     cache = PrefixCache()
     start = time.perf_counter()
     n = batch["input_ids"].shape[0]
-    was_training = tuner.training
-    tuner.eval()  # no dropout while fitting 64 numbers
     # L-BFGS may evaluate several times per iteration (line search); ``budget`` bounds its loss evaluations
     budget = math.ceil(1.25 * steps)
     evaluations = {"adam": steps, "fisher": steps + 1, "lbfgs": budget}[method]  # full passes over the batch, at most
-    bar = tqdm(total=n * evaluations, desc=f"fit ({method})", unit="row", disable=not progress)  # one tick per row
 
     # inserting the soft prompt adds only -100 labels, so the collator's labels count the loss's tokens
     row_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().to(table.device)  # (examples,)
@@ -210,6 +207,9 @@ def fit_mixtures(
         bar.set_postfix(loss=f"{loss_value:.4f}")
         return loss_value
 
+    was_training = tuner.training
+    tuner.eval()  # no dropout while fitting 64 numbers
+    bar = tqdm(total=n * evaluations, desc=f"fit ({method})", unit="row", disable=not progress)  # one tick per row
     try:
         if method == "lbfgs":
             # the fit ends at the best point it evaluated (a line search cut off by the budget leaves a trial point)

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +41,10 @@ from .kv_cache import (
     split_prefix,
     split_shared_prompt,
 )
+from .machine import bf16_matmul_speedup, matmul_rate
 from .tuner.model import as_tuner
 
-__all__ = [  # PrefixCache lives in kv_cache; the loss's callers import it from here
+__all__ = [  # PrefixCache lives in kv_cache, the matmul probes in machine; callers import them from here
     "FAST",
     "PLAIN",
     "LossOptions",
@@ -203,46 +203,6 @@ def choose_autocast(device: torch.device | str, mode: str = "auto", min_speedup:
     speedup = bf16_matmul_speedup()
     logger.info("bf16 matmul on this CPU runs %.2fx float32 (autocast if >= %.2f).", speedup, min_speedup)
     return torch.bfloat16 if speedup >= min_speedup else None
-
-
-def matmul_rate(
-    dtype: torch.dtype,
-    shapes: Sequence[tuple[int, int, int]],
-    device: torch.device | str = "cpu",
-    repeats: int = 5,
-    rounds: int = 3,
-) -> float:
-    """Matrix-multiply throughput in FLOP/s of ``(m, k) @ (k, n)`` products in ``dtype``: their FLOPs over the fastest
-    of ``rounds`` timed rounds (each ``repeats`` products per shape, after one warm-up product per shape)."""
-    device = torch.device(device)
-    pairs = [
-        (torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)) for m, k, n in shapes
-    ]
-    flops = repeats * sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for a, b in pairs:  # warm-up: first-call allocation and kernel selection
-        a @ b
-    best = float("inf")
-    for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        for a, b in pairs:
-            for _ in range(repeats):
-                a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return flops / max(best, 1e-9)
-
-
-def bf16_matmul_speedup(rows: int = 1024, inner: int = 576, cols: int = 1536, repeats: int = 5) -> float:
-    """How many times faster a (rows, inner) @ (inner, cols) matmul runs in bf16 than in float32 on the CPU
-    (`matmul_rate` of each, best of three rounds)."""
-    shapes = [(rows, inner, cols)]
-    return matmul_rate(torch.bfloat16, shapes, repeats=repeats) / matmul_rate(torch.float32, shapes, repeats=repeats)
 
 
 def check_attention(mode: str) -> None:

@@ -1,9 +1,12 @@
-"""What a number was measured on: the one ``hardware()`` that reports and benchmarks record."""
+"""What a number was measured on: the one ``hardware()`` that reports and benchmarks record, and how fast this
+machine multiplies matrices in float32 and bf16 (`matmul_rate`, `bf16_matmul_speedup`)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -68,3 +71,43 @@ def hardware(device: torch.device | str | None = None, dtype: str | None = None)
     if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         info["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs were running: CPU timings are noisy
     return info
+
+
+def matmul_rate(
+    dtype: torch.dtype,
+    shapes: Sequence[tuple[int, int, int]],
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    rounds: int = 3,
+) -> float:
+    """Matrix-multiply throughput in FLOP/s of ``(m, k) @ (k, n)`` products in ``dtype``: their FLOPs over the fastest
+    of ``rounds`` timed rounds (each ``repeats`` products per shape, after one warm-up product per shape)."""
+    device = torch.device(device)
+    pairs = [
+        (torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)) for m, k, n in shapes
+    ]
+    flops = repeats * sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for a, b in pairs:  # warm-up: first-call allocation and kernel selection
+        a @ b
+    best = float("inf")
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        for a, b in pairs:
+            for _ in range(repeats):
+                a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return flops / max(best, 1e-9)
+
+
+def bf16_matmul_speedup(rows: int = 1024, inner: int = 576, cols: int = 1536, repeats: int = 5) -> float:
+    """How many times faster a (rows, inner) @ (inner, cols) matmul runs in bf16 than in float32 on the CPU
+    (`matmul_rate` of each, best of three rounds)."""
+    shapes = [(rows, inner, cols)]
+    return matmul_rate(torch.bfloat16, shapes, repeats=repeats) / matmul_rate(torch.float32, shapes, repeats=repeats)
