@@ -1,7 +1,7 @@
 """This CPU's matrix-multiply rate in float32 and bf16, round by round: at the shape `loss.bf16_matmul_speedup` probes
 and at SmolLM2-135M's projection shapes (the shapes train_speed.py's roofline uses).
 
-`loss.matmul_rate` keeps the fastest of its rounds; before it did, the library's probe timed one round. This
+`machine.matmul_rate` keeps the fastest of its rounds; before it did, the library's probe timed one round. This
 benchmark times ``--rounds`` interleaved rounds of each dtype and shape set and reports the first, the median and the
 fastest, so the spread a single round hides is in the file:
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from _common import RESULTS_DIR, command_line, hardware, markdown_table, setup, write_report
 
-from peft_personamux.loss import matmul_rate
+from peft_personamux.machine import matmul_rate
 
 NAME = "matmul_rates"
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}

@@ -42,9 +42,9 @@ from peft_personamux.loss import (
     PrefixCache,
     bf16_matmul_speedup,
     choose_attention,
-    matmul_rate,
     mean_response_loss,
 )
+from peft_personamux.machine import matmul_rate
 from peft_personamux.sampling import PersonaBatchSampler, row_lengths
 
 NAME = "train_speed"
