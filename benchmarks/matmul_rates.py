@@ -11,11 +11,12 @@ fastest, so the spread a single round hides is in the file:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from collections.abc import Sequence
 
 import torch
-from _common import RESULTS_DIR, command_line, hardware, markdown_table, setup, write_report
+from _common import RESULTS_DIR, command_line, hardware, markdown_table, write_report
 
 from peft_personamux.machine import matmul_rate
 
@@ -52,9 +53,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
         raise SystemExit(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}.")
-    # the flags `setup` reads, for a benchmark without a model
-    args.model, args.random_llama_8b, args.seed, args.device = None, False, 0, "cpu"
-    setup(args)
+    threads = args.threads or (1 if args.tiny else os.cpu_count() or 1)
+    if threads < 1:
+        raise SystemExit(f"--threads must be positive, got {threads}.")
+    torch.set_num_threads(threads)
     sets = shape_sets(args.tokens, args.hidden, args.inner) if not args.tiny else {"tiny": [(16, 8, 8)]}
     rates: dict[str, dict[str, list[float]]] = {name: {d: [] for d in DTYPES} for name in sets}
     for _ in range(args.rounds):  # interleaved: every dtype and shape set sees the same machine state

@@ -501,3 +501,15 @@ def test_plan_counts_headroom_data_efficiency_and_subnetwork_stages():
     )
     only = plan(dataclasses.replace(config, only_headroom=True), split, pretrain_here=False)
     assert set(only) == {"codebook", "headroom", "total"} and only["total"]["judge_sequences"] == 0
+
+
+def test_sp_start_draws_vocabulary_rows_per_seed():
+    from peft_personamux.evaluation.methods import sp_start
+
+    table = torch.randn(50, 6)
+    start = sp_start(table, 4, seed=3)
+    assert start.shape == (4, 6)
+    assert all(any(torch.equal(row, t) for t in table) for row in start)  # each token is a vocabulary embedding
+    torch.testing.assert_close(sp_start(table, 4, seed=3), start)
+    assert not torch.equal(sp_start(table, 4, seed=4), start)
+    assert sp_start(table, 4, seed=3, init="RANDOM").shape == (4, 6)

@@ -18,6 +18,7 @@ resumable: each finished round is saved in eval_span_scaling/converged_sp.json, 
 eval_span_scaling/converged_sp/; a resumed run must use the same --steps and --config):
 
     python docs/results/converged_sp.py --personas every_third --rounds 4
+    python docs/results/converged_sp.py --personas all --rounds 4   # the rest; docs/results.md's run stopped after one
     python docs/results/converged_sp.py --report_only
 
 Writes docs/results/converged_sp.{md,json} (and a copy of the state, docs/results/converged_sp_state.json).
@@ -31,7 +32,6 @@ import dataclasses
 import json
 import shutil
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from peft_personamux.collator import PersonaMuxCollator
 from peft_personamux.evaluation.config import EvalConfig, read_config_file
 from peft_personamux.evaluation.headroom import HeadroomSettings, free_prompt_model, row_losses
+from peft_personamux.evaluation.methods import SoftPrompts, sp_start
 from peft_personamux.evaluation.metrics import paired_difference, summarize
 from peft_personamux.evaluation.report import summary_cell
 from peft_personamux.evaluation.runner import Evaluation
@@ -99,7 +100,7 @@ def main() -> None:
     exact = dataclasses.replace(HeadroomSettings.from_config(config).fit_options, autocast_dtype=None)  # float32
     chunk = config.fit_chunk_size
     collate = PersonaMuxCollator.for_model(model, tokenizer, **evaluation.mux_collator_kwargs())
-    embeddings = base.get_input_embeddings().weight.detach().float()  # (vocab, hidden)
+    embeddings = base.get_input_embeddings().weight  # (vocab, hidden)
     PROMPTS.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -120,10 +121,9 @@ def main() -> None:
         test["persona_ids"] = torch.full_like(test["persona_ids"], row)
         if record["rounds"]:
             model.set_mixture(name, torch.load(prompt_file(name, len(record["rounds"]))))
-        else:  # the run's SP start: peft's SAMPLE_VOCAB draw with the run's seed
-            seed = config.seed + zlib.crc32(name.encode("utf-8"))
-            ids = torch.randint(0, embeddings.shape[0], (tokens,), generator=torch.Generator().manual_seed(seed))
-            model.set_mixture(name, embeddings[ids].flatten())  # (tokens * hidden,)
+        else:  # the run's SP start: the same draw with the same seed
+            start_prompt = sp_start(embeddings, tokens, SoftPrompts.seed_for(config, name), config.sp_init)
+            model.set_mixture(name, start_prompt.flatten())  # (tokens * hidden,)
             record["start"] = {"train": score(train), "test": score(test)}
             save()
         while len(record["rounds"]) < args.rounds:
@@ -159,15 +159,15 @@ def write_report(state: dict) -> None:
     done = {p: r for p, r in state["personas"].items() if len(r["rounds"]) == rounds}  # the characters with them all
     personas = sorted(done)
     partly = {p: len(r["rounds"]) for p, r in state["personas"].items() if 0 < len(r["rounds"]) < rounds}
-    last = {p: done[p]["rounds"][rounds - 1]["test"] for p in personas}
-    best = {p: min(r["test"] for r in done[p]["rounds"][:rounds]) for p in personas}
+    last = {p: done[p]["rounds"][-1]["test"] for p in personas}
+    best = {p: min(r["test"] for r in done[p]["rounds"]) for p in personas}
     start = {p: done[p]["start"]["test"] for p in personas}
     run_sp = json.loads((RUN / "stages" / "sp.json").read_text())["personas"]
     run_lbfgs = json.loads((RUN / "stages" / "pm_lbfgs.json").read_text())
     start_gap = max(abs(start[p] - run_sp[p]["test_loss_before"]) for p in personas)
     rows = {"sp_start": start, "sp_last": last, "sp_best": best}
     result = {
-        "command": "python docs/results/converged_sp.py",
+        "command": "python docs/results/converged_sp.py --report_only",  # the fits' commands: the module docstring
         "personas": personas,
         "rounds": rounds,
         "steps_per_round": state["steps"],
@@ -191,7 +191,7 @@ def write_report(state: dict) -> None:
             for i in range(rounds)
         ],
         "lbfgs_train": summarize([run_lbfgs["train_loss_after"][p] for p in personas]),
-        "seconds": sum(r["seconds"] for p in personas for r in done[p]["rounds"][:rounds]),
+        "seconds": sum(r["seconds"] for p in personas for r in done[p]["rounds"]),
         "paired": {
             f"{reference}-{sp}": paired_difference(run_rows[reference], rows[sp], personas)
             for reference in ("lbfgs", "zero")
@@ -199,7 +199,7 @@ def write_report(state: dict) -> None:
         }
         | {"sp_last-sp": paired_difference(last, run_rows["sp"], personas)},
         "per_persona": {
-            p: {"start": start[p], "rounds": done[p]["rounds"][:rounds], **{k: run_rows[k][p] for k in COMPARE}}
+            p: {"start": start[p], "rounds": done[p]["rounds"], **{k: run_rows[k][p] for k in COMPARE}}
             for p in personas
         },
     }

@@ -8,7 +8,6 @@ reference line. Sizes above the split's ``num_train`` are skipped.
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def run_data_efficiency(evaluation, sizes: Sequence[int]) -> dict:
         for persona in tqdm(personas, desc=f"data efficiency: SP on {n} lines"):
             formats = evaluation.plain_formats([persona])
             train = first_lines(split.rows_of("train", persona), [persona], n)
-            seed = config.seed + zlib.crc32(persona.encode("utf-8"))
+            seed = SoftPrompts.seed_for(config, persona)
             prompts.fit(encode_rows(tokenizer, train, formats, evaluation.placeholder_id, config), seed)
             test = split.rows_of("test", persona)
             losses.update(

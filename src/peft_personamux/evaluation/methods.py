@@ -12,6 +12,7 @@ import copy
 import inspect
 import logging
 import random
+import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -239,6 +240,16 @@ def train_lora(
 # -- soft prompt (SP) ------------------------------------------------------------------------------------------------
 
 
+def sp_start(word_embeddings: torch.Tensor, num_tokens: int, seed: int, init: str = "SAMPLE_VOCAB") -> torch.Tensor:
+    """A soft prompt's start (num_tokens, hidden) in float32, as peft draws it: the embeddings of ``num_tokens``
+    random vocabulary tokens (``"SAMPLE_VOCAB"``, ``word_embeddings`` (vocab, hidden)) or N(0, 1) (``"RANDOM"``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if init == "SAMPLE_VOCAB":
+        ids = torch.randint(0, word_embeddings.shape[0], (num_tokens,), generator=generator)
+        return word_embeddings.detach()[ids.to(word_embeddings.device)].float()
+    return torch.randn((num_tokens, word_embeddings.shape[1]), generator=generator)
+
+
 class SoftPrompts:
     """peft prompt tuning on a copy of the base model; `fit` re-initialises and trains the prompt for one persona."""
 
@@ -259,16 +270,17 @@ class SoftPrompts:
     def num_virtual_tokens(self) -> int:
         return self.config.sp_num_virtual_tokens
 
+    @staticmethod
+    def seed_for(config: EvalConfig, persona: str) -> int:
+        """The seed of a persona's prompt: ``config.seed + crc32(name)``, the same in every stage."""
+        return config.seed + zlib.crc32(persona.encode("utf-8"))
+
     def reset(self, seed: int) -> None:
-        """A fresh prompt, drawn as peft draws it (embeddings of random vocabulary tokens, or N(0, 1))."""
-        generator = torch.Generator().manual_seed(seed)
+        """A fresh prompt, drawn as peft draws it (`sp_start`)."""
         weight = self.embedding.weight
+        start = sp_start(self.word_embeddings.weight, weight.shape[0], seed, self.config.sp_init)
         with torch.no_grad():
-            if self.config.sp_init == "SAMPLE_VOCAB":
-                ids = torch.randint(0, self.word_embeddings.num_embeddings, (weight.shape[0],), generator=generator)
-                weight.copy_(self.word_embeddings(ids.to(weight.device)).float())
-            else:
-                weight.copy_(torch.randn(weight.shape, generator=generator))
+            weight.copy_(start.to(weight.device))
 
     def fit(self, batch: Mapping[str, torch.Tensor], seed: int, progress: bool = False) -> list[float]:
         """Full-batch Adam (eps 1e-4) on one persona's training rows. Returns the loss before each step."""

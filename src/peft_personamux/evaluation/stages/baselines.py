@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import time
-import zlib
 
 from tqdm.auto import tqdm
 
@@ -81,7 +80,7 @@ class BaselineStages:
             train = self.split.rows_of("train", persona)
             test = self.split.rows_of("test", persona)
             batch = encode_rows(tokenizer, train, formats, self.placeholder_id, self.config)
-            seed = self.config.seed + zlib.crc32(persona.encode("utf-8"))
+            seed = SoftPrompts.seed_for(self.config, persona)
             prompts.reset(seed)
             test_before = persona_losses(prompts.model, tokenizer, test, formats, self.placeholder_id, self.config, nv)
             start = time.perf_counter()
