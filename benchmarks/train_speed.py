@@ -50,13 +50,32 @@ from peft_personamux.sampling import PersonaBatchSampler, row_lengths
 NAME = "train_speed"
 
 
-def shakespeare_rows(count: int, seed: int) -> list[dict[str, str]]:
+def pretraining_split():
     from peft_personamux.data import load_shakespeare, split_personas
 
     train, _ = split_personas(load_shakespeare(min_lines=40, max_chars=120), 0.75, 0)
-    rows = train.to_list()
+    return train
+
+
+def shakespeare_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """``count`` random lines of the pretraining split (the issue's stage-1 batches: personas mixed at random)."""
+    rows = pretraining_split().to_list()
     random.Random(seed).shuffle(rows)
     return rows[:count]
+
+
+def shipped_batches_rows(count: int, batch_size: int, personas_per_batch: int, seed: int) -> list[dict[str, str]]:
+    """The first ``count`` lines, in batch order, of the shipped pretraining's sampler over the same split and lines
+    (docs/pretrained/pretrain_cmd.sh: 48 lines per persona, ``personas_per_batch`` personas per batch, length
+    grouped), so that consecutive runs of ``batch_size`` rows are its batches."""
+    from peft_personamux.data.flags import sample_per_persona
+
+    train = sample_per_persona(pretraining_split(), None, 48, seed)
+    rows = train.to_list()
+    sampler = PersonaBatchSampler(
+        [r["persona"] for r in rows], batch_size, personas_per_batch, lengths=row_lengths(train), seed=seed
+    )
+    return [rows[i] for i in list(sampler)[:count]]
 
 
 def text_persona(name: str) -> str:
@@ -135,14 +154,30 @@ class Variant:
 
 
 def variants_for(
-    collator, rows, batch_size, seed, bf16, full_batch: bool = False, bf16_model=None, compiled_model=None
+    collator,
+    rows,
+    batch_size,
+    seed,
+    bf16,
+    full_batch: bool = False,
+    bf16_model=None,
+    compiled_model=None,
+    batched: bool = False,
 ) -> list[Variant]:
     """The variants of one stage. ``full_batch``: the stage fits on all rows at once (stage 2), so the rows per
     forward pass (chunk) are free and a larger chunk gives the same summed gradient. ``bf16_model``: the same model
     with its frozen base weights stored in bf16 (the adapter stays float32), for the 'bf16 weights' variant;
-    ``compiled_model``: the same model with its decoder layers compiled (`compiled_copy`)."""
-    plain = make_batches(collator, rows, batch_size, False, seed)
-    grouped = make_batches(collator, rows, batch_size, True, seed)
+    ``compiled_model``: the same model with its decoder layers compiled (`compiled_copy`). ``batched``: ``rows``
+    are already in a sampler's batch order (the shipped pretraining's: persona and length grouped); the fast
+    variants run those batches and today's plain path the same rows in random order, as today's code batched them."""
+    if batched:
+        shuffled = random.Random(seed).sample(rows, len(rows))
+        plain = make_batches(collator, shuffled, batch_size, False, seed)
+        grouped = make_batches(collator, rows, batch_size, False, seed)
+    else:
+        plain = make_batches(collator, rows, batch_size, False, seed)
+        grouped = make_batches(collator, rows, batch_size, True, seed)
+    grouping = "persona- and length-grouped batches" if batched else "length-grouped batches"
     labels_only = LossOptions(labels_only=True, prefix_cache=False, shared_prompt=False)
     prefix = LossOptions(labels_only=False, prefix_cache=True, shared_prompt=False)
     shared = LossOptions(labels_only=False, prefix_cache=False, shared_prompt=True)
@@ -161,7 +196,7 @@ def variants_for(
         Variant("logits only at labels", plain, labels_only),
         Variant("prefix KV reuse", plain, prefix),
         Variant("shared soft prompt", plain, shared),
-        Variant("length-grouped batches", grouped, PLAIN, plain_forward=True),
+        Variant(grouping, grouped, PLAIN, plain_forward=True),
         Variant("bf16 autocast", plain, LossOptions(autocast_dtype=torch.bfloat16), plain_forward=True),
         Variant("all (fp32)", grouped, LossOptions(labels_only=True, prefix_cache=True, shared_prompt=True)),
     ]
@@ -174,10 +209,14 @@ def variants_for(
         unshared = dataclasses.replace(chosen, shared_prompt=False)
         out.append(Variant("all but the shared soft prompt (bf16, eager attention)", grouped, unshared))
         out.append(Variant("all (bf16, eager attention)", grouped, chosen))
+        unpacked = dataclasses.replace(chosen, packed=False)
+        out.append(Variant("all but packed rows (bf16, eager attention)", grouped, unpacked))
         if bf16_model is not None:  # no per-call weight casts: the frozen weights are bf16 already
             out.append(Variant("all (bf16 weights, eager attention)", grouped, chosen, model=bf16_model))
-    if compiled_model is not None:
-        out.append(Variant("all (chosen) + compiled decoder layers", grouped, chosen, model=compiled_model))
+    if compiled_model is not None:  # compiled from the bf16-weights copy when there is one (the fastest eager row)
+        weights = "bf16 weights, " if bf16_model is not None else ""
+        name = f"all ({weights}chosen) + compiled decoder layers"
+        out.append(Variant(name, grouped, chosen, model=compiled_model))
     if full_batch:
         chunks = make_batches(collator, rows, 4 * batch_size, True, seed)
         out.append(Variant(f"all + chunks of {4 * batch_size} rows", chunks, chosen))
@@ -318,6 +357,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved timed rounds (the fastest counts).")
     parser.add_argument(
+        "--stage1-batches",
+        choices=("shipped", "random"),
+        default="shipped",
+        help="Stage-1 rows: 'shipped' are the shipped pretraining command's batches (2 personas per batch, length "
+        "grouped: docs/pretrained/pretrain_cmd.sh); 'random' are random lines, personas mixed (the issue's stage 1).",
+    )
+    parser.add_argument("--personas-per-batch", type=int, default=2, help="Stage-1 personas per batch ('shipped').")
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="Add a variant with the decoder layers compiled by torch.compile (needs a C++ compiler; compiling "
@@ -334,24 +381,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
         base, PersonaMuxConfig(num_codes=64, tokens_per_code=8, num_bias_tokens=12, task_type="CAUSAL_LM")
     )
     rows = shakespeare_rows(args.rows, args.seed)
-    model.add_personas(sorted({r["persona"] for r in rows}))
+    shipped = args.stage1_batches == "shipped"
+    rows1 = shipped_batches_rows(args.rows, args.batch_size, args.personas_per_batch, args.seed) if shipped else rows
+    model.add_personas(sorted({r["persona"] for r in rows + rows1}))
     model.train_codebook()
     speedup = bf16_matmul_speedup() if device.type == "cpu" else float("nan")
     bf16 = device.type == "cpu" and speedup >= 1.25
     bf16_model = bf16_weights_copy(model) if bf16 else None
-    compiled_model = compiled_copy(model) if args.compile else None
+    compiled_model = compiled_copy(bf16_model if bf16_model is not None else model) if args.compile else None
     common = dict(max_prompt_tokens=48, max_response_tokens=48)
     stage1 = variants_for(
         PersonaMuxCollator.for_model(model, tokenizer, **common),
-        rows,
+        rows1,
         args.batch_size,
         0,
         bf16,
         bf16_model=bf16_model,
         compiled_model=compiled_model,
+        batched=shipped,
     )
     measure(model, stage1, args.rounds, "stage 1")
-    personas1 = [r["persona"] for r in rows]
+    personas1 = [r["persona"] for r in rows1]
     # stage 2: one persona's lines with its text persona; only its mixture row trains
     one = rows[0]["persona"]
     fit_rows = [{**r, "persona": one} for r in rows]
@@ -383,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "model": label,
         "rows": args.rows,
         "batch_size": args.batch_size,
+        "stage1_batches": args.stage1_batches,
+        "stage1_personas": len(set(personas1)),
         "bf16_matmul_speedup": speedup,
         "bf16_chosen": bf16,
         "matmul_shapes": shapes,
@@ -404,11 +456,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "Stage 1 rows have no text persona: the soft prompt goes first in the row, so there is no prefix to reuse "
         "and 'prefix KV reuse' equals the plain body there; stage 2 rows carry a text persona after the chat "
         "template's system turn.",
-        "'shared soft prompt': rows with the same prefix and persona run the soft prompt's virtual tokens once "
-        f"and share their key/value states. Stage 1's rows are random pretraining lines ({len(set(personas1))} "
-        f"personas in {len(personas1)} rows, as the default stage-1 sampler mixes personas), so little is shared "
-        "there; stage 2's are one persona's, one group per batch. It is opt-in: the library's default path is 'all "
-        "but the shared soft prompt'.",
+        "'shared soft prompt': rows with the same prefix and persona run the soft prompt's virtual tokens, and the "
+        "tokens they all have right after it (the chat template's system turn and instruction), once and share "
+        "their key/value states. "
+        + (
+            f"Stage 1's rows are the shipped pretraining's batches ({len(set(personas1))} personas in "
+            f"{len(personas1)} rows, {args.personas_per_batch} per batch of {args.batch_size}, length grouped, as "
+            "docs/pretrained/pretrain_cmd.sh trains); today's plain path runs the same rows in random order, as "
+            "today's code batched them, and 'persona- and length-grouped batches' is the plain path on the shipped "
+            "batches. "
+            if shipped
+            else f"Stage 1's rows are random pretraining lines ({len(set(personas1))} personas in "
+            f"{len(personas1)} rows), so little is shared there. "
+        )
+        + "Stage 2's are one persona's, one group per batch.",
         "'all' is every shortcut; with bf16 the library also picks eager attention (`loss.choose_attention`), the "
         "'eager attention' rows. Stage 2 fits on all of a persona's rows at once, so its rows per forward pass are "
         "free: 'chunks of N rows' is the same summed gradient in fewer, larger passes.",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import ARCHS, batch_for, mux, shared_batch_for
+from tiny_models import ARCHS, batch_for, mux, shared_batch_for, template_batch_for
 
 from peft_personamux import kv_cache
 from peft_personamux.loss import (
@@ -55,7 +55,9 @@ def loss_and_grads(model, batch, options, cache=None):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("options", FAST_OPTIONS, ids=FAST_IDS)
-@pytest.mark.parametrize("make_batch", [batch_for, shared_batch_for], ids=["distinct", "grouped"])
+@pytest.mark.parametrize(
+    "make_batch", [batch_for, shared_batch_for, template_batch_for], ids=["distinct", "grouped", "template"]
+)
 def test_fast_paths_give_the_plain_loss_and_gradients(arch, options, make_batch):
     model = mux(arch)  # eval mode: GPT-2's dropout would make two passes differ
     batch = make_batch(model)
@@ -184,9 +186,9 @@ def spy_groups(monkeypatch) -> list[int]:
 def test_shared_prompt_runs_once_per_prefix_and_persona(arch, monkeypatch):
     model = mux(arch)
     seen = spy_groups(monkeypatch)
-    response_nll(model, shared_batch_for(model))
-    assert seen == []  # off by default
-    response_nll(model, shared_batch_for(model), options=SHARED)
+    response_nll(model, shared_batch_for(model), options=LossOptions(shared_prompt=False))
+    assert seen == []
+    response_nll(model, shared_batch_for(model))  # on by default
     assert seen == [4]  # 8 rows: (prefix 0, persona 0) x3, (1, 1) x2, (2, 2) x2, (0, 1)
     seen.clear()
     response_nll(model, batch_for(model), options=SHARED)  # every row its own (prefix, persona): the plain split
@@ -251,3 +253,87 @@ def test_prompt_groups_by_prefix_persona_and_mixture():
     mixtures = torch.tensor([[0.0], [1.0], [0.0], [0.0], [0.0]])
     reps, groups = kv_cache.prompt_groups(ids, starts, personas, mixtures)
     assert reps == [0, 1, 2, 3, 4] and groups.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_shared_run_lengths_stop_before_labels_and_keep_a_rest():
+    # group 0: rows 0, 1 share [7, 8, 9] after the prompt, row 2 only [7]; group 1: rows 3, 4 share everything up
+    # to their labels; group 2: one row without labels runs all but its last token in the head
+    ids = torch.tensor(
+        [
+            [0, 0, 7, 8, 9, 1, 2],
+            [0, 0, 7, 8, 9, 3, 4],
+            [0, 0, 7, 5, 9, 3, 4],
+            [0, 0, 7, 8, 9, 3, 4],
+            [0, 0, 7, 8, 9, 3, 4],
+            [0, 0, 7, 8, 9, 3, 4],
+        ]
+    )
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[3:5, 5:] = ids[3:5, 5:]  # responses [3, 4]: the run must end before position 4, whose successor is a label
+    starts = torch.zeros(6, dtype=torch.long)
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert kv_cache.shared_run_lengths(ids, mask, labels, starts, 2, groups) == [1, 2, 4]
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])  # rows 0, 1 alone: identical tokens up to the last one they keep
+    assert kv_cache.shared_run_lengths(ids, mask, labels, starts, 2, groups)[0] == 3
+    short = mask.clone()
+    short[0, 3:] = 0  # row 0 ends right after [7]: nothing may run in the head, or it has no rest
+    assert kv_cache.shared_run_lengths(ids, short, labels, starts, 2, groups)[0] == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_runs_the_common_template_once(arch, monkeypatch):
+    model = mux(arch)
+    batch = template_batch_for(model)
+    runs: list[list[int]] = []
+    real = kv_cache.split_shared_prompt
+
+    def spy(*args, **kwargs):
+        runs.append(list(args[11]))  # common: per group, the tokens after the soft prompt run once
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("peft_personamux.loss.split_shared_prompt", spy)
+    nll, _ = response_nll(model, batch, options=SHARED)
+    # the instruction (5 tokens) for both groups of three; row 6 alone: instruction, prompt (1) and header but its
+    # last token (1 of 2), whose successor is the first label
+    assert runs == [[5, 5, 7]]
+    torch.testing.assert_close(nll, response_nll(model, batch, options=PLAIN)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_rows_give_the_unpacked_losses_and_gradients(arch, attention, monkeypatch):
+    model = mux(arch)
+    batch = template_batch_for(model)
+    lines: list[int] = []
+    real = kv_cache.split_shared_prompt
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        lines.append(-1 if out[4] is None else out[0].shape[0])  # packed: one line per group
+        return out
+
+    monkeypatch.setattr("peft_personamux.loss.split_shared_prompt", spy)
+    results = []
+    for packed in (True, False):  # True: always, whatever the FLOPs
+        options = LossOptions(attention=attention, shared_prompt=True, packed=packed)
+        model.zero_grad()
+        nll, tokens = response_nll(model, batch, options=options)
+        nll.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((nll.detach(), tokens, grads))
+    assert lines == [3, -1]  # three (prefix, persona) groups in one packed line each; unpacked: none
+    (packed_nll, packed_tokens, packed_grads), (nll, tokens, grads) = results
+    torch.testing.assert_close(packed_nll, nll, rtol=1e-5, atol=1e-5)
+    assert packed_tokens.tolist() == tokens.tolist()
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_are_packed_when_that_costs_fewer_flops():
+    body = mux("llama").get_base_model().model
+    one_group = torch.zeros(8, dtype=torch.long)
+    uneven = torch.tensor([1, 1, 1, 1, 1, 1, 1, 12])  # padding to 12 wastes most of the rows' tokens
+    assert kv_cache._cheaper_packed(body, uneven, one_group, past=4)
+    even = torch.full((8,), 12)  # no padding to drop, and each token would attend across all 96 of the line
+    assert not kv_cache._cheaper_packed(body, even, one_group, past=4)

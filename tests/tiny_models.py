@@ -107,6 +107,27 @@ def shared_batch_for(model):
     return right_padded(rows, labels, [persona for _, persona in spec])
 
 
+def template_batch_for(model):
+    """Right-padded rows shaped like the chat template's: [prefix] placeholder, an instruction every row has, a
+    prompt, an assistant header, a response. Groups of one (prefix, persona) share the instruction; two rows share
+    their prompt too (their common run ends right before the last header token, whose successor is a label), one
+    group has no prefix (stage 1) and one row is alone in its group."""
+    ph = model.peft_config["default"].placeholder_token_id
+    g = torch.Generator().manual_seed(4)
+    prefixes = [[5, 6, 7, 8], []]
+    instruction, header = [30, 31, 32, 33, 34], [40, 41]
+    same_prompt = torch.randint(50, 100, (3,), generator=g).tolist()
+    spec = [(0, 0), (0, 0), (0, 0), (1, 1), (1, 1), (1, 1), (0, 2)]  # (prefix, persona) per row
+    rows, labels = [], []
+    for i, (prefix, _) in enumerate(spec):
+        prompt = same_prompt if i in (0, 1) else torch.randint(50, 100, (1 + i % 3,), generator=g).tolist()
+        response = torch.randint(10, 100, (1 + i % 4,), generator=g).tolist()
+        ids = prefixes[prefix] + [ph] + instruction + prompt + header + response
+        rows.append(ids)
+        labels.append([-100] * (len(ids) - len(response)) + response)
+    return right_padded(rows, labels, [persona for _, persona in spec])
+
+
 # -- a tiny tokenizer with a chat template, and models sized for it -----------------------------------------------
 
 

@@ -3,9 +3,11 @@
 * `PrefixCache` / `split_prefix`: the tokens before the soft prompt (chat template's system turn, text persona)
   depend on no trained weight; their key/value states are computed once without gradient and each row's rest runs
   on top of them.
-* `split_shared_prompt`: rows that share a prefix and a persona share the soft prompt's key/value states too; they
-  are computed once per (prefix, persona) with gradient and broadcast to the rows (their gradients sum back), so a
-  batch of many lines of one persona (stage 2, persona-grouped stage-1 batches) runs its 20 virtual tokens once.
+* `split_shared_prompt`: rows that share a prefix and a persona share the soft prompt's key/value states too, and
+  those of the tokens every row of the group has right after it (the chat template's system turn and instruction,
+  `shared_run_lengths`); they are computed once per (prefix, persona) with gradient and broadcast to the rows (their
+  gradients sum back), so a batch of many lines of one persona (stage 2, persona-grouped stage-1 batches) runs its
+  20 virtual tokens and the common template text once.
 """
 
 from __future__ import annotations
@@ -165,23 +167,36 @@ def split_shared_prompt(
     group_of_row: torch.Tensor,
     prompt_request: Callable[[list[int]], contextlib.AbstractContextManager],
     autocast_dtype: torch.dtype | None,
+    common: list[int] | None = None,
+    pack: str | None = None,
+    always_pack: bool = False,
 ):
-    """Run each group's prefix and soft prompt once (the prefix from ``cache``, the ``width`` virtual tokens with
-    gradient, under ``prompt_request(representatives)``); return the rows' rest (ids, mask, labels) and the forward
-    kwargs that put their group's key/value states before it.
+    """Run each group's head once: its prefix (from ``cache``), the ``width`` virtual tokens and the ``common[g]``
+    tokens all its rows have after them (with gradient, under ``prompt_request(representatives)``); return the rows'
+    rest (ids, mask, labels), the forward kwargs that put their group's key/value states before it, and the row of
+    each rest position (None: rest row r is row r).
 
-    Each row's virtual tokens sit at ``starts[row]:starts[row] + width`` and nothing there or at the next position
-    is a label (`can_share_prompt`), so the rest's loss is the row's whole loss.
+    ``pack``: the attention implementation ("eager" or "sdpa") when the rows of a group may run as one line, end
+    to end without padding between them, under a 4D mask that lets each row see its group's head and its own earlier
+    tokens only; they do when that costs fewer FLOPs than right-padded rows (`_cheaper_packed`: packing drops the
+    padding but lets each token's attention span its group's whole line), or always with ``always_pack``. None:
+    every row its own padded line.
+
+    Each row's virtual tokens sit at ``starts[row]:starts[row] + width`` and nothing there, in its group's common
+    run or at the next position is a label (`can_share_prompt`, `shared_run_lengths`), so the rest's loss is the
+    row's whole loss (and, packed, no row's first token is predicted from the row before it).
     """
     device = input_ids.device
-    # 1. the groups: prefix (cached, no gradient) + virtual tokens (with gradient), one row each
+    common = [0] * len(representatives) if common is None else common
+    # 1. the groups: prefix (cached, no gradient) + virtual tokens and common run (with gradient), one row each
     reps = torch.tensor(representatives, device=device)
     rep_starts = starts[reps]  # (groups,)
-    head_len = int(rep_starts.max()) + width
+    head_len = max(s + width + c for s, c in zip(rep_starts.tolist(), common))
     head_ids = torch.zeros(len(representatives), head_len, dtype=input_ids.dtype, device=device)
-    head_mask = torch.zeros_like(head_ids, dtype=attention_mask.dtype)  # (groups, prefix + width), right padded
+    head_mask = torch.zeros_like(head_ids, dtype=attention_mask.dtype)  # (groups, prefix + width + run), right padded
     for g, (r, s) in enumerate(zip(representatives, rep_starts.tolist())):
-        head_ids[g, : s + width], head_mask[g, : s + width] = input_ids[r, : s + width], 1
+        end = s + width + common[g]
+        head_ids[g, :end], head_mask[g, :end] = input_ids[r, :end], 1
     kwargs: dict = {"use_cache": True}
     if bool((rep_starts > 0).any()):
         head_labels = torch.full_like(head_ids, IGNORE_INDEX)
@@ -193,8 +208,17 @@ def split_shared_prompt(
     head_layers = cache_tensors(output_cache(out))  # per layer (groups, kv_heads, prefix + width, head_dim)
     # 2. the rows' rest, after their group's key/value states (index_select: the gradients sum back per group)
     rows = input_ids.shape[0]
-    skip = starts + width  # (rows,) first position after the virtual tokens
+    runs = torch.tensor(common, device=device, dtype=starts.dtype).index_select(0, group_of_row)  # (rows,)
+    skip = starts + width + runs  # (rows,) first position after the group's head
     lengths = attention_mask.sum(-1)
+    if pack is not None and (always_pack or _cheaper_packed(body, lengths - skip, group_of_row, head_mask.shape[1])):
+        packed = _pack_rest(input_ids, labels, skip, lengths, group_of_row, head_mask)
+        ids, mask, rest_labels, positions, row_of = packed
+        if pack == "eager":  # additive, like transformers' own eager masks
+            dtype = body.get_input_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        kwargs = {cache_kwarg(body): make_cache(head_layers), "position_ids": positions, "use_cache": True}
+        return ids, mask, rest_labels, kwargs, row_of
     rest_len = int((lengths - skip).max())
     rest_ids = torch.zeros(rows, rest_len, dtype=input_ids.dtype, device=device)
     rest_labels = torch.full((rows, rest_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
@@ -205,7 +229,86 @@ def split_shared_prompt(
     positions = skip[:, None] + torch.arange(rest_len, device=device)  # (rows, rest)
     mask = torch.cat([head_mask.index_select(0, group_of_row), rest_mask], dim=1)
     kwargs = {cache_kwarg(body): make_cache(layers), "position_ids": positions, "use_cache": True}
-    return rest_ids, mask, rest_labels, kwargs
+    return rest_ids, mask, rest_labels, kwargs, None
+
+
+def _cheaper_packed(body: nn.Module, spans: torch.Tensor, group_of_row: torch.Tensor, past: int) -> bool:
+    """True when one line per group costs fewer forward FLOPs than one padded line per row: per token, the decoder
+    layers' weights (2 FLOPs per weight), per (query, key) pair 4 x hidden (scores and weighted sum)."""
+    config = body.config
+    layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    if not layers or not hidden:
+        return False
+    embeddings = body.get_input_embeddings().weight.numel()
+    per_layer = (sum(p.numel() for p in body.parameters()) - embeddings) / layers  # weights one token meets
+    pair = 4 * hidden / (2 * per_layer)  # one (query, key) pair, in tokens' worth of weight FLOPs
+    rows, padded = spans.numel(), int(spans.max())
+    lines = torch.zeros(int(group_of_row.max()) + 1, dtype=spans.dtype, device=spans.device)
+    line_len = int(lines.index_add(0, group_of_row, spans).max())
+    rows_cost = rows * padded * (1 + pair * (past + padded))
+    lines_cost = len(lines) * line_len * (1 + pair * (past + line_len))
+    return lines_cost < rows_cost
+
+
+def _pack_rest(input_ids, labels, skip, lengths, group_of_row, head_mask):
+    """One line per group: its rows' tokens from ``skip`` on, end to end. Returns ids, a boolean 4D mask
+    (lines, 1, line, head + line) that lets each token see its group's head and its own row's earlier tokens,
+    labels, position ids and the row of each position (-1: padding), all but the mask (lines, line)."""
+    device, lines = input_ids.device, head_mask.shape[0]
+    pieces: list[list[int]] = [[] for _ in range(lines)]
+    for r, g in enumerate(group_of_row.tolist()):
+        pieces[g].append(r)
+    spans = (lengths - skip).tolist()  # (rows,) tokens each row runs
+    line_len = max(sum(spans[r] for r in members) for members in pieces)
+    ids = torch.zeros(lines, line_len, dtype=input_ids.dtype, device=device)
+    rest_labels = torch.full((lines, line_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
+    positions = torch.zeros(lines, line_len, dtype=torch.long, device=device)
+    row_of = torch.full((lines, line_len), -1, dtype=torch.long, device=device)
+    for g, members in enumerate(pieces):
+        at = 0
+        for r in members:
+            s, n = int(skip[r]), int(lengths[r])
+            ids[g, at : at + n - s], rest_labels[g, at : at + n - s] = input_ids[r, s:n], labels[r, s:n]
+            positions[g, at : at + n - s] = torch.arange(s, n, device=device)
+            row_of[g, at : at + n - s] = r
+            at += n - s
+    own_row = (row_of[:, :, None] == row_of[:, None, :]) & (row_of[:, :, None] >= 0)  # (lines, line, line)
+    causal = torch.ones(line_len, line_len, dtype=torch.bool, device=device).tril()
+    head = head_mask.bool()[:, None, :].expand(-1, line_len, -1)  # (lines, line, head); padding sees it too (no NaN)
+    mask = torch.cat([head, own_row & causal], dim=-1)[:, None]  # (lines, 1, line, head + line)
+    return ids, mask, rest_labels, positions, row_of
+
+
+def shared_run_lengths(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    starts: torch.Tensor,
+    width: int,
+    group_of_row: torch.Tensor,
+) -> list[int]:
+    """Per group, how many tokens right after the virtual tokens all its rows share and `split_shared_prompt` may
+    run once: none of them (nor the token after them) is a label, and every row keeps at least one token to run.
+
+    Rows of one group share their prefix, so their virtual tokens start at the same position. A group of one row
+    runs all it can in the head too: that pads the few groups' heads rather than every row's rest.
+    """
+    lengths = attention_mask.sum(-1)
+    out = []
+    for g in range(int(group_of_row.max()) + 1):
+        rows = (group_of_row == g).nonzero()[:, 0]
+        begin = int(starts[rows[0]]) + width
+        limit = int(lengths[rows].min()) - begin - 1  # each row keeps >= 1 token after the run
+        if limit < 1:
+            out.append(0)
+            continue
+        ids = input_ids[rows, begin : begin + limit]  # (group rows, limit)
+        same = (ids == ids[:1]).all(0)  # (limit,)
+        free = (labels[rows, begin : begin + limit + 1] == IGNORE_INDEX).all(0)  # (limit + 1,)
+        leading_same = int(same.int().cumprod(0).sum())
+        leading_free = int(free.int().cumprod(0).sum())
+        out.append(max(0, min(leading_same, leading_free - 1)))
+    return out
 
 
 def can_share_prompt(

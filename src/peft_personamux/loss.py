@@ -8,9 +8,10 @@ and the whole prompt with gradient. Training a soft prompt needs neither:
 * **prefix reuse**: the tokens before the soft prompt (the chat template's system turn, the text persona) do not
   depend on any trained weight, so their key/value states are computed once without gradient (`PrefixCache`) and
   the rest of each row runs on top of them;
-* **shared soft prompt** (opt-in, ``LossOptions(shared_prompt=True)``): rows with the same prefix and persona (all
-  of stage 2's rows, persona-grouped stage-1 batches) run the soft prompt's virtual tokens once and share their
-  key/value states (`kv_cache`);
+* **shared soft prompt** (``LossOptions.shared_prompt``): rows with the same prefix and persona (all of stage 2's
+  rows, persona-grouped stage-1 batches) run the soft prompt's virtual tokens, and the tokens they all have right
+  after it (the chat template's system turn and instruction), once and share their key/value states (`kv_cache`);
+  the rest of a group's rows then runs as one line without padding where that costs fewer FLOPs;
 * **bf16 autocast** where the processor has bf16 matrix units (`choose_autocast` measures it);
 * **eager attention under CPU bf16 autocast** (`choose_attention`): torch's CPU flash-attention backward is the
   largest single cost on short rows (30% of a step on a 2-core AMX Xeon); the plain matmul-softmax path is faster
@@ -38,6 +39,7 @@ from .kv_cache import (
     can_share_prompt,
     prompt_groups,
     prompt_starts,
+    shared_run_lengths,
     split_prefix,
     split_shared_prompt,
 )
@@ -84,13 +86,16 @@ class LossOptions:
     prefix_cache: bool = True  # reuse the key/value states of the text before the soft prompt
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None runs in the weights' dtype
     attention: str | None = None  # attention implementation for the call ("eager", "sdpa"); None: the model's own
-    # rows of one (prefix, persona) run the soft prompt once (needs a decoder body); off by default: on a 2-core AMX
-    # Xeon it gave 1.09x over prefix reuse in float32 and nothing measurable on top of bf16 (benchmarks/train_speed.py)
-    shared_prompt: bool = False
+    # rows of one (prefix, persona) run the soft prompt and the template text after it once (needs a decoder body):
+    # 1.3x over the other shortcuts on both stages' rows on a 2-core AMD EPYC (benchmarks/train_speed.py)
+    shared_prompt: bool = True
+    # with the shared prompt, the rows of one group run as one line without padding between them (eager or SDPA
+    # attention, under a 4D mask): None when that costs fewer FLOPs than padded rows, True always, False never
+    packed: bool | None = None
 
 
-FAST = LossOptions()  # the default exact shortcuts (the shared prompt is opt-in), in the weights' dtype
-PLAIN = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=None)
+FAST = LossOptions()  # the default exact shortcuts, in the weights' dtype
+PLAIN = LossOptions(labels_only=False, prefix_cache=False, autocast_dtype=None, shared_prompt=False)
 
 
 def response_nll(
@@ -134,18 +139,18 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     # without options.prefix_cache, prefixes still run once per call (without gradient) but are not kept across calls
     cache = prefix_cache if prefix_cache is not None and options.prefix_cache else PrefixCache()
     kwargs: dict = {}
-    shared = None
+    shared, row_of = None, None
     if options.shared_prompt and body is not None and enabled and not _checkpointing(base):
         shared = _prompt_sharing(tuner, prepared, mixtures, shared_mixtures, starts, placeholder)
     if shared is not None:
-        width, representatives, group_of_row = shared
+        width, representatives, group_of_row, common = shared
 
         def group_request(rows: list[int]):
             picked = torch.tensor(rows, device=device)
             rows_mixtures = None if mixtures is None else mixtures[picked]
             return tuner.prompt_request(prepared.persona_ids[picked], prepared.bias_scale, rows_mixtures)
 
-        input_ids, attention_mask, labels, kwargs = split_shared_prompt(
+        input_ids, attention_mask, labels, kwargs, row_of = split_shared_prompt(
             body,
             cache,
             input_ids,
@@ -157,6 +162,9 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
             group_of_row,
             group_request,
             options.autocast_dtype,
+            common,
+            None if options.packed is False else _packing(body),
+            options.packed is True,
         )
         request = contextlib.nullcontext()  # the rest of each row has no virtual tokens
     elif options.prefix_cache and body is not None and starts is not None and bool((starts > 0).any()):
@@ -166,10 +174,13 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     with request, autocast(device, options.autocast_dtype):
         if labels_only:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-            return _labels_only_nll(base.get_output_embeddings(), hidden, labels)
+            return _labels_only_nll(base.get_output_embeddings(), hidden, labels, row_of, prepared.input_ids.shape[0])
         logits = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-    nll = token_nll(logits, labels)  # (rows, seq - 1)
-    return nll.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    nll = token_nll(logits, labels)  # (lines, seq - 1)
+    if row_of is None:
+        return nll.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    keep = labels[:, 1:] != IGNORE_INDEX
+    return _per_row(nll[keep], row_of[:, 1:][keep], prepared.input_ids.shape[0])
 
 
 def mean_response_loss(model, batch, num_items: int | torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -252,7 +263,8 @@ def _attention(base: nn.Module, implementation: str | None):
 
 
 def _prompt_sharing(tuner, prepared, mixtures, shared_mixtures: bool, starts, placeholder: int):
-    """(width, representatives, group_of_row) when rows can share their soft prompt's forward, else None.
+    """(width, representatives, group_of_row, common) when rows can share their soft prompt's forward, else None;
+    ``common[g]``: the tokens after the soft prompt that group g's rows also run once (`shared_run_lengths`).
 
     Mixtures that require gradient are shared only when the caller says rows of one persona carry one mixture;
     otherwise rows are grouped by value, so per-row leaf copies keep their own gradients.
@@ -267,7 +279,8 @@ def _prompt_sharing(tuner, prepared, mixtures, shared_mixtures: bool, starts, pl
     representatives, group_of_row = prompt_groups(ids, starts, prepared.persona_ids, key_mixtures)
     if len(representatives) == ids.shape[0]:  # every row its own group: nothing to share
         return None
-    return width, representatives, group_of_row
+    common = shared_run_lengths(ids, mask, labels, starts, width, group_of_row)
+    return width, representatives, group_of_row, common
 
 
 def _checkpointing(base: nn.Module) -> bool:
@@ -291,11 +304,26 @@ def _plain_head(base: nn.Module) -> bool:
     return not any(getattr(text_config, key, None) not in (None, 1, 1.0) for key in _SPECIAL_HEAD_KEYS)
 
 
-def _labels_only_nll(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor):
-    targets = labels[:, 1:]  # (rows, seq - 1)
+def _packing(body: nn.Module) -> str | None:
+    """The attention implementation packed rows run under ("eager", "sdpa"), or None when its masks are not 4D."""
+    implementation = getattr(getattr(body, "config", None), "_attn_implementation", None)
+    return implementation if implementation in ("eager", "sdpa") else None
+
+
+def _per_row(nll: torch.Tensor, rows: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL (num_rows,) and label tokens (num_rows,) of label tokens ``nll`` that belong to ``rows``."""
+    per_row = torch.zeros(num_rows, device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
+    return per_row, torch.bincount(rows, minlength=num_rows)
+
+
+def _labels_only_nll(
+    head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, row_of: torch.Tensor | None, num_rows: int
+):
+    """Per-row NLL and label counts; ``row_of`` (lines, seq) maps packed positions to rows (None: line = row)."""
+    targets = labels[:, 1:]  # (lines, seq - 1)
     keep = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][keep])  # (label tokens, vocab): only positions that predict a label
     nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (label tokens,)
-    rows = keep.nonzero()[:, 0]
-    per_row = torch.zeros(labels.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
-    return per_row, keep.sum(-1)
+    if row_of is None:
+        return _per_row(nll, keep.nonzero()[:, 0], num_rows)
+    return _per_row(nll, row_of[:, 1:][keep], num_rows)
