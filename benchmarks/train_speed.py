@@ -471,8 +471,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         + "Stage 2's are one persona's, one group per batch.",
         "'all' is every shortcut; with bf16 the library also picks eager attention (`loss.choose_attention`), the "
-        "'eager attention' rows. Stage 2 fits on all of a persona's rows at once, so its rows per forward pass are "
-        "free: 'chunks of N rows' is the same summed gradient in fewer, larger passes.",
+        "'eager attention' rows. 'all (bf16, eager attention)' is what `personamux pretrain` and `add-persona` run "
+        "here by default (`loss.FAST` with the autocast and attention they choose on this CPU); 'bf16 weights' is the "
+        "same loss with the base model loaded in bf16 (`--dtype bfloat16`; the adapter stays float32); the compiled "
+        "row is not a library option. Stage 2 fits on all of a persona's rows at once, so its rows per forward pass "
+        "are free: 'chunks of N rows' is the same summed gradient in fewer, larger passes.",
         "|Δloss| / loss compares each variant's mean loss over the same rows with the plain path's (fp32 variants "
         "are exact up to float rounding; bf16 ones are not).",
     ]

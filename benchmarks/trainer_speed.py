@@ -6,7 +6,8 @@ code is the source tree of ``--old_rev`` (default: the commit that was current w
 fast loss), extracted with ``git archive`` and run with ``PYTHONPATH`` pointing at it; both sides run on the same
 machine, the same rows (same data flags and seed) and the same objective, interleaved in rounds so that other load
 hits both alike. The current side uses its defaults (fast loss, length-grouped batches, bf16 autocast where this
-CPU's bf16 matmul is faster) plus ``--length_grouped``; the earlier side has no such flags.
+CPU's bf16 matmul is faster) plus the shipped pretraining's ``--length_grouped true --personas_per_batch 2``
+(docs/pretrained/pretrain_cmd.sh); the earlier side has no such flags.
 
     python benchmarks/trainer_speed.py                 # SmolLM2-135M-Instruct; 10-25 minutes on 2 cores
 """
@@ -77,7 +78,7 @@ def commands(args: argparse.Namespace, out: Path) -> dict[str, tuple[list[str], 
     stage2 += ["--num_train", str(args.fit_lines), "--num_eval", "0", "--output_dir", str(out / "fit")]
     stage2 += ["--max_steps", str(args.fit_steps), "--max_response_tokens", "48", "--fit_method", "adam"]
     return {
-        "stage 1 (pretrain)": (stage1, [*stage1, "--length_grouped", "true"]),
+        "stage 1 (pretrain)": (stage1, [*stage1, "--length_grouped", "true", "--personas_per_batch", "2"]),
         "stage 2 (add-persona, Adam)": (stage2, stage2),
     }
 
