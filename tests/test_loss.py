@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import ARCHS, batch_for, mux, shared_batch_for, template_batch_for
 
-from peft_personamux import kv_cache
+from peft_personamux import shared_prompt
 from peft_personamux.loss import (
     PLAIN,
     LossOptions,
@@ -172,7 +172,7 @@ def test_choose_attention_modes():
 def spy_groups(monkeypatch) -> list[int]:
     """Record the number of groups each shared soft-prompt forward runs (none: the shared path was not taken)."""
     seen: list[int] = []
-    real = kv_cache.split_shared_prompt
+    real = shared_prompt.split_shared_prompt
 
     def spy(*args, **kwargs):
         seen.append(len(args[7]))  # representatives
@@ -233,25 +233,25 @@ def test_can_share_prompt_needs_virtual_tokens_without_labels_and_a_rest():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     labels = torch.tensor([[-100, -100, -100, -100, 4], [-100, -100, -100, 6, -100]])
     starts = torch.tensor([1, 0])
-    assert kv_cache.can_share_prompt(ids, mask, labels, starts, 2, ph)
-    assert not kv_cache.can_share_prompt(ids, mask, labels, starts, 0, ph)  # no virtual tokens
-    assert not kv_cache.can_share_prompt(ids, mask, labels, starts, 3, ph)  # not all virtual
+    assert shared_prompt.can_share_prompt(ids, mask, labels, starts, 2, ph)
+    assert not shared_prompt.can_share_prompt(ids, mask, labels, starts, 0, ph)  # no virtual tokens
+    assert not shared_prompt.can_share_prompt(ids, mask, labels, starts, 3, ph)  # not all virtual
     early = labels.clone()
     early[1, 2] = 5  # the token right after the prompt is a label: its prediction is the prompt's last position
-    assert not kv_cache.can_share_prompt(ids, mask, early, starts, 2, ph)
+    assert not shared_prompt.can_share_prompt(ids, mask, early, starts, 2, ph)
     short = mask.clone()
     short[1, 2:] = 0  # nothing after the prompt
-    assert not kv_cache.can_share_prompt(ids, short, labels, starts, 2, ph)
+    assert not shared_prompt.can_share_prompt(ids, short, labels, starts, 2, ph)
 
 
 def test_prompt_groups_by_prefix_persona_and_mixture():
     ids = torch.tensor([[1, 2, 9], [1, 2, 9], [1, 3, 9], [9, 0, 0], [1, 2, 9]])
     starts = torch.tensor([2, 2, 2, 0, 2])
     personas = torch.tensor([0, 0, 0, 0, 1])
-    reps, groups = kv_cache.prompt_groups(ids, starts, personas, None)
+    reps, groups = shared_prompt.prompt_groups(ids, starts, personas, None)
     assert reps == [0, 2, 3, 4] and groups.tolist() == [0, 0, 1, 2, 3]
     mixtures = torch.tensor([[0.0], [1.0], [0.0], [0.0], [0.0]])
-    reps, groups = kv_cache.prompt_groups(ids, starts, personas, mixtures)
+    reps, groups = shared_prompt.prompt_groups(ids, starts, personas, mixtures)
     assert reps == [0, 1, 2, 3, 4] and groups.tolist() == [0, 1, 2, 3, 4]
 
 
@@ -273,12 +273,12 @@ def test_shared_run_lengths_stop_before_labels_and_keep_a_rest():
     labels[3:5, 5:] = ids[3:5, 5:]  # responses [3, 4]: the run must end before position 4, whose successor is a label
     starts = torch.zeros(6, dtype=torch.long)
     groups = torch.tensor([0, 0, 0, 1, 1, 2])
-    assert kv_cache.shared_run_lengths(ids, mask, labels, starts, 2, groups) == [1, 2, 4]
+    assert shared_prompt.shared_run_lengths(ids, mask, labels, starts, 2, groups) == [1, 2, 4]
     groups = torch.tensor([0, 0, 1, 1, 1, 2])  # rows 0, 1 alone: identical tokens up to the last one they keep
-    assert kv_cache.shared_run_lengths(ids, mask, labels, starts, 2, groups)[0] == 3
+    assert shared_prompt.shared_run_lengths(ids, mask, labels, starts, 2, groups)[0] == 3
     short = mask.clone()
     short[0, 3:] = 0  # row 0 ends right after [7]: nothing may run in the head, or it has no rest
-    assert kv_cache.shared_run_lengths(ids, short, labels, starts, 2, groups)[0] == 0
+    assert shared_prompt.shared_run_lengths(ids, short, labels, starts, 2, groups)[0] == 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -286,7 +286,7 @@ def test_shared_prompt_runs_the_common_template_once(arch, monkeypatch):
     model = mux(arch)
     batch = template_batch_for(model)
     runs: list[list[int]] = []
-    real = kv_cache.split_shared_prompt
+    real = shared_prompt.split_shared_prompt
 
     def spy(*args, **kwargs):
         runs.append(list(args[11]))  # common: per group, the tokens after the soft prompt run once
@@ -306,7 +306,7 @@ def test_packed_rows_give_the_unpacked_losses_and_gradients(arch, attention, mon
     model = mux(arch)
     batch = template_batch_for(model)
     lines: list[int] = []
-    real = kv_cache.split_shared_prompt
+    real = shared_prompt.split_shared_prompt
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -334,6 +334,6 @@ def test_rows_are_packed_when_that_costs_fewer_flops():
     body = mux("llama").get_base_model().model
     one_group = torch.zeros(8, dtype=torch.long)
     uneven = torch.tensor([1, 1, 1, 1, 1, 1, 1, 12])  # padding to 12 wastes most of the rows' tokens
-    assert kv_cache._cheaper_packed(body, uneven, one_group, past=4)
+    assert shared_prompt._cheaper_packed(body, uneven, one_group, past=4)
     even = torch.full((8,), 12)  # no padding to drop, and each token would attend across all 96 of the line
-    assert not kv_cache._cheaper_packed(body, even, one_group, past=4)
+    assert not shared_prompt._cheaper_packed(body, even, one_group, past=4)

@@ -10,7 +10,7 @@ and the whole prompt with gradient. Training a soft prompt needs neither:
   the rest of each row runs on top of them;
 * **shared soft prompt** (``LossOptions.shared_prompt``): rows with the same prefix and persona (all of stage 2's
   rows, persona-grouped stage-1 batches) run the soft prompt's virtual tokens, and the tokens they all have right
-  after it (the chat template's system turn and instruction), once and share their key/value states (`kv_cache`);
+  after it (the chat template's system turn and instruction), once and share their key/value states (`shared_prompt`);
   the rest of a group's rows then runs as one line without padding where that costs fewer FLOPs;
 * **bf16 autocast** where the processor has bf16 matrix units (`choose_autocast` measures it);
 * **eager attention under CPU bf16 autocast** (`choose_attention`): torch's CPU flash-attention backward is the
@@ -33,17 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import IGNORE_INDEX
-from .kv_cache import (
-    PrefixCache,
-    autocast,
-    can_share_prompt,
-    prompt_groups,
-    prompt_starts,
-    shared_run_lengths,
-    split_prefix,
-    split_shared_prompt,
-)
+from .kv_cache import PrefixCache, autocast, prompt_starts, split_prefix
 from .machine import bf16_matmul_speedup, matmul_rate
+from .shared_prompt import can_share_prompt, prompt_groups, shared_run_lengths, split_shared_prompt
 from .tuner.model import as_tuner
 
 __all__ = [  # PrefixCache lives in kv_cache, the matmul probes in machine; callers import them from here
