@@ -84,10 +84,10 @@ def split_shared_prompt(
         head_labels = torch.full_like(head_ids, IGNORE_INDEX)
         head_ids, head_mask, _, kwargs = split_prefix(
             body, cache, head_ids, head_mask, head_labels, rep_starts, autocast_dtype
-        )  # head_ids (groups, width); head_mask (groups, prefix + width), prefixes left padded
+        )  # head_ids (groups, width + run); head_mask (groups, prefix + width + run), prefixes left padded
     with prompt_request(representatives), autocast(device, autocast_dtype):
         out = body(input_ids=head_ids, attention_mask=head_mask, **kwargs)
-    head_layers = cache_tensors(output_cache(out))  # per layer (groups, kv_heads, prefix + width, head_dim)
+    head_layers = cache_tensors(output_cache(out))  # per layer (groups, kv_heads, prefix + width + run, head_dim)
     # 2. the rows' rest, after their group's key/value states (index_select: the gradients sum back per group)
     rows = input_ids.shape[0]
     runs = torch.tensor(common, device=device, dtype=starts.dtype).index_select(0, group_of_row)  # (rows,)
