@@ -10,6 +10,7 @@ persona (stage 2, persona-grouped stage-1 batches) so runs its 20 virtual tokens
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -114,16 +115,29 @@ def split_shared_prompt(
     return rest_ids, mask, rest_labels, kwargs, None
 
 
+_PAIR_COST: weakref.WeakKeyDictionary[nn.Module, float | None] = weakref.WeakKeyDictionary()
+
+
+def _pair_cost(body: nn.Module) -> float | None:
+    """FLOPs of one attention (query, key) pair, 4 x hidden (scores and weighted sum), in units of one token's pass
+    through the decoder layers' weights (2 FLOPs per weight); None when the config does not say. Once per body."""
+    if body not in _PAIR_COST:
+        config = body.config
+        layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+        cost = None
+        if layers and hidden:
+            embeddings = body.get_input_embeddings().weight.numel()
+            per_layer = (sum(p.numel() for p in body.parameters()) - embeddings) / layers  # weights one token meets
+            cost = 4 * hidden / (2 * per_layer)
+        _PAIR_COST[body] = cost
+    return _PAIR_COST[body]
+
+
 def _cheaper_packed(body: nn.Module, spans: torch.Tensor, group_of_row: torch.Tensor, past: int) -> bool:
-    """True when one line per group costs fewer forward FLOPs than one padded line per row: per token, the decoder
-    layers' weights (2 FLOPs per weight), per (query, key) pair 4 x hidden (scores and weighted sum)."""
-    config = body.config
-    layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
-    if not layers or not hidden:
+    """True when one line per group costs fewer forward FLOPs than one padded line per row (`_pair_cost`)."""
+    pair = _pair_cost(body)
+    if pair is None:
         return False
-    embeddings = body.get_input_embeddings().weight.numel()
-    per_layer = (sum(p.numel() for p in body.parameters()) - embeddings) / layers  # weights one token meets
-    pair = 4 * hidden / (2 * per_layer)  # one (query, key) pair, in tokens' worth of weight FLOPs
     rows, padded = spans.numel(), int(spans.max())
     lines = torch.zeros(int(group_of_row.max()) + 1, dtype=spans.dtype, device=spans.device)
     line_len = int(lines.index_add(0, group_of_row, spans).max())
