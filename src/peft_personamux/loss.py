@@ -163,16 +163,21 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
         input_ids, attention_mask, labels, kwargs = split_prefix(
             body, cache, input_ids, attention_mask, labels, starts, options.autocast_dtype
         )
+    if row_of is None:  # one line per row
+        row_of = torch.arange(labels.shape[0], device=device)[:, None].expand_as(labels)  # (rows, seq)
+    keep = labels[:, 1:] != IGNORE_INDEX  # (lines, seq - 1): positions that predict a label
     with request, autocast(device, options.autocast_dtype):
         if labels_only:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-            return _labels_only_nll(base.get_output_embeddings(), hidden, labels, row_of, prepared.input_ids.shape[0])
-        logits = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-    nll = token_nll(logits, labels)  # (lines, seq - 1)
-    if row_of is None:
-        return nll.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-    keep = labels[:, 1:] != IGNORE_INDEX
-    return _per_row(nll[keep], row_of[:, 1:][keep], prepared.input_ids.shape[0])
+            nll = _labels_only_nll(base.get_output_embeddings(), hidden, labels, keep)
+        else:
+            logits = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    if not labels_only:
+        nll = token_nll(logits, labels)[keep]  # (label tokens,)
+    rows = row_of[:, 1:][keep]  # (label tokens,) the row each label belongs to
+    num_rows = prepared.input_ids.shape[0]
+    per_row = torch.zeros(num_rows, device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
+    return per_row, torch.bincount(rows, minlength=num_rows)
 
 
 def mean_response_loss(model, batch, num_items: int | torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -302,20 +307,8 @@ def _packing(body: nn.Module) -> str | None:
     return implementation if implementation in ("eager", "sdpa") else None
 
 
-def _per_row(nll: torch.Tensor, rows: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL (num_rows,) and label tokens (num_rows,) of label tokens ``nll`` that belong to ``rows``."""
-    per_row = torch.zeros(num_rows, device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
-    return per_row, torch.bincount(rows, minlength=num_rows)
-
-
-def _labels_only_nll(
-    head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, row_of: torch.Tensor | None, num_rows: int
-):
-    """Per-row NLL and label counts; ``row_of`` (lines, seq) maps packed positions to rows (None: line = row)."""
-    targets = labels[:, 1:]  # (lines, seq - 1)
-    keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep])  # (label tokens, vocab): only positions that predict a label
-    nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (label tokens,)
-    if row_of is None:
-        return _per_row(nll, keep.nonzero()[:, 0], num_rows)
-    return _per_row(nll, row_of[:, 1:][keep], num_rows)
+def _labels_only_nll(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor):
+    """NLL (label tokens,) of the labels at ``keep`` (lines, seq - 1), the head run only at the positions that
+    predict them."""
+    logits = head(hidden[:, :-1][keep])  # (label tokens, vocab)
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="none")
