@@ -132,8 +132,16 @@ def test_matmul_rate_counts_flops_over_the_fastest_round(monkeypatch):
     assert rate == (2 * 4 * 3 * 2 + 2 * 2 * 2 * 2) * 5 / 2.0  # FLOPs of all products over the 2-second round
     monkeypatch.undo()
     rates = {torch.float32: 100.0, torch.bfloat16: 250.0}
-    monkeypatch.setattr(machine, "matmul_rate", lambda dtype, shapes, **kwargs: rates[dtype])
-    assert bf16_matmul_speedup() == 2.5  # bf16's rate over float32's at the probe's shape
+    calls = []
+    monkeypatch.setattr(machine, "matmul_rate", lambda dtype, shapes, **kwargs: calls.append(dtype) or rates[dtype])
+    bf16_matmul_speedup.cache_clear()
+    try:
+        assert bf16_matmul_speedup() == 2.5  # bf16's rate over float32's at the probe's shape
+        rates[torch.bfloat16] = 110.0  # a later, noisier timing would fall under choose_autocast's 1.25
+        assert bf16_matmul_speedup() == 2.5 and len(calls) == 2  # measured once per process: no second timing
+        assert choose_autocast("cpu", "auto") is torch.bfloat16
+    finally:
+        bf16_matmul_speedup.cache_clear()  # later tests measure this CPU, not the stub
 
 
 def test_choose_autocast_modes():

@@ -3,6 +3,7 @@ machine multiplies matrices in float32 and bf16 (`matmul_rate`, `bf16_matmul_spe
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -106,8 +107,13 @@ def matmul_rate(
     return flops / max(best, 1e-9)
 
 
+@functools.cache
 def bf16_matmul_speedup(rows: int = 1024, inner: int = 576, cols: int = 1536, repeats: int = 5) -> float:
     """How many times faster a (rows, inner) @ (inner, cols) matmul runs in bf16 than in float32 on the CPU
-    (`matmul_rate` of each, best of three rounds)."""
+    (`matmul_rate` of each, best of three rounds).
+
+    Measured once per process and shape: a timing near `choose_autocast`'s threshold could otherwise pick bf16 for
+    one trainer and float32 for the next (a run and its resume, say) in the same process.
+    """
     shapes = [(rows, inner, cols)]
     return matmul_rate(torch.bfloat16, shapes, repeats=repeats) / matmul_rate(torch.float32, shapes, repeats=repeats)
