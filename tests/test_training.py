@@ -34,6 +34,7 @@ from peft_personamux.training import (
     full_batch_arguments,
     pretrain_codebook,
 )
+from peft_personamux.training.trainer import FAST_LOSS_KEY
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +167,19 @@ def test_gradient_checkpointing_trains(tokenizer, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_checkpoints_hold_persona_files_and_resume_restores_them(tokenizer, tmp_path):
+def test_checkpoints_hold_persona_files_and_resume_restores_them(tokenizer, tmp_path, monkeypatch):
+    import peft_personamux.loss as loss_module
+
     ds = Dataset.from_list(make_rows(per_persona=2))  # 4 rows, batch 2: 2 steps per epoch
     common = {"per_device_train_batch_size": 2, "warmup_epochs": 0.5, "save_strategy": "steps", "save_steps": 3}
     straight = make_model(tokenizer)
-    build_codebook_trainer(straight, tokenizer, ds, codebook_args(tmp_path / "a", **common)).train()
+    # autocast="auto" times this CPU's bf16 matmul: the first run measures bf16 as faster, the resumed run (as if
+    # in a new process on a busy CPU) as slower; the resume must keep the checkpoint's choice
+    monkeypatch.setattr(loss_module, "bf16_matmul_speedup", lambda: 2.0)
+    first = build_codebook_trainer(straight, tokenizer, ds, codebook_args(tmp_path / "a", **common))
+    first.train()
+    assert first.loss_options().autocast_dtype is torch.bfloat16
+    monkeypatch.setattr(loss_module, "bf16_matmul_speedup", lambda: 1.0)
     checkpoint = tmp_path / "a" / "checkpoint-3"
     files = list_persona_files(checkpoint)
     assert sorted(files) == ["play/a", "play/b"]
@@ -188,6 +197,9 @@ def test_checkpoints_hold_persona_files_and_resume_restores_them(tokenizer, tmp_
         assert torch.equal(saved, load_file(files[name])["mixture"])
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 4
+    assert trainer.loss_options().autocast_dtype is torch.bfloat16  # the checkpoint's choice, not a new timing
+    records = [e[FAST_LOSS_KEY] for e in trainer.state.log_history if FAST_LOSS_KEY in e]
+    assert records == [{"autocast": "bfloat16", "device": "cpu", "step": 0}]
     final, expected = snapshot(resumed), snapshot(straight)
     for key in final:
         torch.testing.assert_close(final[key], expected[key], rtol=1e-4, atol=1e-6)

@@ -88,15 +88,18 @@ class PersonaMuxTrainingArguments(TrainingArguments):
         default=True,
         metadata={
             "help": "Compute the loss with `loss.response_nll`: logits only at response tokens and the text before "
-            "the soft prompt run once without gradient. Same loss and gradients as the plain forward (tested); "
-            "about 1.3-2x faster per example on CPU (benchmarks/train_speed.py). Off under multi-process DDP."
+            "the soft prompt run once without gradient, the soft prompt and the template after it run once per "
+            "persona group. Same loss and gradients as the plain forward (tested); about 3x (stage 1) and 4x "
+            "(stage 2) the plain forward's example passes per second on a 2-core CPU "
+            "(benchmarks/train_speed.py). Off under multi-process DDP."
         },
     )
     autocast: str = field(
         default="auto",
         metadata={
             "help": "Autocast of the fast loss: 'auto' (bf16 with --bf16, or on a CPU whose bf16 matmul measures "
-            ">= 1.25x float32), 'bf16', or 'no'."
+            ">= 1.25x float32; timed once per process, and a resumed run keeps its checkpoint's choice), 'bf16', "
+            "or 'no'."
         },
     )
     attention: str = field(

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 # Dataset columns the collator reads. Trainer keeps only columns named by the base model's forward unless told.
 KEPT_COLUMNS = ("persona", "persona_ids", "prompt", "response", "text_persona")
+FAST_LOSS_KEY = "personamux_fast_loss"  # log_history entry: the fast loss's autocast choice, kept for a resume
 
 
 def _is_mixture(parameter_name: str) -> bool:
@@ -55,22 +56,40 @@ class PersonaMuxTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not getattr(self.args, "fast_loss", False) or return_outputs or self.args.world_size > 1:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # DDP needs its forward
-        if getattr(self, "_loss_options", None) is None:
-            self._loss_options = fast_loss_options(self.args, self.args.device)
+        if getattr(self, "_prefix_cache", None) is None:
             self._prefix_cache = PrefixCache()
-            logger.info("Fast loss: %s.", self._loss_options)
         model = self.accelerator.unwrap_model(model)
         return mean_response_loss(
-            model, inputs, num_items_in_batch, options=self._loss_options, prefix_cache=self._prefix_cache
+            model, inputs, num_items_in_batch, options=self.loss_options(), prefix_cache=self._prefix_cache
         )
 
     def autocast_dtype(self) -> torch.dtype | None:
-        """The fast loss's autocast dtype (``args.autocast``, bf16 under ``--bf16``); None: the weights' dtype."""
-        return autocast_dtype(self.args, self.args.device)
+        """The fast loss's autocast dtype (`loss_options`); None: the weights' dtype."""
+        return self.loss_options().autocast_dtype
 
     def loss_options(self) -> LossOptions:
-        """The fast loss's options: autocast dtype and attention implementation (`fast_loss_options`)."""
-        return fast_loss_options(self.args, self.args.device)
+        """The fast loss's options: autocast dtype and attention implementation (`fast_loss_options`), chosen once
+        per run and recorded in ``state.log_history`` (so in every checkpoint's trainer_state.json). A run resumed
+        from a checkpoint with ``autocast="auto"`` takes the recorded choice instead of timing this CPU again, so
+        that a CPU near the bf16 threshold cannot train the rest of the run in another precision."""
+        device_type = torch.device(self.args.device).type
+        recorded = next((e[FAST_LOSS_KEY] for e in reversed(self.state.log_history) if FAST_LOSS_KEY in e), None)
+        options = getattr(self, "_loss_options", None)
+        if options is None and recorded is not None and recorded.get("device") == device_type:
+            if self.args.autocast == "auto" and not self.args.bf16:
+                dtype = getattr(torch, recorded["autocast"]) if recorded["autocast"] else None
+                attention = choose_attention(self.args.device, dtype, getattr(self.args, "attention", "auto"))
+                options = LossOptions(autocast_dtype=dtype, attention=attention)
+                logger.info("Fast loss as recorded at step %s: %s.", recorded.get("step"), options)
+        if options is None:
+            options = fast_loss_options(self.args, self.args.device)
+            logger.info("Fast loss: %s.", options)
+        if recorded is None:  # a fresh run (or a new `train()` call): record the choice in this run's history
+            dtype = options.autocast_dtype
+            record = {"autocast": str(dtype).removeprefix("torch.") if dtype else None, "device": device_type}
+            self.state.log_history.append({FAST_LOSS_KEY: {**record, "step": self.state.global_step}})
+        self._loss_options = options
+        return options
 
     def create_optimizer(self, model=None):
         rate = getattr(self.args, "mixture_learning_rate", None)
