@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 
-from peft_personamux.machine import features_label, hardware  # noqa: F401  (the benchmarks call _common.hardware)
+from peft_personamux.machine import features_label
+from peft_personamux.machine import hardware as machine_hardware
 
 logger = logging.getLogger("benchmarks")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_VOCAB = 128
+_LOAD_AT_START: list[float] = []  # `setup`: the 1-min load average before the benchmark's own work
 
 
 # -- command line ----------------------------------------------------------------------------------------------------
@@ -71,10 +73,17 @@ def setup(args: argparse.Namespace) -> torch.device:
         raise SystemExit(f"--threads must be positive, got {args.threads}.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    _LOAD_AT_START[:] = [os.getloadavg()[0]]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no CUDA device.")
     return device
+
+
+def hardware(device: torch.device | str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """`machine.hardware`, judging whether the machine was busy by the load when `setup` ran: read at the end, the
+    load average counts the benchmark's own threads and would call every CPU run busy."""
+    return machine_hardware(device, dtype, _LOAD_AT_START[0] if _LOAD_AT_START else None)
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -272,7 +281,10 @@ def write_report(
         f"{hw['transformers']}, peft {hw['peft']}, dtype {hw['dtype']}. Model: {payload['model']}.",
     ]
     if "load_average_1min" in hw:
-        parts.append(f"\nThe machine was busy (1-min load average {hw['load_average_1min']}): timings are noisy.")
+        parts.append(
+            f"\nThe machine was busy when the run started (1-min load average {hw['load_average_1min']}): timings "
+            "are noisy."
+        )
     for heading, table in tables:
         parts += ["", f"## {heading}", "", table]
     if notes:

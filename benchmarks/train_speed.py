@@ -211,6 +211,8 @@ def variants_for(
         out.append(Variant("all (bf16, eager attention)", grouped, chosen))
         unpacked = dataclasses.replace(chosen, packed=False)
         out.append(Variant("all but packed rows (bf16, eager attention)", grouped, unpacked))
+        recast = dataclasses.replace(chosen, keep_casts=False)  # autocast casts each frozen weight on every call
+        out.append(Variant("all but kept weight casts (bf16, eager attention)", grouped, recast))
         if bf16_model is not None:  # no per-call weight casts: the frozen weights are bf16 already
             out.append(Variant("all (bf16 weights, eager attention)", grouped, chosen, model=bf16_model))
     if compiled_model is not None:  # compiled from the bf16-weights copy when there is one (the fastest eager row)
@@ -475,7 +477,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "here by default (`loss.FAST` with the autocast and attention they choose on this CPU); 'bf16 weights' is the "
         "same loss with the base model loaded in bf16 (`--dtype bfloat16`; the adapter stays float32); the compiled "
         "row is not a library option. Stage 2 fits on all of a persona's rows at once, so its rows per forward pass "
-        "are free: 'chunks of N rows' is the same summed gradient in fewer, larger passes.",
+        "are free: 'chunks of N rows' is the same summed gradient in fewer, larger passes. 'kept weight casts' "
+        "(`LossOptions.keep_casts`, on by default): each frozen linear weight is cast to bf16 once and kept, "
+        "instead of by autocast on every call (the same numbers).",
         "|Δloss| / loss compares each variant's mean loss over the same rows with the plain path's (fp32 variants "
         "are exact up to float rounding; bf16 ones are not).",
     ]

@@ -194,3 +194,32 @@ def test_train_speed_ceiling_is_the_counted_flops_at_the_measured_rate(load_scri
     assert records[1]["ceiling_passes_per_second"] == pytest.approx(40.0)  # 4 rows, 4 GFLOP at 40 GFLOP/s
     assert records[1]["ceiling_ratio"] == pytest.approx(20.0)  # 40 passes/s over plain's 2
     assert module.highest_ceiling(records) == "20.00x (fast)"
+
+
+def test_train_profile_groups_self_time_by_operator_kind(load_script):
+    """Shares of the profiled aten time: each operator in its group, the groups summing to 1, the top ranked."""
+    module = load_script("train_profile")
+    times = {"aten::mm": 50.0, "aten::bmm": 10.0, "aten::copy_": 20.0, "aten::_softmax": 5.0, "aten::mul": 15.0}
+    groups, top = module.summary(times, top=2)
+    assert groups["matrix multiplies"] == pytest.approx(0.6)
+    assert groups["casts and copies"] == pytest.approx(0.2)
+    assert groups["attention softmax"] == pytest.approx(0.05)
+    assert groups[module.OTHER] == pytest.approx(0.15)
+    assert sum(groups.values()) == pytest.approx(1.0)
+    assert top == [("aten::mm", 0.5), ("aten::copy_", 0.2)]
+
+
+def test_busy_is_judged_by_the_load_before_the_run(load_script, monkeypatch):
+    """The benchmark's own threads load the cores: a report read at the end must not call its own run busy."""
+    import argparse
+    import os
+
+    common = load_script("_common")
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    args = argparse.Namespace(tiny=True, random_llama_8b=False, model=None, threads=None, seed=0, device="cpu")
+    common.setup(args)
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))  # the run itself, at the end
+    assert "load_average_1min" not in common.hardware("cpu")
+    common.setup(args)  # busy before the run: flagged
+    assert common.hardware("cpu")["load_average_1min"] == float(cores)

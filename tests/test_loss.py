@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import ARCHS, batch_for, mux, shared_batch_for, template_batch_for
 
-from peft_personamux import shared_prompt
+from peft_personamux import shared_prompt, weight_casts
 from peft_personamux.loss import (
     PLAIN,
     LossOptions,
@@ -297,7 +297,7 @@ def test_shared_prompt_runs_the_common_template_once(arch, monkeypatch):
     real = shared_prompt.split_shared_prompt
 
     def spy(*args, **kwargs):
-        runs.append(list(args[11]))  # common: per group, the tokens after the soft prompt run once
+        runs.append(list(kwargs["common"]))  # common: per group, the tokens after the soft prompt run once
         return real(*args, **kwargs)
 
     monkeypatch.setattr("peft_personamux.loss.split_shared_prompt", spy)
@@ -308,10 +308,24 @@ def test_shared_prompt_runs_the_common_template_once(arch, monkeypatch):
     torch.testing.assert_close(nll, response_nll(model, batch, options=PLAIN)[0], rtol=1e-5, atol=1e-5)
 
 
+# precision -> (loss tolerance, gradient tolerance); bf16 runs compare packed and unpacked rows, both in bf16, and
+# their gradients by relative norm (bf16 rounding alone gives about 5e-3 here; a wrong mask gives order 1)
+PRECISIONS = {"float32": (1e-5, 1e-4), "bf16 autocast": (1e-4, 2e-2), "bf16 weights": (1e-4, 2e-2)}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_packed_rows_give_the_unpacked_losses_and_gradients(arch, attention, monkeypatch):
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_packed_rows_give_the_unpacked_losses_and_gradients(arch, attention, precision, monkeypatch):
+    """Packed rows under the 4D mask (its additive minimum in the weights' dtype for eager attention) against
+    padded rows: the same losses and gradients, in float32 and in the bf16 that CPUs with bf16 units train in."""
     model = mux(arch)
+    if precision == "bf16 weights":  # the frozen base in bf16, the adapter in float32 (`--dtype bfloat16`)
+        for name, param in model.named_parameters():
+            if "personamux" not in name:
+                param.data = param.data.to(torch.bfloat16)
+    autocast_dtype = torch.bfloat16 if precision == "bf16 autocast" else None
+    loss_tol, grad_tol = PRECISIONS[precision]
     batch = template_batch_for(model)
     lines: list[int] = []
     real = shared_prompt.split_shared_prompt
@@ -324,7 +338,7 @@ def test_packed_rows_give_the_unpacked_losses_and_gradients(arch, attention, mon
     monkeypatch.setattr("peft_personamux.loss.split_shared_prompt", spy)
     results = []
     for packed in (True, False):  # True: always, whatever the FLOPs
-        options = LossOptions(attention=attention, shared_prompt=True, packed=packed)
+        options = LossOptions(attention=attention, shared_prompt=True, packed=packed, autocast_dtype=autocast_dtype)
         model.zero_grad()
         nll, tokens = response_nll(model, batch, options=options)
         nll.sum().backward()
@@ -332,10 +346,23 @@ def test_packed_rows_give_the_unpacked_losses_and_gradients(arch, attention, mon
         results.append((nll.detach(), tokens, grads))
     assert lines == [3, -1]  # three (prefix, persona) groups in one packed line each; unpacked: none
     (packed_nll, packed_tokens, packed_grads), (nll, tokens, grads) = results
-    torch.testing.assert_close(packed_nll, nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_nll, nll, rtol=loss_tol, atol=loss_tol)
     assert packed_tokens.tolist() == tokens.tolist()
     for name, grad in grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        if precision == "float32":
+            torch.testing.assert_close(packed_grads[name], grad, rtol=grad_tol, atol=1e-6, msg=name)
+        else:
+            assert float((packed_grads[name] - grad).norm() / grad.norm()) < grad_tol, name
+
+
+def test_packed_true_is_refused_where_rows_cannot_pack():
+    with pytest.raises(ValueError, match="`packed=True`.*needs `shared_prompt=True`"):
+        LossOptions(packed=True, shared_prompt=False)
+    model = mux("llama")
+    batch = template_batch_for(model)
+    model.get_base_model().config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="`packed=True` needs attention 'eager' or 'sdpa'.*'flash_attention_2'"):
+        response_nll(model, batch, options=LossOptions(packed=True))
 
 
 def test_rows_are_packed_when_that_costs_fewer_flops():
@@ -345,3 +372,30 @@ def test_rows_are_packed_when_that_costs_fewer_flops():
     assert shared_prompt._cheaper_packed(body, uneven, one_group, past=4)
     even = torch.full((8,), 12)  # no padding to drop, and each token would attend across all 96 of the line
     assert not shared_prompt._cheaper_packed(body, even, one_group, past=4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kept_casts_give_autocasts_numbers_and_put_the_weights_back(arch):
+    """Frozen linear weights cast once and kept (`LossOptions.keep_casts`): bit for bit autocast's losses and
+    gradients, every weight its own Parameter again after the call, and a weight changed in place cast again."""
+    model = mux(arch)
+    batch = template_batch_for(model)
+    results = []
+    for keep in (True, False):
+        model.zero_grad()
+        nll, _ = response_nll(model, batch, options=LossOptions(autocast_dtype=torch.bfloat16, keep_casts=keep))
+        nll.sum().backward()
+        results.append((nll.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (kept_nll, kept_grads), (nll, grads) = results
+    assert torch.equal(kept_nll, nll)
+    assert all(torch.equal(kept_grads[name], grad) for name, grad in grads.items())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    assert linears and all(isinstance(m.weight, torch.nn.Parameter) for m in linears)
+    assert all(hasattr(m.weight, weight_casts._KEPT) for m in linears)  # the kept path ran
+    weight = linears[0].weight
+    first = weight_casts.cast_copy(weight, torch.bfloat16)
+    assert weight_casts.cast_copy(weight, torch.bfloat16) is first
+    with torch.no_grad():
+        weight.mul_(2)
+    again = weight_casts.cast_copy(weight, torch.bfloat16)
+    assert again is not first and torch.equal(again, weight.detach().to(torch.bfloat16))

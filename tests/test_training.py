@@ -199,10 +199,36 @@ def test_checkpoints_hold_persona_files_and_resume_restores_them(tokenizer, tmp_
     assert trainer.state.global_step == 4
     assert trainer.loss_options().autocast_dtype is torch.bfloat16  # the checkpoint's choice, not a new timing
     records = [e[FAST_LOSS_KEY] for e in trainer.state.log_history if FAST_LOSS_KEY in e]
-    assert records == [{"autocast": "bfloat16", "device": "cpu", "step": 0}]
+    assert records == [{"autocast": "bfloat16", "device": "cpu", "mode": "auto"}]  # one record: the choice held
     final, expected = snapshot(resumed), snapshot(straight)
     for key in final:
         torch.testing.assert_close(final[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fast_loss_record_follows_a_changed_precision_and_rejects_a_foreign_one(tokenizer, tmp_path, monkeypatch):
+    """A resume that changes precision records it, so the next `auto` resume keeps that; a bad record is named."""
+    import peft_personamux.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "bf16_matmul_speedup", lambda: 2.0)  # `auto` would pick bf16 if it timed
+    ds = Dataset.from_list(make_rows(per_persona=2))
+    trainer = build_codebook_trainer(make_model(tokenizer), tokenizer, ds, codebook_args(tmp_path, warmup_epochs=0))
+
+    def choose(autocast: str) -> torch.dtype | None:
+        trainer.args.autocast, trainer._loss_options = autocast, None  # as `train()` does before a run
+        return trainer.loss_options().autocast_dtype
+
+    assert choose("auto") is torch.bfloat16  # a fresh run times the CPU
+    assert choose("no") is None  # resumed in float32 on purpose: a second record
+    assert choose("auto") is None  # the last segment's choice, not a new timing
+    records = [
+        (e[FAST_LOSS_KEY]["autocast"], e[FAST_LOSS_KEY]["mode"])
+        for e in trainer.state.log_history
+        if FAST_LOSS_KEY in e
+    ]
+    assert records == [("bfloat16", "auto"), (None, "no")]
+    trainer.state.log_history.append({FAST_LOSS_KEY: {"autocast": "float8", "device": "cpu"}, "step": 1})
+    with pytest.raises(ValueError, match="personamux_fast_loss.autocast.*'float8'"):
+        choose("auto")
 
 
 def test_stage2_trains_only_new_rows_full_batch(tokenizer, tmp_path):

@@ -109,9 +109,10 @@ def shared_batch_for(model):
 
 def template_batch_for(model):
     """Right-padded rows shaped like the chat template's: [prefix] placeholder, an instruction every row has, a
-    prompt, an assistant header, a response. Groups of one (prefix, persona) share the instruction; two rows share
-    their prompt too (their common run ends right before the last header token, whose successor is a label), one
-    group has no prefix (stage 1) and one row is alone in its group."""
+    prompt, an assistant header, a response. Groups of one (prefix, persona) share the instruction (rows 0 and 1
+    share their prompt too, but row 2 of their group does not, so the group's common run is the instruction); one
+    group has no prefix (stage 1); one row is alone in its group, so its run ends right before its last header
+    token, whose successor is a label."""
     ph = model.peft_config["default"].placeholder_token_id
     g = torch.Generator().manual_seed(4)
     prefixes = [[5, 6, 7, 8], []]

@@ -37,6 +37,7 @@ from .kv_cache import PrefixCache, autocast, prompt_starts, split_prefix
 from .machine import bf16_matmul_speedup, matmul_rate
 from .shared_prompt import can_share_prompt, prompt_groups, shared_run_lengths, split_shared_prompt
 from .tuner.model import as_tuner
+from .weight_casts import kept_casts
 
 __all__ = [  # PrefixCache lives in kv_cache, the matmul probes in machine; callers import them from here
     "FAST",
@@ -79,11 +80,19 @@ class LossOptions:
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None runs in the weights' dtype
     attention: str | None = None  # attention implementation for the call ("eager", "sdpa"); None: the model's own
     # rows of one (prefix, persona) run the soft prompt and the template text after it once (needs a decoder body):
-    # 1.3x over the other shortcuts on both stages' rows on a 2-core AMD EPYC (benchmarks/train_speed.py)
+    # 1.2-1.4x over the other shortcuts where rows share a persona (stage 2; stage 1 with --personas_per_batch),
+    # about 1.0x on rows of mixed personas (benchmarks/train_speed.py, a 2-core AMD EPYC)
     shared_prompt: bool = True
     # with the shared prompt, the rows of one group run as one line without padding between them (eager or SDPA
     # attention, under a 4D mask): None when that costs fewer FLOPs than padded rows, True always, False never
     packed: bool | None = None
+    # under autocast on CPU, each frozen linear weight is cast once and kept instead of on every call
+    # (`weight_casts.kept_casts`: same numbers; costs a low-precision copy of the linear weights)
+    keep_casts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.packed is True and not self.shared_prompt:
+            raise ValueError("`packed=True` packs the rows of a shared-prompt group: it needs `shared_prompt=True`.")
 
 
 FAST = LossOptions()  # the default exact shortcuts, in the weights' dtype
@@ -110,7 +119,9 @@ def response_nll(
     prompt once for them even when ``mixtures`` requires gradient; without it, only mixtures without gradient are
     shared (rows grouped by value), so per-row leaf copies keep their own gradients.
     """
-    with _attention(as_tuner(model).model, options.attention):
+    base = as_tuner(model).model
+    keep = options.keep_casts and batch["input_ids"].device.type == "cpu"
+    with _attention(base, options.attention), kept_casts(base, options.autocast_dtype if keep else None):
         return _response_nll(model, batch, bias_scale, mixtures, options, prefix_cache, shared_mixtures)
 
 
@@ -132,6 +143,9 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     cache = prefix_cache if prefix_cache is not None and options.prefix_cache else PrefixCache()
     kwargs: dict = {}
     shared, row_of = None, None
+    if options.packed is True and body is not None and _packing(body) is None:
+        implementation = getattr(body.config, "_attn_implementation", None)
+        raise ValueError(f"`packed=True` needs attention 'eager' or 'sdpa' (4D masks), got {implementation!r}.")
     if options.shared_prompt and body is not None and enabled and not _checkpointing(base):
         shared = _prompt_sharing(tuner, prepared, mixtures, shared_mixtures, starts, placeholder)
     if shared is not None:
@@ -154,9 +168,9 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
             group_of_row,
             group_request,
             options.autocast_dtype,
-            common,
-            None if options.packed is False else _packing(body),
-            options.packed is True,
+            common=common,
+            pack=None if options.packed is False else _packing(body),
+            always_pack=options.packed is True,
         )
         request = contextlib.nullcontext()  # the rest of each row has no virtual tokens
     elif options.prefix_cache and body is not None and starts is not None and bool((starts > 0).any()):

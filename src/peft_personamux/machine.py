@@ -44,8 +44,12 @@ def features_label(hw: dict[str, Any]) -> str:
     return ", ".join(hw.get("cpu_features") or ["no avx2/avx512/amx"])
 
 
-def hardware(device: torch.device | str | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """CPU, GPU, thread count and library versions. ``device`` None: the first GPU when there is one, else the CPU."""
+def hardware(
+    device: torch.device | str | None = None, dtype: str | None = None, load_average: float | None = None
+) -> dict[str, Any]:
+    """CPU, GPU, thread count and library versions. ``device`` None: the first GPU when there is one, else the CPU.
+    ``load_average``: the 1-min load average that says whether other work shared the CPU (read before a timed run,
+    whose own threads load the cores); None reads it now."""
     import peft
     import transformers
 
@@ -69,8 +73,9 @@ def hardware(device: torch.device | str | None = None, dtype: str | None = None)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        info["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs were running: CPU timings are noisy
+    load = os.getloadavg()[0] if load_average is None else load_average
+    if load > 0.5 * (os.cpu_count() or 1):
+        info["load_average_1min"] = round(load, 2)  # other jobs were running: CPU timings are noisy
     return info
 
 

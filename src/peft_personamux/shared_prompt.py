@@ -50,6 +50,7 @@ def split_shared_prompt(
     group_of_row: torch.Tensor,
     prompt_request: Callable[[list[int]], contextlib.AbstractContextManager],
     autocast_dtype: torch.dtype | None,
+    *,
     common: list[int] | None = None,
     pack: str | None = None,
     always_pack: bool = False,
@@ -126,7 +127,9 @@ def _pair_cost(body: nn.Module) -> float | None:
         layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
         cost = None
         if layers and hidden:
-            embeddings = body.get_input_embeddings().weight.numel()
+            # the embedding module's parameters (with Persona-Mux's codebook, bias and persona table when it wraps
+            # it) are not weights a token meets in the layers
+            embeddings = sum(p.numel() for p in body.get_input_embeddings().parameters())
             per_layer = (sum(p.numel() for p in body.parameters()) - embeddings) / layers  # weights one token meets
             cost = 4 * hidden / (2 * per_layer)
         _PAIR_COST[body] = cost

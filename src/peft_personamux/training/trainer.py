@@ -40,12 +40,39 @@ def autocast_dtype(args, device: torch.device | str) -> torch.dtype | None:
     return choose_autocast(device, args.autocast)
 
 
-def fast_loss_options(args, device: torch.device | str) -> LossOptions:
-    """The fast loss's options for training arguments ``args`` on ``device`` (autocast and attention choice)."""
-    dtype = autocast_dtype(args, device)
+_CHOOSE = object()  # `fast_loss_options`: choose the autocast dtype from the arguments and this machine
+AUTOCAST_NAMES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # as recorded in log_history
+
+
+def fast_loss_options(args, device: torch.device | str, dtype: torch.dtype | None | object = _CHOOSE) -> LossOptions:
+    """The fast loss's options for training arguments ``args`` on ``device`` (autocast and attention choice);
+    ``dtype`` fixes the autocast dtype (a resumed run's recorded one) instead of choosing it."""
+    if dtype is _CHOOSE:
+        dtype = autocast_dtype(args, device)
     return LossOptions(
         autocast_dtype=dtype, attention=choose_attention(device, dtype, getattr(args, "attention", "auto"))
     )
+
+
+def fast_loss_record(options: LossOptions, args, device_type: str) -> dict:
+    """The ``log_history`` record of a fast-loss choice (`PersonaMuxTrainer.loss_options`)."""
+    dtype = options.autocast_dtype
+    return {
+        "autocast": str(dtype).removeprefix("torch.") if dtype else None,
+        "device": device_type,
+        "mode": "bf16" if args.bf16 and args.autocast == "auto" else args.autocast,
+    }
+
+
+def recorded_autocast(record: dict) -> torch.dtype | None:
+    """The autocast dtype of a ``log_history`` record; a clear error for an edited or foreign trainer_state.json."""
+    name = record.get("autocast")
+    if name not in AUTOCAST_NAMES:
+        raise ValueError(
+            f"`{FAST_LOSS_KEY}.autocast` in the checkpoint's trainer_state.json must be one of "
+            f"{sorted(AUTOCAST_NAMES, key=str)}, got {name!r}; remove that log_history entry to choose again."
+        )
+    return AUTOCAST_NAMES[name]
 
 
 class PersonaMuxTrainer(Trainer):
@@ -63,31 +90,33 @@ class PersonaMuxTrainer(Trainer):
             model, inputs, num_items_in_batch, options=self.loss_options(), prefix_cache=self._prefix_cache
         )
 
-    def autocast_dtype(self) -> torch.dtype | None:
-        """The fast loss's autocast dtype (`loss_options`); None: the weights' dtype."""
-        return self.loss_options().autocast_dtype
+    def train(self, *args, **kwargs):
+        self._loss_options = None  # chosen again once the (resumed) state is loaded: see `loss_options`
+        return super().train(*args, **kwargs)
 
     def loss_options(self) -> LossOptions:
-        """The fast loss's options: autocast dtype and attention implementation (`fast_loss_options`), chosen once
-        per run and recorded in ``state.log_history`` (so in every checkpoint's trainer_state.json). A run resumed
-        from a checkpoint with ``autocast="auto"`` takes the recorded choice instead of timing this CPU again, so
-        that a CPU near the bf16 threshold cannot train the rest of the run in another precision."""
+        """The fast loss's options: autocast dtype and attention implementation (`fast_loss_options`), chosen at a
+        run's first step and recorded in ``state.log_history`` (so in every checkpoint's trainer_state.json) when
+        they differ from the last record. A run resumed from a checkpoint with ``autocast="auto"`` (and no
+        ``--bf16``) on the same device type takes the recorded choice instead of timing this CPU again, so that a
+        CPU near the bf16 threshold cannot train the rest of the run in another precision."""
+        options = getattr(self, "_loss_options", None)
+        if options is not None:
+            return options
         device_type = torch.device(self.args.device).type
         recorded = next((e[FAST_LOSS_KEY] for e in reversed(self.state.log_history) if FAST_LOSS_KEY in e), None)
-        options = getattr(self, "_loss_options", None)
-        if options is None and recorded is not None and recorded.get("device") == device_type:
-            if self.args.autocast == "auto" and not self.args.bf16:
-                dtype = getattr(torch, recorded["autocast"]) if recorded["autocast"] else None
-                attention = choose_attention(self.args.device, dtype, getattr(self.args, "attention", "auto"))
-                options = LossOptions(autocast_dtype=dtype, attention=attention)
-                logger.info("Fast loss as recorded at step %s: %s.", recorded.get("step"), options)
-        if options is None:
+        auto = self.args.autocast == "auto" and not self.args.bf16
+        if recorded is not None and auto and recorded.get("device") == device_type:
+            options = fast_loss_options(self.args, self.args.device, recorded_autocast(recorded))
+            logger.info("Fast loss as recorded in the checkpoint: %s.", options)
+        else:
             options = fast_loss_options(self.args, self.args.device)
             logger.info("Fast loss: %s.", options)
-        if recorded is None:  # a fresh run (or a new `train()` call): record the choice in this run's history
-            dtype = options.autocast_dtype
-            record = {"autocast": str(dtype).removeprefix("torch.") if dtype else None, "device": device_type}
-            self.state.log_history.append({FAST_LOSS_KEY: {**record, "step": self.state.global_step}})
+        record = fast_loss_record(options, self.args, device_type)
+        if recorded is None or {k: recorded.get(k) for k in ("autocast", "device")} != {
+            k: record[k] for k in ("autocast", "device")
+        }:  # a fresh run, or a resume that changed precision: the next resume keeps this segment's choice
+            self.state.log_history.append({FAST_LOSS_KEY: record, "step": self.state.global_step})
         self._loss_options = options
         return options
 

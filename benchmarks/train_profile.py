@@ -1,0 +1,148 @@
+"""Where a training step's time goes: the library's fast loss and today's plain path, by kind of operator.
+
+train_speed.py says how fast each path runs and how close its matrix multiplies come to this CPU's matmul rate;
+this says what the rest of the time is. Both stages' rows are train_speed.py's (same model, same rows, same
+batches), one untimed warm-up run each, then one run under torch.profiler. Operators are grouped by their self
+CPU time (time inside the operator, not its children): matrix multiplies, attention's softmax, dtype casts and
+copies, and the rest (norms, rotary, activations, additions and other element-wise work). The profiler adds its
+own overhead, so the report gives shares of the profiled time, not speeds.
+
+    python benchmarks/train_profile.py            # SmolLM2-135M-Instruct on this CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+from _common import add_common_arguments, command_line, hardware, load_model, markdown_table, setup, write_report
+from peft import get_peft_model
+from torch.profiler import ProfilerActivity, profile
+from train_speed import (
+    Variant,
+    make_batches,
+    shakespeare_rows,
+    shipped_batches_rows,
+    text_persona,
+)
+
+from peft_personamux import PersonaMuxConfig
+from peft_personamux.collator import PersonaMuxCollator
+from peft_personamux.loss import PLAIN, LossOptions, bf16_matmul_speedup, choose_attention
+
+NAME = "train_profile"
+
+# aten operator -> group; anything not listed is "other element-wise"
+GROUPS = {
+    "matrix multiplies": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_mkldnn_matmul"),
+    "attention softmax": ("aten::_softmax", "aten::_softmax_backward_data", "aten::_safe_softmax"),
+    "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"),
+}
+OTHER = "other element-wise (norms, rotary, activations, sums, ...)"
+
+
+def group_of(op: str) -> str:
+    return next((group for group, ops in GROUPS.items() if op in ops), OTHER)
+
+
+def profiled(variant: Variant, model) -> dict[str, float]:
+    """Self CPU microseconds per aten operator over one run of ``variant`` (after one untimed warm-up run)."""
+    variant.run(model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        variant.run(model)
+    return {
+        event.key: float(event.self_cpu_time_total)
+        for event in prof.key_averages()
+        if event.key.startswith("aten::") and event.self_cpu_time_total > 0
+    }
+
+
+def summary(times: dict[str, float], top: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """Shares of the profiled aten time by group, and the ``top`` operators with theirs."""
+    total = sum(times.values())
+    groups = {group: 0.0 for group in (*GROUPS, OTHER)}
+    for op, us in times.items():
+        groups[group_of(op)] += us / total
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return groups, [(op, us / total) for op, us in ranked]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--rows", type=int, default=16, help="Rows per stage (train_speed.py's first rows).")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--top", type=int, default=12, help="Operators listed one by one per path.")
+    args = parser.parse_args(argv)
+    device = setup(args)
+    if args.tiny or args.random_llama_8b:
+        raise SystemExit("train_profile.py profiles real lines through the real tokenizer: use the default model.")
+    if device.type != "cpu":
+        raise SystemExit("train_profile.py groups CPU operator time; run it with --device cpu.")
+    base, tokenizer, label = load_model(args, device)
+    model = get_peft_model(
+        base, PersonaMuxConfig(num_codes=64, tokens_per_code=8, num_bias_tokens=12, task_type="CAUSAL_LM")
+    )
+    rows = shakespeare_rows(args.rows, args.seed)
+    rows1 = shipped_batches_rows(args.rows, args.batch_size, 2, args.seed)
+    model.add_personas(sorted({r["persona"] for r in rows + rows1}))
+    model.train_codebook()
+    speedup = bf16_matmul_speedup()
+    dtype = torch.bfloat16 if speedup >= 1.25 else None
+    fast = LossOptions(autocast_dtype=dtype, attention=choose_attention("cpu", dtype))  # what training runs here
+    common = dict(max_prompt_tokens=48, max_response_tokens=48)
+
+    one = rows[0]["persona"]
+    stage2_rows = [{**r, "persona": one} for r in rows]
+    stages = {
+        # rows1 are already in the shipped sampler's batch order; stage 2's fast path length-groups its rows
+        "stage 1": (PersonaMuxCollator.for_model(model, tokenizer, **common), rows1, None, False),
+        "stage 2": (
+            PersonaMuxCollator.for_model(model, tokenizer, text_personas={one: text_persona(one)}, **common),
+            stage2_rows,
+            [one],
+            True,
+        ),
+    }
+    tables, records = [], []
+    for stage, (collator, stage_rows, trained, grouped) in stages.items():
+        if trained:
+            model.train_personas(trained)
+        batches = make_batches(collator, stage_rows, args.batch_size, False, args.seed)
+        fast_batches = make_batches(collator, stage_rows, args.batch_size, True, args.seed) if grouped else batches
+        for path, variant in (
+            ("the library's fast loss", Variant("fast", fast_batches, fast)),
+            ("plain (today)", Variant("plain", batches, PLAIN, plain_forward=True)),
+        ):
+            times = profiled(variant, model)
+            groups, top = summary(times, args.top)
+            records.append({"stage": stage, "path": path, "groups": groups, "top": top, "aten_us": times})
+            group_rows = [[g, f"{100 * share:.1f}%"] for g, share in groups.items()]
+            op_rows = [[op, group_of(op), f"{100 * share:.1f}%"] for op, share in top]
+            tables.append((f"{stage}, {path}: by group", markdown_table(["group", "share of aten time"], group_rows)))
+            tables.append((f"{stage}, {path}: top operators", markdown_table(["operator", "group", "share"], op_rows)))
+    payload = {
+        "command": command_line(__file__, argv),
+        "hardware": hardware(device, args.dtype),
+        "model": label,
+        "rows": args.rows,
+        "batch_size": args.batch_size,
+        "bf16_matmul_speedup": speedup,
+        "fast_autocast": str(dtype),
+        "profiles": records,
+    }
+    notes = [
+        f"bf16 matmul on this CPU: {speedup:.2f}x float32, so the fast loss runs with autocast {dtype} and "
+        f"attention {fast.attention!r}, as `personamux pretrain` and `add-persona` do here.",
+        "Shares are of the summed self CPU time of aten operators over one profiled run (forward and backward), "
+        "after one warm-up run; the profiler's own overhead is in every operator alike.",
+        "A path whose matrix multiplies are a share s of its time could run at most 1/s times faster with every "
+        "other operator free (fused away), at the same FLOPs.",
+    ]
+    write_report(NAME, args.output_dir, payload, "Training step profile: where the time goes", tables, notes)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
