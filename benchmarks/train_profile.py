@@ -16,18 +16,10 @@ import argparse
 from collections.abc import Sequence
 
 import torch
-from _common import add_common_arguments, command_line, hardware, load_model, markdown_table, setup, write_report
-from peft import get_peft_model
+from _common import add_common_arguments, command_line, hardware, markdown_table, setup, write_report
 from torch.profiler import ProfilerActivity, profile
-from train_speed import (
-    Variant,
-    make_batches,
-    shakespeare_rows,
-    shipped_batches_rows,
-    text_persona,
-)
+from train_speed import Variant, make_batches, model_and_rows, text_persona
 
-from peft_personamux import PersonaMuxConfig
 from peft_personamux.collator import PersonaMuxCollator
 from peft_personamux.loss import PLAIN, LossOptions, bf16_matmul_speedup, choose_attention
 
@@ -80,14 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("train_profile.py profiles real lines through the real tokenizer: use the default model.")
     if device.type != "cpu":
         raise SystemExit("train_profile.py groups CPU operator time; run it with --device cpu.")
-    base, tokenizer, label = load_model(args, device)
-    model = get_peft_model(
-        base, PersonaMuxConfig(num_codes=64, tokens_per_code=8, num_bias_tokens=12, task_type="CAUSAL_LM")
-    )
-    rows = shakespeare_rows(args.rows, args.seed)
-    rows1 = shipped_batches_rows(args.rows, args.batch_size, 2, args.seed)
-    model.add_personas(sorted({r["persona"] for r in rows + rows1}))
-    model.train_codebook()
+    model, tokenizer, label, rows, rows1 = model_and_rows(args, device, personas_per_batch=2)
     speedup = bf16_matmul_speedup()
     dtype = torch.bfloat16 if speedup >= 1.25 else None
     fast = LossOptions(autocast_dtype=dtype, attention=choose_attention("cpu", dtype))  # what training runs here

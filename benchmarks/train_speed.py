@@ -352,6 +352,23 @@ def highest_ceiling(records: Sequence[dict]) -> str:
     return f"{best['ceiling_ratio']:.2f}x ({best['variant']})"
 
 
+def model_and_rows(args: argparse.Namespace, device: torch.device, personas_per_batch: int | None):
+    """The Persona-Mux model over ``args``' base (its codebook training), its tokenizer and label, and both stages'
+    rows: random pretraining lines, and stage 1's (the shipped sampler's batches with ``personas_per_batch``; None:
+    the same random lines)."""
+    base, tokenizer, label = load_model(args, device)
+    model = get_peft_model(
+        base, PersonaMuxConfig(num_codes=64, tokens_per_code=8, num_bias_tokens=12, task_type="CAUSAL_LM")
+    )
+    rows = shakespeare_rows(args.rows, args.seed)
+    rows1 = rows
+    if personas_per_batch is not None:
+        rows1 = shipped_batches_rows(args.rows, args.batch_size, personas_per_batch, args.seed)
+    model.add_personas(sorted({r["persona"] for r in rows + rows1}))
+    model.train_codebook()
+    return model, tokenizer, label, rows, rows1
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
@@ -378,15 +395,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(
             "train_speed.py times real lines through the real tokenizer: use the default model or --model."
         )
-    base, tokenizer, label = load_model(args, device)
-    model = get_peft_model(
-        base, PersonaMuxConfig(num_codes=64, tokens_per_code=8, num_bias_tokens=12, task_type="CAUSAL_LM")
-    )
-    rows = shakespeare_rows(args.rows, args.seed)
     shipped = args.stage1_batches == "shipped"
-    rows1 = shipped_batches_rows(args.rows, args.batch_size, args.personas_per_batch, args.seed) if shipped else rows
-    model.add_personas(sorted({r["persona"] for r in rows + rows1}))
-    model.train_codebook()
+    model, tokenizer, label, rows, rows1 = model_and_rows(args, device, args.personas_per_batch if shipped else None)
     speedup = bf16_matmul_speedup() if device.type == "cpu" else float("nan")
     bf16 = device.type == "cpu" and speedup >= 1.25
     bf16_model = bf16_weights_copy(model) if bf16 else None

@@ -89,9 +89,10 @@ class PersonaMuxTrainingArguments(TrainingArguments):
         metadata={
             "help": "Compute the loss with `loss.response_nll`: logits only at response tokens and the text before "
             "the soft prompt run once without gradient, the soft prompt and the template after it run once per "
-            "persona group. Same loss and gradients as the plain forward (tested); about 3x (stage 1) and 4x "
-            "(stage 2) the plain forward's example passes per second on a 2-core CPU "
-            "(benchmarks/train_speed.py). Off under multi-process DDP."
+            "persona group. Same loss and gradients as the plain forward (tested). On a 2-core CPU with bf16 "
+            "(benchmarks/train_speed.py): about 4x the plain forward's example passes per second in stage 2, and "
+            "in stage 1 with --personas_per_batch 2 --length_grouped true (as docs/pretrained/pretrain_cmd.sh "
+            "trains); stage 1's random batches share little. Off under multi-process DDP."
         },
     )
     autocast: str = field(
