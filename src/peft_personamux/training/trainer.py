@@ -113,9 +113,8 @@ class PersonaMuxTrainer(Trainer):
             options = fast_loss_options(self.args, self.args.device)
             logger.info("Fast loss: %s.", options)
         record = fast_loss_record(options, self.args, device_type)
-        if recorded is None or {k: recorded.get(k) for k in ("autocast", "device")} != {
-            k: record[k] for k in ("autocast", "device")
-        }:  # a fresh run, or a resume that changed precision: the next resume keeps this segment's choice
+        # a fresh run, or a resume that changed precision: the next resume keeps this segment's choice
+        if recorded is None or any(recorded.get(key) != record[key] for key in ("autocast", "device")):
             self.state.log_history.append({FAST_LOSS_KEY: record, "step": self.state.global_step})
         self._loss_options = options
         return options
