@@ -66,6 +66,19 @@ def prompt_starts(input_ids: torch.Tensor, placeholder_id: int) -> torch.Tensor:
     return torch.where(is_ph.any(-1), is_ph.int().argmax(-1), torch.zeros_like(is_ph[:, 0], dtype=torch.long))
 
 
+def rest_of_rows(input_ids, labels, attention_mask, starts: torch.Tensor, pad_id: int = 0):
+    """Each row from ``starts[row]`` to its last real token, right padded: ids, labels and mask (rows, rest)."""
+    rows, device = input_ids.shape[0], input_ids.device
+    lengths = attention_mask.sum(-1)
+    rest_len = int((lengths - starts).max())
+    ids = torch.full((rows, rest_len), pad_id, dtype=input_ids.dtype, device=device)
+    rest_labels = torch.full((rows, rest_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
+    mask = torch.zeros(rows, rest_len, dtype=attention_mask.dtype, device=device)
+    for r, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        ids[r, : n - s], rest_labels[r, : n - s], mask[r, : n - s] = input_ids[r, s:n], labels[r, s:n], 1
+    return ids, rest_labels, mask
+
+
 def split_prefix(body, cache: PrefixCache, input_ids, attention_mask, labels, starts, autocast_dtype):
     """Cut each row at its soft prompt: the prefix comes from ``cache``, the rest is returned to run.
 
@@ -73,24 +86,19 @@ def split_prefix(body, cache: PrefixCache, input_ids, attention_mask, labels, st
     starts at its own position ``starts[row]``.
     """
     rows, device = input_ids.shape[0], input_ids.device
-    lengths = attention_mask.sum(-1)
-    starts_list, lengths_list = starts.tolist(), lengths.tolist()
+    starts_list = starts.tolist()
     prefixes = [
         cache.get(body, tuple(input_ids[r, :s].tolist()), device, autocast_dtype) if s > 0 else None
         for r, s in enumerate(starts_list)
     ]
     prefix_len = max(starts_list)
-    suffix_len = max(n - s for n, s in zip(lengths_list, starts_list))
     padding = input_ids[attention_mask == 0]
     pad_id = int(padding[0]) if padding.numel() else 0  # the batch's own pad id (masked out either way)
-    new_ids = torch.full((rows, suffix_len), pad_id, dtype=input_ids.dtype, device=device)  # (rows, suffix)
-    new_labels = torch.full((rows, suffix_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
-    suffix_mask = torch.zeros(rows, suffix_len, dtype=attention_mask.dtype, device=device)
+    # (rows, suffix) each, right padded
+    new_ids, new_labels, suffix_mask = rest_of_rows(input_ids, labels, attention_mask, starts, pad_id)
+    suffix_len = new_ids.shape[1]
     prefix_mask = torch.zeros(rows, prefix_len, dtype=attention_mask.dtype, device=device)  # left padded
-    for r, (s, n) in enumerate(zip(starts_list, lengths_list)):
-        new_ids[r, : n - s] = input_ids[r, s:n]
-        new_labels[r, : n - s] = labels[r, s:n]
-        suffix_mask[r, : n - s] = 1
+    for r, s in enumerate(starts_list):
         prefix_mask[r, prefix_len - s :] = 1
     positions = starts[:, None] + torch.arange(suffix_len, device=device)  # (rows, suffix)
     reference = next(p for p in prefixes if p is not None)

@@ -17,7 +17,16 @@ import torch
 from torch import nn
 
 from .inputs import IGNORE_INDEX
-from .kv_cache import PrefixCache, autocast, cache_kwarg, cache_tensors, make_cache, output_cache, split_prefix
+from .kv_cache import (
+    PrefixCache,
+    autocast,
+    cache_kwarg,
+    cache_tensors,
+    make_cache,
+    output_cache,
+    rest_of_rows,
+    split_prefix,
+)
 
 
 def prompt_groups(
@@ -91,7 +100,6 @@ def split_shared_prompt(
         out = body(input_ids=head_ids, attention_mask=head_mask, **kwargs)
     head_layers = cache_tensors(output_cache(out))  # per layer (groups, kv_heads, prefix + width + run, head_dim)
     # 2. the rows' rest, after their group's key/value states (index_select: the gradients sum back per group)
-    rows = input_ids.shape[0]
     runs = torch.tensor(common, device=device, dtype=starts.dtype).index_select(0, group_of_row)  # (rows,)
     skip = starts + width + runs  # (rows,) first position after the group's head
     lengths = attention_mask.sum(-1)
@@ -103,12 +111,8 @@ def split_shared_prompt(
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         kwargs = {cache_kwarg(body): make_cache(head_layers), "position_ids": positions, "use_cache": True}
         return ids, mask, rest_labels, kwargs, row_of
-    rest_len = int((lengths - skip).max())
-    rest_ids = torch.zeros(rows, rest_len, dtype=input_ids.dtype, device=device)
-    rest_labels = torch.full((rows, rest_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
-    rest_mask = torch.zeros(rows, rest_len, dtype=attention_mask.dtype, device=device)  # (rows, rest), right padded
-    for r, (s, n) in enumerate(zip(skip.tolist(), lengths.tolist())):
-        rest_ids[r, : n - s], rest_labels[r, : n - s], rest_mask[r, : n - s] = input_ids[r, s:n], labels[r, s:n], 1
+    rest_ids, rest_labels, rest_mask = rest_of_rows(input_ids, labels, attention_mask, skip)  # (rows, rest)
+    rest_len = rest_ids.shape[1]
     layers = [(k.index_select(0, group_of_row), v.index_select(0, group_of_row)) for k, v in head_layers]
     positions = skip[:, None] + torch.arange(rest_len, device=device)  # (rows, rest)
     mask = torch.cat([head_mask.index_select(0, group_of_row), rest_mask], dim=1)

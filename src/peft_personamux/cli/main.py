@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from . import add_persona, chat, demo, evaluate, generate, personas, pretrain, serve
@@ -40,4 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.set_verbosity_warning()
+    # peft's `get_peft_model` reads a property newer transformers deprecate: nothing for a CLI user to change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     return COMMANDS[name].main(rest)
