@@ -5,7 +5,8 @@ this says what the rest of the time is. Both stages' rows are train_speed.py's (
 batches), one untimed warm-up run each, then one run under torch.profiler. Operators are grouped by their self
 CPU time (time inside the operator, not its children): matrix multiplies, attention's softmax, dtype casts and
 copies, and the rest (norms, rotary, activations, additions and other element-wise work). The profiler adds its
-own overhead, so the report gives shares of the profiled time, not speeds.
+own overhead, and time outside aten operators (Python, the autograd engine) is not in the shares, so the report gives
+shares of the profiled operator time, not speeds: a share is an upper bound on what removing those operators saves.
 
     python benchmarks/train_profile.py            # SmolLM2-135M-Instruct on this CPU
 """
@@ -28,7 +29,13 @@ NAME = "train_profile"
 # aten operator -> group; anything not listed is "other element-wise"
 GROUPS = {
     "matrix multiplies": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_mkldnn_matmul"),
-    "attention softmax": ("aten::_softmax", "aten::_softmax_backward_data", "aten::_safe_softmax"),
+    "attention (softmax, fused SDPA kernels)": (
+        "aten::_softmax",
+        "aten::_softmax_backward_data",
+        "aten::_safe_softmax",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
     "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"),
 }
 OTHER = "other element-wise (norms, rotary, activations, sums, ...)"
@@ -122,8 +129,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"attention {fast.attention!r}, as `personamux pretrain` and `add-persona` do here.",
         "Shares are of the summed self CPU time of aten operators over one profiled run (forward and backward), "
         "after one warm-up run; the profiler's own overhead is in every operator alike.",
-        "A path whose matrix multiplies are a share s of its time could run at most 1/s times faster with every "
-        "other operator free (fused away), at the same FLOPs.",
+        "A path whose matrix multiplies are a share s of its operator time could run at most about 1/s times "
+        "faster with every other operator free (fused away), at the same FLOPs: a loose upper bound, since time "
+        "outside aten operators is not counted and removing an operator's time does not always shorten the step "
+        "as much (benchmarks/train_speed.py measures speeds).",
     ]
     write_report(NAME, args.output_dir, payload, "Training step profile: where the time goes", tables, notes)
     return payload

@@ -203,7 +203,7 @@ def test_train_profile_groups_self_time_by_operator_kind(load_script):
     groups, top = module.summary(times, top=2)
     assert groups["matrix multiplies"] == pytest.approx(0.6)
     assert groups["casts and copies"] == pytest.approx(0.2)
-    assert groups["attention softmax"] == pytest.approx(0.05)
+    assert groups["attention (softmax, fused SDPA kernels)"] == pytest.approx(0.05)
     assert groups[module.OTHER] == pytest.approx(0.15)
     assert sum(groups.values()) == pytest.approx(1.0)
     assert top == [("aten::mm", 0.5), ("aten::copy_", 0.2)]

@@ -396,6 +396,57 @@ def test_kept_casts_give_autocasts_numbers_and_put_the_weights_back(arch):
     first = weight_casts.cast_copy(weight, torch.bfloat16)
     assert weight_casts.cast_copy(weight, torch.bfloat16) is first
     with torch.no_grad():
-        weight.mul_(2)
+        weight.mul_(2)  # in place: a new version
     again = weight_casts.cast_copy(weight, torch.bfloat16)
     assert again is not first and torch.equal(again, weight.detach().to(torch.bfloat16))
+    weight.data = weight.data * 3  # new data, as subnetwork masks and `module.to` set it
+    assert torch.equal(weight_casts.cast_copy(weight, torch.bfloat16), weight.detach().to(torch.bfloat16))
+    weight_casts.drop_casts(model)
+    assert not any(hasattr(m.weight, weight_casts._KEPT) for m in linears)
+
+
+def test_kept_casts_swap_in_bf16_put_back_on_error_and_survive_inference_mode():
+    """Inside the block the frozen linears hold bf16 copies (the copies are used, not just made); an exception puts
+    the Parameters back; a copy made under inference mode still trains (it is an ordinary tensor)."""
+    model = mux("llama")
+    linear = next(m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad)
+    with weight_casts.kept_casts(model, torch.bfloat16):
+        assert linear.weight.dtype is torch.bfloat16 and not isinstance(linear.weight, torch.nn.Parameter)
+    assert isinstance(linear.weight, torch.nn.Parameter) and linear.weight.dtype is torch.float32
+    with pytest.raises(RuntimeError, match="boom"), weight_casts.kept_casts(model, torch.bfloat16):
+        raise RuntimeError("boom")
+    assert isinstance(linear.weight, torch.nn.Parameter)
+    weight_casts.drop_casts(model)
+    batch, options = template_batch_for(model), LossOptions(autocast_dtype=torch.bfloat16)
+    with torch.inference_mode():
+        response_nll(model, batch, options=options)  # makes the copies under inference mode
+    nll, _ = response_nll(model, batch, options=options)
+    nll.sum().backward()  # would fail with "Inference tensors cannot be saved for backward"
+
+
+def test_kept_casts_leave_linear_subclasses_alone():
+    """A subclass of nn.Linear may compute in float32 on purpose (its own forward): it keeps its float32 weight."""
+
+    class Float32Head(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(Float32Head(4, 4), torch.nn.Linear(4, 4)).requires_grad_(False)
+    with weight_casts.kept_casts(model, torch.bfloat16):
+        assert model[0].weight.dtype is torch.float32 and model[1].weight.dtype is torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_activation_checkpointing_runs_without_prefix_or_shared_prompt_reuse(arch):
+    """transformers turns the key/value cache off under activation checkpointing, so the fast loss runs every row
+    whole there: the plain path's losses, rows with a text persona before the soft prompt included."""
+    model = mux(arch)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers checkpoints only in training mode
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # GPT-2's dropout would make the two passes differ
+    batch = batch_for(model)
+    nll, tokens = response_nll(model, batch)  # FAST: prefix cache and shared prompt asked for
+    plain, plain_tokens = response_nll(model, batch, options=PLAIN)
+    torch.testing.assert_close(nll, plain, rtol=1e-5, atol=1e-5)
+    assert tokens.tolist() == plain_tokens.tolist()

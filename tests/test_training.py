@@ -226,8 +226,13 @@ def test_fast_loss_record_follows_a_changed_precision_and_rejects_a_foreign_one(
         if FAST_LOSS_KEY in e
     ]
     assert records == [("bfloat16", "auto"), (None, "no")]
-    trainer.state.log_history.append({FAST_LOSS_KEY: {"autocast": "float8", "device": "cpu"}, "step": 1})
+    trainer.state.log_history.append({FAST_LOSS_KEY: {"autocast": "bfloat16", "device": "cuda"}, "step": 1})
+    assert choose("auto") is None  # a segment on another device: this CPU's last choice still holds
+    trainer.state.log_history.append({FAST_LOSS_KEY: {"autocast": "float8", "device": "cpu"}, "step": 2})
     with pytest.raises(ValueError, match="personamux_fast_loss.autocast.*'float8'"):
+        choose("auto")
+    trainer.state.log_history.append({FAST_LOSS_KEY: "bfloat16", "step": 3})  # not a record at all
+    with pytest.raises(ValueError, match="personamux_fast_loss.autocast.*'bfloat16'"):
         choose("auto")
 
 

@@ -84,7 +84,8 @@ class LossOptions:
     # about 1.0x on rows of mixed personas (benchmarks/train_speed.py, a 2-core AMD EPYC)
     shared_prompt: bool = True
     # with the shared prompt, the rows of one group run as one line without padding between them (eager or SDPA
-    # attention, under a 4D mask): None when that costs fewer FLOPs than padded rows, True always, False never
+    # attention, under a 4D mask): None when that costs fewer FLOPs than padded rows, True always where the shared
+    # prompt runs (rows that share no prompt, or activation checkpointing, run unpacked), False never
     packed: bool | None = None
     # under autocast on CPU, each frozen linear weight is cast once and kept instead of on every call
     # (`weight_casts.kept_casts`: same numbers; costs a low-precision copy of the linear weights)
@@ -143,12 +144,14 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     cache = prefix_cache if prefix_cache is not None and options.prefix_cache else PrefixCache()
     kwargs: dict = {}
     shared, row_of = None, None
-    if options.packed is True and body is not None and _packing(body) is None:
-        implementation = getattr(body.config, "_attn_implementation", None)
-        raise ValueError(f"`packed=True` needs attention 'eager' or 'sdpa' (4D masks), got {implementation!r}.")
-    if options.shared_prompt and body is not None and enabled and not _checkpointing(base):
+    # under activation checkpointing transformers runs without a key/value cache: no prefix or shared prompt reuse
+    checkpointing = _checkpointing(base)
+    if options.shared_prompt and body is not None and enabled and not checkpointing:
         shared = _prompt_sharing(tuner, prepared, mixtures, shared_mixtures, starts, placeholder)
     if shared is not None:
+        if options.packed is True and _packing(body) is None:
+            implementation = getattr(body.config, "_attn_implementation", None)
+            raise ValueError(f"`packed=True` needs attention 'eager' or 'sdpa' (4D masks), got {implementation!r}.")
         width, representatives, group_of_row, common = shared
 
         def group_request(rows: list[int]):
@@ -173,7 +176,13 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
             always_pack=options.packed is True,
         )
         request = contextlib.nullcontext()  # the rest of each row has no virtual tokens
-    elif options.prefix_cache and body is not None and starts is not None and bool((starts > 0).any()):
+    elif (
+        options.prefix_cache
+        and body is not None
+        and not checkpointing
+        and starts is not None
+        and bool((starts > 0).any())
+    ):
         input_ids, attention_mask, labels, kwargs = split_prefix(
             body, cache, input_ids, attention_mask, labels, starts, options.autocast_dtype
         )

@@ -11,6 +11,7 @@ from transformers import Trainer
 from ..loss import LossOptions, PrefixCache, choose_attention, choose_autocast, mean_response_loss
 from ..persona_files import list_persona_files
 from ..sampling import PersonaBatchSampler, row_lengths
+from ..weight_casts import drop_casts
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def fast_loss_record(options: LossOptions, args, device_type: str) -> dict:
 
 def recorded_autocast(record: dict) -> torch.dtype | None:
     """The autocast dtype of a ``log_history`` record; a clear error for an edited or foreign trainer_state.json."""
-    name = record.get("autocast")
-    if name not in AUTOCAST_NAMES:
+    name = record.get("autocast") if isinstance(record, dict) else record
+    if not isinstance(record, dict) or name not in AUTOCAST_NAMES:
         raise ValueError(
             f"`{FAST_LOSS_KEY}.autocast` in the checkpoint's trainer_state.json must be one of "
             f"{sorted(AUTOCAST_NAMES, key=str)}, got {name!r}; remove that log_history entry to choose again."
@@ -92,29 +93,35 @@ class PersonaMuxTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._loss_options = None  # chosen again once the (resumed) state is loaded: see `loss_options`
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            drop_casts(self.model)  # the fast loss's bf16 weight copies are for training steps only
 
     def loss_options(self) -> LossOptions:
         """The fast loss's options: autocast dtype and attention implementation (`fast_loss_options`), chosen at a
         run's first step and recorded in ``state.log_history`` (so in every checkpoint's trainer_state.json) when
         they differ from the last record. A run resumed from a checkpoint with ``autocast="auto"`` (and no
-        ``--bf16``) on the same device type takes the recorded choice instead of timing this CPU again, so that a
-        CPU near the bf16 threshold cannot train the rest of the run in another precision."""
+        ``--bf16``) takes the last choice recorded on this device type instead of timing this CPU again, so that a
+        CPU near the bf16 threshold cannot train the rest of the run in another precision. (A record's ``mode``
+        says which setting made it, for a reader of trainer_state.json.)"""
         options = getattr(self, "_loss_options", None)
         if options is not None:
             return options
         device_type = torch.device(self.args.device).type
-        recorded = next((e[FAST_LOSS_KEY] for e in reversed(self.state.log_history) if FAST_LOSS_KEY in e), None)
+        records = [e[FAST_LOSS_KEY] for e in self.state.log_history if FAST_LOSS_KEY in e]
+        recorded = records[-1] if records else None
+        here = next((r for r in reversed(records) if not isinstance(r, dict) or r.get("device") == device_type), None)
         auto = self.args.autocast == "auto" and not self.args.bf16
-        if recorded is not None and auto and recorded.get("device") == device_type:
-            options = fast_loss_options(self.args, self.args.device, recorded_autocast(recorded))
+        if here is not None and auto:
+            options = fast_loss_options(self.args, self.args.device, recorded_autocast(here))
             logger.info("Fast loss as recorded in the checkpoint: %s.", options)
         else:
             options = fast_loss_options(self.args, self.args.device)
             logger.info("Fast loss: %s.", options)
         record = fast_loss_record(options, self.args, device_type)
         # a fresh run, or a resume that changed precision: the next resume keeps this segment's choice
-        if recorded is None or any(recorded.get(key) != record[key] for key in ("autocast", "device")):
+        if not isinstance(recorded, dict) or any(recorded.get(key) != record[key] for key in ("autocast", "device")):
             self.state.log_history.append({FAST_LOSS_KEY: record, "step": self.state.global_step})
         self._loss_options = options
         return options
