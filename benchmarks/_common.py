@@ -73,11 +73,16 @@ def setup(args: argparse.Namespace) -> torch.device:
         raise SystemExit(f"--threads must be positive, got {args.threads}.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    _LOAD_AT_START[:] = [os.getloadavg()[0]]
+    note_load_at_start()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no CUDA device.")
     return device
+
+
+def note_load_at_start() -> None:
+    """Read the 1-min load average before the benchmark's own work (`setup` does; scripts without it call this)."""
+    _LOAD_AT_START[:] = [os.getloadavg()[0]]
 
 
 def hardware(device: torch.device | str | None = None, dtype: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Sequence
 
 import torch
-from _common import RESULTS_DIR, command_line, hardware, markdown_table, write_report
+from _common import RESULTS_DIR, command_line, hardware, markdown_table, note_load_at_start, write_report
 
 from peft_personamux.machine import matmul_rate
 
@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if threads < 1:
         raise SystemExit(f"--threads must be positive, got {threads}.")
     torch.set_num_threads(threads)
+    note_load_at_start()
     sets = shape_sets(args.tokens, args.hidden, args.inner) if not args.tiny else {"tiny": [(16, 8, 8)]}
     rates: dict[str, dict[str, list[float]]] = {name: {d: [] for d in DTYPES} for name in sets}
     for _ in range(args.rounds):  # interleaved: every dtype and shape set sees the same machine state

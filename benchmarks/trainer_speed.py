@@ -25,9 +25,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from _common import RESULTS_DIR, command_line, markdown_table, write_report
-
-from peft_personamux.machine import hardware
+from _common import RESULTS_DIR, command_line, hardware, markdown_table, note_load_at_start, write_report
 
 NAME = "trainer_speed"
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("rounds", "personas", "lines", "batch_size", "steps", "fit_lines", "fit_steps"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be positive, got {getattr(args, flag)}.")
+    note_load_at_start()
 
     with tempfile.TemporaryDirectory(prefix="trainer_speed_") as tmp:
         tmp_path = Path(tmp)
