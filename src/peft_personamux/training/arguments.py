@@ -90,9 +90,9 @@ class PersonaMuxTrainingArguments(TrainingArguments):
             "help": "Compute the loss with `loss.response_nll`: logits only at response tokens and the text before "
             "the soft prompt run once without gradient, the soft prompt and the template after it run once per "
             "persona group. Same loss and gradients as the plain forward (tested). On a 2-core CPU with bf16 "
-            "(benchmarks/train_speed.py): about 4x the plain forward's example passes per second in stage 2, and "
+            "(benchmarks/train_speed.py): about 4x the plain forward's example passes per second in stage 2, 3.9x "
             "in stage 1 with --personas_per_batch 2 --length_grouped true (as docs/pretrained/pretrain_cmd.sh "
-            "trains); stage 1's random batches share little. Off under multi-process DDP."
+            "trains) and 3.5x on random stage-1 batches. Off under multi-process DDP."
         },
     )
     autocast: str = field(
