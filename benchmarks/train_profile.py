@@ -13,13 +13,12 @@ shares of the profiled operator time, not speeds: a share is an upper bound on w
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
-from _common import add_common_arguments, command_line, hardware, markdown_table, setup, write_report
+from _common import command_line, hardware, markdown_table, write_report
 from torch.profiler import ProfilerActivity, profile
-from train_speed import Variant, make_batches, model_and_rows, text_persona
+from train_speed import Variant, make_batches, model_and_rows, real_lines_setup, rows_parser, text_persona
 
 from peft_personamux.collator import PersonaMuxCollator
 from peft_personamux.loss import PLAIN, LossOptions, bf16_matmul_speedup, choose_attention
@@ -68,15 +67,10 @@ def summary(times: dict[str, float], top: int) -> tuple[dict[str, float], list[t
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    parser.add_argument("--rows", type=int, default=16, help="Rows per stage (train_speed.py's first rows).")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = rows_parser(__doc__, 16, "Rows per stage (train_speed.py's first rows).")
     parser.add_argument("--top", type=int, default=12, help="Operators listed one by one per path.")
     args = parser.parse_args(argv)
-    device = setup(args)
-    if args.tiny or args.random_llama_8b:
-        raise SystemExit("train_profile.py profiles real lines through the real tokenizer: use the default model.")
+    device = real_lines_setup(args, "train_profile.py")
     if device.type != "cpu":
         raise SystemExit("train_profile.py groups CPU operator time; run it with --device cpu.")
     model, tokenizer, label, rows, rows1 = model_and_rows(args, device, personas_per_batch=2)

@@ -369,11 +369,25 @@ def model_and_rows(args: argparse.Namespace, device: torch.device, personas_per_
     return model, tokenizer, label, rows, rows1
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def rows_parser(doc: str, rows: int, rows_help: str) -> argparse.ArgumentParser:
+    """The parser the training benchmarks start from: the common flags, ``--rows`` and ``--batch-size``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--rows", type=int, default=32, help="Rows per stage (the same rows for every variant).")
+    parser.add_argument("--rows", type=int, default=rows, help=rows_help)
     parser.add_argument("--batch-size", type=int, default=8)
+    return parser
+
+
+def real_lines_setup(args: argparse.Namespace, script: str) -> torch.device:
+    """`setup`, refusing the synthetic models: the training benchmarks run real lines through the real tokenizer."""
+    device = setup(args)
+    if args.tiny or args.random_llama_8b:
+        raise SystemExit(f"{script} runs real lines through the real tokenizer: use the default model or --model.")
+    return device
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = rows_parser(__doc__, 32, "Rows per stage (the same rows for every variant).")
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved timed rounds (the fastest counts).")
     parser.add_argument(
         "--stage1-batches",
@@ -390,11 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "takes minutes and is not timed).",
     )
     args = parser.parse_args(argv)
-    device = setup(args)
-    if args.tiny or args.random_llama_8b:
-        raise SystemExit(
-            "train_speed.py times real lines through the real tokenizer: use the default model or --model."
-        )
+    device = real_lines_setup(args, "train_speed.py")
     shipped = args.stage1_batches == "shipped"
     model, tokenizer, label, rows, rows1 = model_and_rows(args, device, args.personas_per_batch if shipped else None)
     speedup = bf16_matmul_speedup() if device.type == "cpu" else float("nan")
@@ -435,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     measure(model, stage2, args.rounds, "stage 2")
     shapes = model_matmul_shapes(model.get_base_model().config, stage1[0])
     matmul = {name: matmul_rate(dtype, shapes, device, repeats=10) for name, dtype in MATMUL_DTYPES.items()}
+    # what `weight_casts.kept_casts` keeps: a bf16 copy of every frozen plain nn.Linear weight
+    linears = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    kept_bytes = 2 * sum(w.numel() for w in linears)
     table1, records1 = table(stage1, matmul)
     table2, records2 = table(stage2, matmul)
     best1 = max(records1[1:], key=lambda r: r["ratio"])
@@ -448,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "stage1_batches": args.stage1_batches,
         "stage1_personas": len(set(personas1)),
         "bf16_matmul_speedup": speedup,
+        "kept_casts_bytes": kept_bytes,
         "bf16_chosen": bf16,
         "matmul_shapes": shapes,
         "matmul_flops_per_second": matmul,
@@ -489,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "row is not a library option. Stage 2 fits on all of a persona's rows at once, so its rows per forward pass "
         "are free: 'chunks of N rows' is the same summed gradient in fewer, larger passes. 'kept weight casts' "
         "(`LossOptions.keep_casts`, on by default): each frozen linear weight is cast to bf16 once and kept, "
-        "instead of by autocast on every call (the same numbers).",
+        "instead of by autocast on every call (the same numbers); the copies hold "
+        f"{kept_bytes / 1e6:.0f} MB here (2 bytes per frozen nn.Linear weight).",
         "|Δloss| / loss compares each variant's mean loss over the same rows with the plain path's (fp32 variants "
         "are exact up to float rounding; bf16 ones are not).",
     ]
