@@ -246,11 +246,21 @@ def test_shipped_configs_are_valid(name):
         ("headroom_gradient_scale", "unit", "`headroom_gradient_scale` must be one of"),
         ("headroom_gradient_codebook", "lda", "`headroom_gradient_codebook` must be one of"),
         ("headroom_quadratic", True, "`headroom_quadratic` needs `headroom_gradient_personas` > 0"),
+        ("data_efficiency_fits", ["adam"], "`data_efficiency_fits` must be a list of distinct names from"),
+        ("data_efficiency_fits", ["lbfgs", "lbfgs"], "`data_efficiency_fits` must be a list of distinct names"),
+        ("data_efficiency_fits", "fisher", "`data_efficiency_fits` must be a list"),
     ],
 )
 def test_config_validation_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**{field: value})
+
+
+def test_data_efficiency_fits_keep_older_fingerprints():
+    assert EvalConfig(data_efficiency_fits=["fisher"]).fingerprint() == EvalConfig().fingerprint()
+    assert EvalConfig(data_efficiency_fits=["lbfgs", "random"]).fingerprint() != EvalConfig().fingerprint()
+    with pytest.raises(ValueError, match="`lbfgs_steps` is 0"):
+        EvalConfig(data_efficiency_fits=["lbfgs"], lbfgs_steps=0)
 
 
 def test_fit_autocast_keeps_older_fingerprints_and_reaches_the_fits():
@@ -439,7 +449,12 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     assert headroom["identification"]["chance"] == pytest.approx(1 / len(personas))
     efficiency = results["data_efficiency"]
     assert efficiency["sizes"] == [n for n in config.data_efficiency_sizes if n <= config.num_train]
-    assert all(efficiency["personamux"][str(n)]["n"] == len(personas) for n in efficiency["sizes"])
+    for key in ("personamux", "personamux_lbfgs", "random_codebook", "sp"):  # every configured fit, every size
+        assert all(efficiency[key][str(n)]["n"] == len(personas) for n in efficiency["sizes"]), key
+    ratios = efficiency["gain_over_random"]  # learned over random codebook, per size, for both Persona-Mux fits
+    assert set(ratios) == {"personamux", "personamux_lbfgs"}
+    assert all(set(by_size) == {str(n) for n in efficiency["sizes"]} for by_size in ratios.values())
+    assert "Random codebook (64 weights)" in (out / "results.md").read_text()
     for name in ("headroom_curves.png", "identification.png", "data_efficiency.png"):
         assert (out / name).stat().st_size > 1000, name
     assert "## Headroom and likelihood identification" in (out / "results.md").read_text()
@@ -476,7 +491,7 @@ def test_lbfgs_rows_follow_lbfgs_steps():
     config = load_config(config_dir() / "eval_quick.json")
     keys = [key for key, *_ in method_keys(config)]
     assert keys == METHOD_ROWS[:-1]
-    off = [key for key, *_ in method_keys(dataclasses.replace(config, lbfgs_steps=0))]
+    off = [key for key, *_ in method_keys(dataclasses.replace(config, lbfgs_steps=0, data_efficiency_fits=["fisher"]))]
     assert off == [k for k in keys if "lbfgs" not in k]
     with pytest.raises(ValueError, match="lbfgs_steps"):
         load_config(config_dir() / "eval_quick.json", lbfgs_steps=-1)
@@ -495,10 +510,22 @@ def test_plan_counts_headroom_data_efficiency_and_subnetwork_stages():
     # 2 sparsities x 3 rows: all held-out lines under each of the u masks; 2 generations per persona and row
     assert full["subnetwork"] == {"backward": 0, "forward": n + 2 * 3 * u * t, "generations": 2 * 3 * u * 2}
     assert full["pm_lbfgs"]["backward"] == math.ceil(1.25 * config.lbfgs_steps) * n  # each persona on its own
-    assert "pm_lbfgs" not in plan(dataclasses.replace(config, lbfgs_steps=0), split, pretrain_here=True)
+    assert "pm_lbfgs" not in plan(
+        dataclasses.replace(config, lbfgs_steps=0, data_efficiency_fits=["fisher"]), split, pretrain_here=True
+    )
     assert "data_efficiency" in full and full["total"]["backward"] == sum(
         s["backward"] for k, s in full.items() if k != "total"
     )
+    lines = sum(min(k, config.num_train) * u for k in config.data_efficiency_sizes)  # rows fitted over the sizes
+    per_line = {  # backward passes per fitted line of each configured fit; SP's Adam steps
+        "fisher": config.fisher_steps + 1,
+        "lbfgs": math.ceil(1.25 * config.lbfgs_steps),
+        "random": config.fit_steps if config.random_codebook_method == "adam" else config.fisher_steps + 1,
+    }
+    fits = sum(per_line[f] for f in config.data_efficiency_fits)
+    assert full["data_efficiency"]["backward"] == lines * (config.sp_steps + fits)
+    fisher_only = plan(dataclasses.replace(config, data_efficiency_fits=["fisher"]), split, pretrain_here=True)
+    assert fisher_only["data_efficiency"]["backward"] == lines * (config.sp_steps + config.fisher_steps + 1)
     only = plan(dataclasses.replace(config, only_headroom=True), split, pretrain_here=False)
     assert set(only) == {"codebook", "headroom", "total"} and only["total"]["judge_sequences"] == 0
 
@@ -513,3 +540,65 @@ def test_sp_start_draws_vocabulary_rows_per_seed():
     torch.testing.assert_close(sp_start(table, 4, seed=3), start)
     assert not torch.equal(sp_start(table, 4, seed=4), start)
     assert sp_start(table, 4, seed=3, init="RANDOM").shape == (4, 6)
+
+
+class _CurveStub:
+    """Just what `run_data_efficiency` calls on a `runner.Evaluation`, counting the fits it runs."""
+
+    def __init__(self, fail_on: tuple[str, int] | None = None):
+        self.config = EvalConfig(num_train=8, random_codebook_method="fisher")
+        self.personas = ["a/x", "a/y"]
+        rows = [{"persona": p, "prompt": "q", "response": "r", "group": "a"} for _ in range(8) for p in self.personas]
+        self.split = type("Split", (), {"train": rows, "test": rows[:4]})()
+        self.device = torch.device("cpu")
+        self.fits: list[tuple[str, int, bool]] = []  # (method, lines per persona, random codebook)
+        self.swapped = False
+        self.fail_on = fail_on
+        self.model = type("Model", (), {"set_mixture": lambda *a: None})()
+        self.model.peft_config = {"default": type("C", (), {"num_codes": 4})()}
+        self.model.active_adapter = "default"
+
+    def personamux(self):
+        return self.model
+
+    def pm_losses(self, rows, bias_scale):
+        return {p: 4.0 - 0.01 * len(self.fits) for p in self.personas}
+
+    def mux_collator(self, model):
+        return lambda rows: {"input_ids": torch.zeros(len(rows), 1)}
+
+    def random_codebook(self, model):
+        stub = self
+
+        class Swap:
+            def __enter__(self):
+                stub.swapped = True
+
+            def __exit__(self, *exc):
+                stub.swapped = False
+
+        return Swap()
+
+    def fit_unseen(self, model, batch, method):
+        lines = batch["input_ids"].shape[0] // len(self.personas)
+        if self.fail_on == (method, lines):
+            raise RuntimeError("interrupted")
+        self.fits.append((method, lines, self.swapped))
+
+
+def test_data_efficiency_fits_each_row_as_configured_and_resumes_where_it_stopped():
+    from peft_personamux.evaluation.data_efficiency import run_data_efficiency
+
+    saved = {}
+    stub = _CurveStub(fail_on=("fisher", 8))  # the random codebook's second size fails
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_data_efficiency(stub, [4, 8, 100], ["lbfgs", "random"], save=lambda out: saved.update(out))
+    # sizes above num_train are skipped; L-BFGS on the learned codebook, the random one with random_codebook_method
+    assert stub.fits == [("lbfgs", 4, False), ("lbfgs", 8, False), ("fisher", 4, True)]
+    assert not stub.swapped  # the learned codebook is back after the failure
+    assert set(saved["personamux_lbfgs"]) == {"4", "8"} and set(saved["random_codebook"]) == {"4"}
+
+    again = _CurveStub()
+    out = run_data_efficiency(again, [4, 8], ["lbfgs", "random"], partial={**saved, "sp": {"4": {}, "8": {}}})
+    assert again.fits == [("fisher", 8, True)]  # only what was missing
+    assert set(out["random_codebook"]) == {"4", "8"} and out["zero"] == saved["zero"]

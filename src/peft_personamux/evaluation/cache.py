@@ -82,11 +82,14 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
             "generations": 0,
         }
     sizes = [k for k in c.data_efficiency_sizes if k <= c.num_train]
-    if sizes and not c.only_headroom:  # per size: a Fisher fit and an SP fit on the first k lines of each persona
+    if sizes and not c.only_headroom:  # per size: each configured fit and an SP fit on the first k lines of each
         lines = sum(min(k, c.num_train) * u for k in sizes)
+        costs = {"fisher": fisher, "lbfgs": {"backward": math.ceil(1.25 * c.lbfgs_steps) * n, "forward": 0}}
+        costs["random"] = random_fit
+        fits = [costs[f] for f in c.data_efficiency_fits]  # per line of the full split: scale by lines / n
         stages["data_efficiency"] = {
-            "backward": lines * (c.fisher_steps + 1 + c.sp_steps),
-            "forward": lines * c.fisher_steps + 2 * len(sizes) * t + t,
+            "backward": lines * c.sp_steps + sum(math.ceil(f["backward"] * lines / n) for f in fits),
+            "forward": sum(math.ceil(f["forward"] * lines / n) for f in fits) + (len(fits) + 1) * len(sizes) * t + t,
             "generations": 0,
         }
     sparsities = len(c.subnetwork_sparsities) if not c.only_headroom else 0

@@ -19,6 +19,7 @@ from ..prompting import DEFAULT_INSTRUCTION
 
 TEXT_PERSONA_MODES = ("auto", "none", "name", "describe")
 FIT_METHODS = ("adam", "fisher")
+DATA_EFFICIENCY_FITS = ("fisher", "lbfgs", "random")
 SP_INITS = ("SAMPLE_VOCAB", "RANDOM")
 # Fields that do not change any number of a run: they are left out of the fingerprint that guards the stage cache.
 _NOT_FINGERPRINTED = ("output_dir", "num_threads", "eval_batch_size", "judge_batch_size", "fit_chunk_size")
@@ -29,6 +30,7 @@ _ADDED_FIELDS = {
     "headroom_gradient_scale": "equal",
     "headroom_gradient_codebook": "pca",
     "headroom_quadratic": False,
+    "data_efficiency_fits": ["fisher"],
 }
 
 
@@ -278,6 +280,15 @@ class EvalConfig:
             "skipped); empty: no curve. The paper's setting: [8, 32, 100]."
         },
     )
+    data_efficiency_fits: list[str] = field(
+        default_factory=lambda: ["fisher"],
+        metadata={
+            "help": "Fitted rows of the data-efficiency curve, besides SP and the zero mixture: 'fisher' "
+            "(Persona-Mux, fisher_steps from the zero mixture), 'lbfgs' (Persona-Mux, lbfgs_steps per persona from "
+            "the mean pretraining mixture: the pm_lbfgs row's fit) and 'random' (the random codebook fitted with "
+            "random_codebook_method: the random_codebook row's fit, for the learned/random gain ratio per size)."
+        },
+    )
     subnetwork_sparsities: list[float] = field(
         default_factory=lambda: [0.1, 0.3],
         metadata={
@@ -327,6 +338,14 @@ class EvalConfig:
             raise ValueError(f"`bias_scales` must be scales >= 0 that include 1.0, got {self.bias_scales!r}.")
         if any(not isinstance(n, int) or n < 1 for n in self.data_efficiency_sizes):
             raise ValueError(f"`data_efficiency_sizes` must be positive integers, got {self.data_efficiency_sizes!r}.")
+        fits = self.data_efficiency_fits
+        known = isinstance(fits, list) and all(f in DATA_EFFICIENCY_FITS for f in fits)
+        if not known or len(set(fits)) != len(fits):
+            raise ValueError(
+                f"`data_efficiency_fits` must be a list of distinct names from {DATA_EFFICIENCY_FITS}, got {fits!r}."
+            )
+        if "lbfgs" in fits and not self.lbfgs_steps:
+            raise ValueError("`data_efficiency_fits` names 'lbfgs' but `lbfgs_steps` is 0: set lbfgs_steps > 0.")
         if self.random_codebook_method not in FIT_METHODS:
             raise ValueError(
                 f"`random_codebook_method` must be one of {FIT_METHODS}, got {self.random_codebook_method!r}."

@@ -223,3 +223,16 @@ def identification_summary(matrix: list[list[float]], personas: list[str]) -> di
         "chance": 1 / len(personas),
         "own_mask_advantage": gaps,
     }
+
+
+def ratio_cell(ratio: dict) -> str:
+    """``4.72x (3.46 to 8.37x)`` from `metrics.gain_ratio`'s dict; an unbounded interval end is ∞."""
+    if ratio["ratio"] is None:
+        return "—"
+    if ratio["ci_low"] is None:
+        return f"{ratio['ratio']:.2f}x"
+    low, high = (
+        {"+inf": "∞", "-inf": "-∞"}[end] if isinstance(end, str) else f"{end:.2f}"
+        for end in (ratio["ci_low"], ratio["ci_high"])
+    )
+    return f"{ratio['ratio']:.2f}x ({low} to {high}x)"

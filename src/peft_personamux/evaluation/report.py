@@ -13,6 +13,7 @@ from ..machine import features_label
 from .common import REFERENCE
 from .data_efficiency import data_efficiency_markdown, plot_data_efficiency
 from .headroom_report import headroom_markdown, plot_headroom, plot_identification
+from .metrics import ratio_cell
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -144,19 +145,6 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
     lines += ["", "## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
     return "\n".join(lines)
-
-
-def ratio_cell(ratio: dict) -> str:
-    """``4.72x (3.46 to 8.37x)`` from `metrics.gain_ratio`'s dict; an unbounded interval end is ∞."""
-    if ratio["ratio"] is None:
-        return "—"
-    if ratio["ci_low"] is None:
-        return f"{ratio['ratio']:.2f}x"
-    low, high = (
-        {"+inf": "∞", "-inf": "-∞"}[end] if isinstance(end, str) else f"{end:.2f}"
-        for end in (ratio["ci_low"], ratio["ci_high"])
-    )
-    return f"{ratio['ratio']:.2f}x ({low} to {high}x)"
 
 
 def paired_markdown(paired: dict, random_method: str | None) -> list[str]:

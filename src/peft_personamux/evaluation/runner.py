@@ -126,8 +126,9 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, SubnetworkSta
         if self.config.data_efficiency_sizes:
             from .data_efficiency import run_data_efficiency
 
+            sizes, fits = self.config.data_efficiency_sizes, self.config.data_efficiency_fits
             stages["data_efficiency"] = self.stage(
-                "data_efficiency", lambda p, s: run_data_efficiency(self, self.config.data_efficiency_sizes)
+                "data_efficiency", lambda p, s: run_data_efficiency(self, sizes, fits, partial=p, save=s)
             )
         if self.config.subnetwork_sparsities:
             fitted = stages["pm_fisher"]["mixtures"]

@@ -3,11 +3,13 @@ random codebook), the headroom study; and the Persona-Mux model they share."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -193,33 +195,49 @@ class PersonaMuxStages:
         zero_mixtures(self.personamux(), self.personas)
         return {"train": self.pm_losses(self.split.train, 1.0), "test": self.pm_losses(self.split.test, 1.0)}
 
-    def pm_fit_stage(self, method: str, random_codebook: bool) -> dict:
+    @contextlib.contextmanager
+    def random_codebook(self, model) -> Iterator[None]:
+        """``model``'s codebook swapped for the ablation's random one (`methods.random_codebook_like`: the same
+        shape and code norms), the learned one restored after."""
+        codebook, _ = codebook_tensors(model)
+        with torch.no_grad():
+            codebook.copy_(random_codebook_like(self.learned_codebook, self.config.seed))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                codebook.copy_(self.learned_codebook)
+
+    def fit_unseen(self, model, batch: dict, method: str):
+        """Fit every unseen persona's mixture on ``batch`` as the row of ``method`` does: 'lbfgs' from the mean
+        pretraining mixture (`fit_each_from_mean`), 'adam' and 'fisher' from the current (zero) mixtures. Returns a
+        `fitting.FitResult` and the start's name."""
         from ...fitting import fit_mixtures
 
+        if method == "lbfgs":
+            return self.fit_each_from_mean(model, batch)
+        config = self.config
+        fit = fit_mixtures(
+            model,
+            batch,
+            method=method,
+            steps=config.fit_steps if method == "adam" else config.fisher_steps,
+            lr=config.fit_lr,
+            eps=config.fit_eps,
+            damping=config.fisher_damping,
+            chunk_size=config.fit_chunk_size,
+            bias_scale=1.0,
+        )
+        return fit, "zero"
+
+    def pm_fit_stage(self, method: str, random_codebook: bool) -> dict:
         config = self.config
         model = self.personamux()
         codebook, bias = codebook_tensors(model)
-        if random_codebook:
-            with torch.no_grad():
-                codebook.copy_(random_codebook_like(self.learned_codebook, config.seed))
-        try:
+        with self.random_codebook(model) if random_codebook else contextlib.nullcontext():
             zero_mixtures(model, self.personas)
             batch = {k: v.to(self.device) for k, v in self.mux_collator(model)(self.split.train).items()}
-            if method == "lbfgs":
-                fit, start = self.fit_each_from_mean(model, batch)
-            else:
-                start = "zero"
-                fit = fit_mixtures(
-                    model,
-                    batch,
-                    method=method,
-                    steps=config.fit_steps if method == "adam" else config.fisher_steps,
-                    lr=config.fit_lr,
-                    eps=config.fit_eps,
-                    damping=config.fisher_damping,
-                    chunk_size=config.fit_chunk_size,
-                    bias_scale=1.0,
-                )
+            fit, start = self.fit_unseen(model, batch, method)
             train_after = self.pm_losses(self.split.train, 1.0)
             scales = [1.0] if random_codebook else config.bias_scales
             heldout = {str(float(s)): self.pm_losses(self.split.test, s) for s in scales}
@@ -239,10 +257,6 @@ class PersonaMuxStages:
             directory = self.out / "artifacts" / name
             files = {p: Path(model.save_persona(p, directory)) for p in self.personas}
             mixtures = {p: model.get_mixture(p).tolist() for p in self.personas}
-        finally:
-            if random_codebook:
-                with torch.no_grad():
-                    codebook.copy_(self.learned_codebook)
         steps = {"adam": config.fit_steps, "fisher": config.fisher_steps, "lbfgs": config.lbfgs_steps}[method]
         return {
             "fit": {
