@@ -18,6 +18,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from _common import (
@@ -95,7 +96,14 @@ def make_batches(collator, rows, batch_size: int, grouped: bool, seed: int) -> l
 
 class Variant:
     def __init__(
-        self, name: str, batches, options: LossOptions, plain_forward: bool = False, threads=None, model=None
+        self,
+        name: str,
+        batches,
+        options: LossOptions,
+        plain_forward: bool = False,
+        threads=None,
+        model=None,
+        workers: int = 1,
     ):
         self.name, self.batches, self.options, self.plain_forward, self.threads = (
             name,
@@ -105,6 +113,9 @@ class Variant:
             threads,
         )
         self.model = model  # None: the shared float32 model; else its own (bf16 weights, compiled layers)
+        # > 1: the batches are split round-robin over this many Python threads, each with ``threads`` intra-op
+        # threads (data parallel on one machine; gradients add up in the shared .grad)
+        self.workers = workers
         self.cache = PrefixCache()
         self.seconds: list[float] = []
         self.untimed_seconds = 0.0  # compiled variants: the first run, which compiles
@@ -114,12 +125,28 @@ class Variant:
 
     def run(self, model) -> None:
         threads = torch.get_num_threads()
+        start = time.perf_counter()
+        if self.workers == 1:
+            total, tokens = self._run_batches(model, self.batches)
+        else:
+            model.zero_grad(set_to_none=True)
+            shares = [self.batches[i :: self.workers] for i in range(self.workers)]
+            with ThreadPoolExecutor(self.workers) as pool:
+                sums = list(pool.map(lambda share: self._run_batches(model, share, zero=False), shares))
+            total, tokens = sum(s[0] for s in sums), sum(s[1] for s in sums)
+        self.seconds.append(time.perf_counter() - start)
+        self.loss = total / tokens
+        torch.set_num_threads(threads)
+
+    def _run_batches(self, model, batches, zero: bool = True) -> tuple[float, int]:
+        """Forward and backward over ``batches``; the summed token loss and the token count."""
         if self.threads:
             torch.set_num_threads(self.threads)
+        cache = self.cache if self.workers == 1 else PrefixCache()
         total, tokens = 0.0, 0
-        start = time.perf_counter()
-        for batch in self.batches:
-            model.zero_grad(set_to_none=True)
+        for batch in batches:
+            if zero:
+                model.zero_grad(set_to_none=True)
             count = int((batch["labels"][:, 1:] != -100).sum())
             if self.plain_forward:  # today's path: the tuner's forward, transformers' loss over all positions
                 autocast = (
@@ -130,12 +157,10 @@ class Variant:
                 with autocast:
                     loss = model(**batch).loss
             else:
-                loss = mean_response_loss(model, batch, options=self.options, prefix_cache=self.cache)
+                loss = mean_response_loss(model, batch, options=self.options, prefix_cache=cache)
             loss.backward()
             total, tokens = total + float(loss.detach()) * count, tokens + count
-        self.seconds.append(time.perf_counter() - start)
-        self.loss = total / tokens
-        torch.set_num_threads(threads)
+        return total, tokens
 
     def count(self, model) -> None:
         """Count one untimed run's matrix-multiply FLOPs. A compiled variant is counted on ``model`` (eager, the
@@ -224,6 +249,9 @@ def variants_for(
         out.append(Variant(f"all + chunks of {4 * batch_size} rows", chunks, chosen))
     if torch.get_num_threads() > 1:
         out.append(Variant("all, 1 thread", grouped, chosen, threads=1))
+        workers = torch.get_num_threads()
+        name = f"all, {workers} Python threads x 1 thread (batches split between them)"
+        out.append(Variant(name, grouped, chosen, threads=1, workers=workers))
     for variant in out:
         bf16_weights = bf16_model is not None and variant.model is bf16_model
         variant.bf16 = variant.options.autocast_dtype == torch.bfloat16 or bf16_weights

@@ -223,3 +223,31 @@ def test_busy_is_judged_by_the_load_before_the_run(load_script, monkeypatch):
     assert "load_average_1min" not in common.hardware("cpu")
     common.setup(args)  # busy before the run: flagged
     assert common.hardware("cpu")["load_average_1min"] == float(cores)
+
+
+def test_train_speed_workers_split_batches_and_add_the_same_gradients(load_script):
+    """'N Python threads x 1 thread' runs the batches round-robin on threads: same loss, same summed gradients."""
+    from tiny_models import batch_for, mux
+
+    from peft_personamux.loss import FAST
+
+    script = load_script("train_speed")
+    model = mux()
+    model.train_personas(["a", "b", "c"])
+    batches = [batch_for(model), batch_for(model, with_prefix=(True, False, True, True)), batch_for(model)]
+    results = []
+    for workers in (1, 2):
+        variant = script.Variant("v", batches, FAST, threads=1, workers=workers)
+        model.zero_grad(set_to_none=True)
+        if workers == 1:  # one thread accumulates over every batch, as the threads do together
+            total, tokens = variant._run_batches(model, batches, zero=False)
+            loss = total / tokens
+        else:
+            variant.run(model)
+            loss = variant.loss
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+        results.append((loss, grads))
+    (loss1, grads1), (loss2, grads2) = results
+    assert loss2 == pytest.approx(loss1, rel=1e-6)
+    assert len(grads1) == len(grads2) > 0
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(grads1, grads2))
