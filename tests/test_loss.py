@@ -344,7 +344,8 @@ def test_packed_rows_give_the_unpacked_losses_and_gradients(arch, attention, pre
         nll.sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((nll.detach(), tokens, grads))
-    assert lines == [3, -1]  # three (prefix, persona) groups in one packed line each; unpacked: none
+    rows = batch["input_ids"].shape[0]  # packed: lines of several rows of one (prefix, persona) group; unpacked: none
+    assert 3 <= lines[0] < rows and lines[1] == -1  # three groups, at least one line per group
     (packed_nll, packed_tokens, packed_grads), (nll, tokens, grads) = results
     torch.testing.assert_close(packed_nll, nll, rtol=loss_tol, atol=loss_tol)
     assert packed_tokens.tolist() == tokens.tolist()
@@ -369,9 +370,27 @@ def test_rows_are_packed_when_that_costs_fewer_flops():
     body = mux("llama").get_base_model().model
     one_group = torch.zeros(8, dtype=torch.long)
     uneven = torch.tensor([1, 1, 1, 1, 1, 1, 1, 12])  # padding to 12 wastes most of the rows' tokens
-    assert shared_prompt._cheaper_packed(body, uneven, one_group, past=4)
+    assert shared_prompt.line_layout(body, uneven, one_group, past=4) == [list(range(8))]  # one line of 19
     even = torch.full((8,), 12)  # no padding to drop, and each token would attend across all 96 of the line
-    assert not shared_prompt._cheaper_packed(body, even, one_group, past=4)
+    assert shared_prompt.line_layout(body, even, one_group, past=4) is None
+    assert shared_prompt.line_layout(body, even, one_group, past=4, always=True) is not None
+
+
+def test_a_long_group_packs_into_several_balanced_lines():
+    """Stage 2's full batch: one line of all rows would make attention span thousands of tokens, padded rows
+    waste the padding; a few rows per line cost the least."""
+    body = mux("llama").get_base_model().model
+    pair = shared_prompt._pair_cost(body)
+    spans = torch.tensor([3, 40] * 32)  # 64 rows of one group, short and long alternating
+    layout = shared_prompt.line_layout(body, spans, torch.zeros(64, dtype=torch.long), past=20)
+    assert layout is not None and 1 < len(layout) < 64
+    assert sorted(r for line in layout for r in line) == list(range(64))  # every row once
+    tokens = [int(spans[line].sum()) for line in layout]
+    assert max(tokens) - min(tokens) <= 40  # balanced: no line longer than another by more than one row
+    cost = shared_prompt._layout_cost
+    chosen = cost(pair, len(layout), max(tokens), 20)
+    assert chosen < cost(pair, 1, int(spans.sum()), 20)  # one line
+    assert chosen < cost(pair, 64, 40, 20)  # padded rows
 
 
 @pytest.mark.parametrize("arch", ARCHS)

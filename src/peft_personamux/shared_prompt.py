@@ -3,13 +3,14 @@
 `split_shared_prompt` runs each (prefix, persona) group's head once with gradient: the soft prompt's virtual tokens
 and the tokens every row of the group has right after them (the chat template's system turn and instruction,
 `shared_run_lengths`). The rows' rest runs on top of the head's key/value states (their gradients sum back to it),
-right padded or packed into one line per group (`_cheaper_packed` picks by FLOPs). A batch of many lines of one
+right padded or packed into lines of one group's rows each (`line_layout` picks by FLOPs). A batch of many lines of one
 persona (stage 2, persona-grouped stage-1 batches) so runs its 20 virtual tokens and its template text once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import weakref
 from collections.abc import Callable
 
@@ -69,11 +70,11 @@ def split_shared_prompt(
     rest (ids, mask, labels), the forward kwargs that put their group's key/value states before it, and the row of
     each rest position (None: rest row r is row r).
 
-    ``pack``: the attention implementation ("eager" or "sdpa") when the rows of a group may run as one line, end
-    to end without padding between them, under a 4D mask that lets each row see its group's head and its own earlier
-    tokens only; they do when that costs fewer FLOPs than right-padded rows (`_cheaper_packed`: packing drops the
-    padding but lets each token's attention span its group's whole line), or always with ``always_pack``. None:
-    every row its own padded line.
+    ``pack``: the attention implementation ("eager" or "sdpa") when the rows of a group may run packed into lines,
+    end to end without padding between them, under a 4D mask that lets each row see its group's head and its own
+    earlier tokens only; they do when that costs fewer FLOPs than right-padded rows (`line_layout`: packing drops
+    the padding but lets each token's attention span its whole line, so a long group runs as several lines), or
+    always with ``always_pack``. None: every row its own padded line.
 
     Each row's virtual tokens sit at ``starts[row]:starts[row] + width`` and nothing there, in its group's common
     run or at the next position is a label (`can_share_prompt`, `shared_run_lengths`), so the rest's loss is the
@@ -103,13 +104,16 @@ def split_shared_prompt(
     runs = torch.tensor(common, device=device, dtype=starts.dtype).index_select(0, group_of_row)  # (rows,)
     skip = starts + width + runs  # (rows,) first position after the group's head
     lengths = attention_mask.sum(-1)
-    if pack is not None and (always_pack or _cheaper_packed(body, lengths - skip, group_of_row, head_mask.shape[1])):
-        packed = _pack_rest(input_ids, labels, skip, lengths, group_of_row, head_mask)
+    layout = None if pack is None else line_layout(body, lengths - skip, group_of_row, head_mask.shape[1], always_pack)
+    if layout is not None:
+        group_of_line = torch.tensor([int(group_of_row[line[0]]) for line in layout], device=device)  # (lines,)
+        packed = _pack_rest(input_ids, labels, skip, lengths, layout, head_mask.index_select(0, group_of_line))
         ids, mask, rest_labels, positions, row_of = packed
         if pack == "eager":  # additive, like transformers' own eager masks
             dtype = body.get_input_embeddings().weight.dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-        kwargs = {cache_kwarg(body): make_cache(head_layers), "position_ids": positions, "use_cache": True}
+        layers = [(k.index_select(0, group_of_line), v.index_select(0, group_of_line)) for k, v in head_layers]
+        kwargs = {cache_kwarg(body): make_cache(layers), "position_ids": positions, "use_cache": True}
         return ids, mask, rest_labels, kwargs, row_of
     rest_ids, rest_labels, rest_mask = rest_of_rows(input_ids, labels, attention_mask, skip)  # (rows, rest)
     rest_len = rest_ids.shape[1]
@@ -140,34 +144,70 @@ def _pair_cost(body: nn.Module) -> float | None:
     return _PAIR_COST[body]
 
 
-def _cheaper_packed(body: nn.Module, spans: torch.Tensor, group_of_row: torch.Tensor, past: int) -> bool:
-    """True when one line per group costs fewer forward FLOPs than one padded line per row (`_pair_cost`)."""
+def _layout_cost(pair: float, lines: int, line_len: int, past: int) -> float:
+    """Forward FLOPs of ``lines`` lines of ``line_len`` tokens after ``past`` head positions (`_pair_cost` units)."""
+    return lines * line_len * (1 + pair * (past + line_len))
+
+
+def _lines_of(spans: list[int], members: list[int], count: int) -> list[list[int]]:
+    """``members`` (rows of one group) dealt into ``count`` lines, longest row first into the shortest line."""
+    lines: list[list[int]] = [[] for _ in range(count)]
+    heap = [(0, i) for i in range(count)]  # (tokens so far, line)
+    for r in sorted(members, key=lambda r: -spans[r]):
+        total, i = heapq.heappop(heap)
+        lines[i].append(r)
+        heapq.heappush(heap, (total + spans[r], i))
+    return [sorted(line) for line in lines if line]
+
+
+def line_layout(
+    body: nn.Module, spans: torch.Tensor, group_of_row: torch.Tensor, past: int, always: bool = False
+) -> list[list[int]] | None:
+    """The rows of each group packed into lines (row indices per line; every line holds rows of one group), or
+    None when one padded line per row costs the fewest forward FLOPs (`_pair_cost`) and ``always`` is off.
+
+    Packing drops the padding between rows but lets each token's attention span its whole line, so long groups
+    (stage 2's full batch of a persona's lines) run as several balanced lines of a few rows each rather than one:
+    every group is split into ``ceil(rows / m)`` balanced lines for the ``m`` rows per line (a power of two, or
+    the largest group's rows) that costs least.
+    """
     pair = _pair_cost(body)
-    if pair is None:
-        return False
-    rows, padded = spans.numel(), int(spans.max())
-    lines = torch.zeros(int(group_of_row.max()) + 1, dtype=spans.dtype, device=spans.device)
-    line_len = int(lines.index_add(0, group_of_row, spans).max())
-    rows_cost = rows * padded * (1 + pair * (past + padded))
-    lines_cost = len(lines) * line_len * (1 + pair * (past + line_len))
-    return lines_cost < rows_cost
-
-
-def _pack_rest(input_ids, labels, skip, lengths, group_of_row, head_mask):
-    """One line per group: its rows' tokens from ``skip`` on, end to end. Returns ids, a boolean 4D mask
-    (lines, 1, line, head + line) that lets each token see its group's head and its own row's earlier tokens,
-    labels, position ids and the row of each position (-1: padding), all but the mask (lines, line)."""
-    device, lines = input_ids.device, head_mask.shape[0]
-    pieces: list[list[int]] = [[] for _ in range(lines)]
+    if pair is None and not always:
+        return None
+    pair = pair or 0.0
+    lengths = spans.tolist()
+    groups: dict[int, list[int]] = {}
     for r, g in enumerate(group_of_row.tolist()):
-        pieces[g].append(r)
+        groups.setdefault(g, []).append(r)
+    padded = _layout_cost(pair, len(lengths), max(lengths), past)
+    largest = max(map(len, groups.values()))
+    # rows per line: powers of two and the largest group (one row per line is the padded layout, run unpacked)
+    candidates = sorted({*(2**i for i in range(1, largest.bit_length())), largest} - ({1} if not always else set()))
+    best, best_cost = None, float("inf")
+    for per_line in candidates:
+        layout = [
+            line for members in groups.values() for line in _lines_of(lengths, members, -(-len(members) // per_line))
+        ]
+        line_len = max(sum(lengths[r] for r in line) for line in layout)
+        cost = _layout_cost(pair, len(layout), line_len, past)
+        if cost < best_cost:
+            best, best_cost = layout, cost
+    return best if always or best_cost < padded else None
+
+
+def _pack_rest(input_ids, labels, skip, lengths, layout: list[list[int]], head_mask):
+    """The rows' tokens from ``skip`` on, end to end in the lines of ``layout`` (row indices per line; ``head_mask``
+    (lines, head) is each line's group's). Returns ids, a boolean 4D mask (lines, 1, line, head + line) that lets
+    each token see its group's head and its own row's earlier tokens, labels, position ids and the row of each
+    position (-1: padding), all but the mask (lines, line)."""
+    device, lines = input_ids.device, len(layout)
     spans = (lengths - skip).tolist()  # (rows,) tokens each row runs
-    line_len = max(sum(spans[r] for r in members) for members in pieces)
+    line_len = max(sum(spans[r] for r in members) for members in layout)
     ids = torch.zeros(lines, line_len, dtype=input_ids.dtype, device=device)
     rest_labels = torch.full((lines, line_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
     positions = torch.zeros(lines, line_len, dtype=torch.long, device=device)
     row_of = torch.full((lines, line_len), -1, dtype=torch.long, device=device)
-    for g, members in enumerate(pieces):
+    for g, members in enumerate(layout):
         at = 0
         for r in members:
             s, n = int(skip[r]), int(lengths[r])
