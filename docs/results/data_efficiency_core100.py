@@ -15,7 +15,7 @@ docs/results/data_efficiency_core100_state.json):
     python docs/results/data_efficiency_core100.py
     python docs/results/data_efficiency_core100.py --report_only
 
-Writes docs/results/data_efficiency_core100.{md,json,png}.
+Writes docs/results/data_efficiency_core100.{md,json,png} and data_efficiency_core100_paired.png.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from peft_personamux.evaluation.config import EvalConfig, read_config_file
 from peft_personamux.evaluation.data_efficiency import (
     data_efficiency_markdown,
+    data_efficiency_rows,
     plot_data_efficiency,
     run_data_efficiency,
     summarize_data_efficiency,
@@ -94,7 +95,6 @@ def write_report(state: dict, config: EvalConfig) -> None:
         curve.setdefault(key, {})[str(config.num_train)] = ran[key]
     curve["sizes"] = sorted({*curve["sizes"], config.num_train})
     summary = summarize_data_efficiency(curve, personas)
-    OUT.mkdir(exist_ok=True)
     plot = plot_data_efficiency(summary, OUT.with_suffix(".png"))
     gains = {
         key: {
@@ -105,6 +105,7 @@ def write_report(state: dict, config: EvalConfig) -> None:
         for key in ("personamux_lbfgs", "random_codebook", "sp")
         if key in curve
     }
+    paired = plot_paired(gains, curve["sizes"], HERE / (OUT.name + "_paired.png"))
     write_json(
         OUT.with_suffix(".json"),
         {"config": dataclasses.asdict(config), "curve": curve, "summary": summary, "minus_zero": gains},
@@ -119,20 +120,48 @@ def write_report(state: dict, config: EvalConfig) -> None:
         "",
         *data_efficiency_markdown(summary),
         "",
+        "A ratio is — where the random codebook gains nothing over the zero mixture on average (no ratio to take). "
+        f"SP is the run's: {config.sp_steps} Adam steps at lr {config.sp_lr} from random vocabulary rows, not "
+        "converged (docs/results/converged_sp.md fits it further at 100 lines).",
+        "",
         "Fit minus the zero mixture, per character (mean ± 95% CI; fit lower on k of 12):",
         "",
         "| training lines | " + " | ".join(map(str, curve["sizes"])) + " |",
         "|---|" + "---|" * len(curve["sizes"]),
     ]
+    labels = {key: label for key, label in data_efficiency_rows(curve)}
     for key, by_size in gains.items():
         cells = []
         for n in map(str, curve["sizes"]):
             d = by_size.get(n)
             cells.append("n/a" if d is None else f"{d['mean']:+.3f} ± {d['ci95']:.3f} ({d['lower']})")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += ["", f"![data efficiency]({Path(plot).name})"]
+        lines.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
+    lines += ["", f"![data efficiency]({Path(plot).name})", "", f"![paired gains]({Path(paired).name})"]
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def plot_paired(gains: dict, sizes: list[int], path: Path) -> str:
+    """Persona-Mux's and the random codebook's held-out loss minus the zero mixture's, paired per character."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
+    rows = {"personamux_lbfgs": "Persona-Mux, L-BFGS from the mean", "random_codebook": "random codebook"}
+    for key, label in rows.items():
+        shown = [n for n in sizes if str(n) in gains.get(key, {})]
+        means = [gains[key][str(n)]["mean"] for n in shown]
+        errors = [gains[key][str(n)]["ci95"] for n in shown]
+        ax.errorbar(shown, means, yerr=errors, marker="o", capsize=3, label=label)
+    ax.axhline(0.0, color="grey", linestyle="--", label="zero mixture")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel("training lines per character")
+    ax.set_ylabel("held-out loss - zero mixture's (paired)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return str(path)
 
 
 if __name__ == "__main__":
