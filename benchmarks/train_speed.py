@@ -244,9 +244,12 @@ def variants_for(
         weights = "bf16 weights, " if bf16_model is not None else ""
         name = f"all ({weights}chosen) + compiled decoder layers"
         out.append(Variant(name, grouped, chosen, model=compiled_model))
-    if full_batch:
-        chunks = make_batches(collator, rows, 4 * batch_size, True, seed)
-        out.append(Variant(f"all + chunks of {4 * batch_size} rows", chunks, chosen))
+    if full_batch:  # every row in one batch, as `add-persona` runs stage 2 (full batch, no micro-batch cap)
+        whole = make_batches(collator, rows, len(rows), False, seed)
+        out.append(Variant(WHOLE_PLAIN, whole, PLAIN, plain_forward=True))
+        out.append(Variant(WHOLE_FAST, whole, chosen))
+        unpacked = dataclasses.replace(chosen, packed=False)
+        out.append(Variant("all but packed rows, the whole batch at once", whole, unpacked))
     if torch.get_num_threads() > 1:
         out.append(Variant("all, 1 thread", grouped, chosen, threads=1))
         workers = torch.get_num_threads()
@@ -256,6 +259,10 @@ def variants_for(
         bf16_weights = bf16_model is not None and variant.model is bf16_model
         variant.bf16 = variant.options.autocast_dtype == torch.bfloat16 or bf16_weights
     return out
+
+
+WHOLE_PLAIN = "plain (today), the whole batch at once (as today's add-persona runs stage 2)"
+WHOLE_FAST = "all (the library's path), the whole batch at once (as add-persona runs stage 2)"
 
 
 def bf16_weights_copy(model):
@@ -347,6 +354,7 @@ def table(variants: Sequence[Variant], matmul: dict[str, float]) -> tuple[str, l
                 "mean_loss": v.loss,
                 "relative_loss_difference": diff,
                 "padded_tokens": v.padded_tokens,
+                "rows_per_batch": max(int(b["input_ids"].shape[0]) for b in v.batches),
                 "untimed_seconds": v.untimed_seconds,
                 "seconds": v.seconds,
             }
@@ -365,6 +373,22 @@ def table(variants: Sequence[Variant], matmul: dict[str, float]) -> tuple[str, l
 
 
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def whole_batch_note(records: Sequence[dict]) -> list[str]:
+    """Stage 2 as each side runs it by default (its whole batch at once): the library's path over today's."""
+    by_name = {r["variant"]: r for r in records}
+    if WHOLE_PLAIN not in by_name or WHOLE_FAST not in by_name:
+        return []
+    plain, fast = by_name[WHOLE_PLAIN], by_name[WHOLE_FAST]
+    return [
+        f"Stage 2 as each side runs it by default, the whole batch at once: the library's path "
+        f"{ratio(fast['passes_per_second'], plain['passes_per_second']):.2f}x today's "
+        f"({fast['passes_per_second']:.2f} against {plain['passes_per_second']:.2f} passes per second); against "
+        f"today's path in batches of {records[0]['rows_per_batch']} (the table's plain row, "
+        f"{'faster' if records[0]['passes_per_second'] > plain['passes_per_second'] else 'slower'} than today's "
+        f"whole batch here) {fast['ratio']:.2f}x."
+    ]
 
 
 def model_matmul_shapes(config, plain: Variant) -> list[tuple[int, int, int]]:
@@ -501,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{'bf16' if bf16 else 'float32'} is what training uses here.",
         f"Best combined: stage 1 {best1['ratio']:.2f}x ({best1['variant']}), stage 2 {best2['ratio']:.2f}x "
         f"({best2['variant']}).",
+        *whole_batch_note(records2),
         f"Matrix-multiply rate of this CPU at the model's shapes ({shapes}, m x k x n, rows = one plain batch's "
         f"tokens), measured in the same run: float32 {matmul['float32'] / 1e9:.0f} GFLOP/s, bf16 "
         f"{matmul['bfloat16'] / 1e9:.0f} GFLOP/s. 'GFLOP / pass' counts a variant's matrix multiplies, forward and "
@@ -528,8 +553,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "'eager attention' rows. 'all (bf16, eager attention)' is what `personamux pretrain` and `add-persona` run "
         "here by default (`loss.FAST` with the autocast and attention they choose on this CPU); 'bf16 weights' is the "
         "same loss with the base model loaded in bf16 (`--dtype bfloat16`; the adapter stays float32); the compiled "
-        "row is not a library option. Stage 2 fits on all of a persona's rows at once, so its rows per forward pass "
-        "are free: 'chunks of N rows' is the same summed gradient in fewer, larger passes. 'kept weight casts' "
+        "row is not a library option. Stage 2 fits on all of a persona's rows at once (full batch), so its rows per "
+        "forward pass are free: 'the whole batch at once' is the same summed gradient in one pass, as `add-persona` "
+        "and today's code run it by default (no `max_micro_batch_size`); its packed rows run in lines of a few rows "
+        "each (`shared_prompt.line_layout`). 'kept weight casts' "
         "(`LossOptions.keep_casts`, on by default): each frozen linear weight is cast to bf16 once and kept, "
         "instead of by autocast on every call (the same numbers); the copies hold "
         f"{kept_bytes / 1e6:.0f} MB here (2 bytes per frozen nn.Linear weight).",
