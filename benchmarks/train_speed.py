@@ -166,6 +166,9 @@ class Variant:
         """Count one untimed run's matrix-multiply FLOPs. A compiled variant is counted on ``model`` (eager, the
         same computation): the counter does not see inside compiled graphs."""
         eager = model if self.model is None or "compiled" in self.name else self.model
+        if self.workers > 1:  # the counter sees only its own thread: count the same batches on this one
+            self.flops = count_flops(lambda: self._run_batches(eager, self.batches))
+            return
         self.flops = count_flops(lambda: self.run(eager))
         self.seconds.pop()
 

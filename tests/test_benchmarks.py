@@ -247,6 +247,9 @@ def test_train_speed_workers_split_batches_and_add_the_same_gradients(load_scrip
             loss = variant.loss
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
         results.append((loss, grads))
+    threaded = script.Variant("v", batches, FAST, threads=1, workers=2)
+    threaded.count(model)  # the FLOP counter sees one thread: the same batches are counted on the calling one
+    assert threaded.flops > 0 and threaded.seconds == []
     (loss1, grads1), (loss2, grads2) = results
     assert loss2 == pytest.approx(loss1, rel=1e-6)
     assert len(grads1) == len(grads2) > 0

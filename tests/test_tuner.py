@@ -528,3 +528,41 @@ def test_persona_method_attaches_a_function_and_refuses_a_taken_name():
     with pytest.raises(ValueError, match="already has a method 'forward'"):
         persona_method(forward)
     assert callable(mux().blend_personas)  # attached by peft_personamux.arithmetic on import
+
+
+def test_threads_calling_one_model_each_get_their_own_personas():
+    """The soft prompt a call asks for is per thread: two threads inside forward at once, with different personas,
+    get what each gets alone (both requests are open before either embedding reads one)."""
+    import threading
+
+    from tiny_models import batch_for
+
+    model = mux()
+    batch = batch_for(model)
+    personas = {"a": torch.tensor([0, 0, 0, 0]), "b": torch.tensor([2, 2, 2, 2])}
+    with torch.no_grad():
+        alone = {k: model(**{**batch, "persona_ids": ids}).logits for k, ids in personas.items()}
+    assert not torch.allclose(alone["a"], alone["b"])
+    layer = model.base_model.personamux_layer
+    embed, barrier = layer.base_layer.forward, threading.Barrier(2, timeout=30)
+
+    def both_inside(*args, **kwargs):  # each thread waits here, after opening its request, before it is read
+        barrier.wait()
+        return embed(*args, **kwargs)
+
+    layer.base_layer.forward = both_inside
+    together: dict[str, torch.Tensor] = {}
+
+    def call(key: str) -> None:
+        with torch.no_grad():
+            together[key] = model(**{**batch, "persona_ids": personas[key]}).logits
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in personas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    layer.base_layer.forward = embed
+    for key in personas:
+        torch.testing.assert_close(together[key], alone[key])
+    assert layer.request is None  # nothing left open

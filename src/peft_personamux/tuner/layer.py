@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,11 @@ class PromptRequest:
     mixtures: torch.Tensor | None = None  # (batch, num_codes): per-row override of the table (fast fitting)
 
 
+# Each thread's open requests, by layer: a model called from several threads (a thread pool serving personas) puts
+# each call's own personas at its placeholders. Module-level, so that layers stay deep-copyable and picklable.
+_REQUESTS = threading.local()
+
+
 class PersonaMuxLayer(nn.Module, BaseTunerLayer):
     """Input embedding with a Persona-Mux soft prompt.
 
@@ -41,13 +47,26 @@ class PersonaMuxLayer(nn.Module, BaseTunerLayer):
         self.personamux_codebook = nn.ParameterDict()
         self.personamux_bias = nn.ParameterDict()
         self.personamux_mixture = nn.ParameterDict()
-        self.request: PromptRequest | None = None
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = "default"
         weight = base_layer.weight
         self.in_features, self.out_features = weight.shape  # (vocab, hidden)
         self.register_load_state_dict_post_hook(_after_load)
+
+    @property
+    def request(self) -> PromptRequest | None:
+        """What the calling thread's open `prompt_request` asks this layer for (None: no request open)."""
+        return getattr(_REQUESTS, "by_layer", {}).get(id(self))
+
+    @request.setter
+    def request(self, value: PromptRequest | None) -> None:
+        if not hasattr(_REQUESTS, "by_layer"):
+            _REQUESTS.by_layer = {}
+        if value is None:
+            _REQUESTS.by_layer.pop(id(self), None)
+        else:
+            _REQUESTS.by_layer[id(self)] = value
 
     @property
     def mixture(self) -> nn.ParameterDict:
