@@ -30,6 +30,7 @@ from peft_personamux.evaluation.data_efficiency import (
     data_efficiency_markdown,
     data_efficiency_rows,
     plot_data_efficiency,
+    plot_size_curves,
     run_data_efficiency,
     summarize_data_efficiency,
 )
@@ -143,25 +144,9 @@ def write_report(state: dict, config: EvalConfig) -> None:
 
 def plot_paired(gains: dict, sizes: list[int], path: Path) -> str:
     """Persona-Mux's and the random codebook's held-out loss minus the zero mixture's, paired per character."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.5))
-    ax = fig.subplots()
     rows = {"personamux_lbfgs": "Persona-Mux, L-BFGS from the mean", "random_codebook": "random codebook"}
-    for key, label in rows.items():
-        shown = [n for n in sizes if str(n) in gains.get(key, {})]
-        means = [gains[key][str(n)]["mean"] for n in shown]
-        errors = [gains[key][str(n)]["ci95"] for n in shown]
-        ax.errorbar(shown, means, yerr=errors, marker="o", capsize=3, label=label)
-    ax.axhline(0.0, color="grey", linestyle="--", label="zero mixture")
-    ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_xlabel("training lines per character")
-    ax.set_ylabel("held-out loss - zero mixture's (paired)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return str(path)
+    series = {label: gains[key] for key, label in rows.items() if key in gains}
+    return plot_size_curves(series, sizes, "held-out loss - zero mixture's (paired)", path, reference=0.0)
 
 
 if __name__ == "__main__":

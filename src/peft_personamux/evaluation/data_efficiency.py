@@ -138,22 +138,31 @@ def data_efficiency_markdown(summary: dict) -> list[str]:
 
 
 def plot_data_efficiency(summary: dict, path: str | Path) -> str:
+    series = {label: summary[key] for key, label in data_efficiency_rows(summary)}
+    zero = summary["zero"]["mean"]
+    return plot_size_curves(series, summary["sizes"], "held-out token loss", path, reference=zero)
+
+
+def plot_size_curves(
+    series: dict[str, dict[str, dict]], sizes: Sequence[int], ylabel: str, path: str | Path, reference: float | None
+) -> str:
+    """One line per label of ``series`` (size as str -> {"mean", "ci95"}) over training lines (log axis), with 95% CI
+    bars, and the zero mixture's level ``reference`` as a dashed line (None: none)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 3.5))
     ax = fig.subplots()
-    sizes = summary["sizes"]
-    for key, label in data_efficiency_rows(summary):
-        shown = [n for n in sizes if str(n) in summary[key]]
-        means = [summary[key][str(n)]["mean"] for n in shown]
-        errors = [summary[key][str(n)]["ci95"] or 0.0 for n in shown]
+    for label, by_size in series.items():
+        shown = [n for n in sizes if str(n) in by_size]
+        means = [by_size[str(n)]["mean"] for n in shown]
+        errors = [by_size[str(n)]["ci95"] or 0.0 for n in shown]
         ax.errorbar(shown, means, yerr=errors, marker="o", capsize=3, label=label)
-    if summary["zero"]["mean"] is not None:
-        ax.axhline(summary["zero"]["mean"], color="grey", linestyle="--", label="zero mixture")
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", label="zero mixture")
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.set_xlabel("training lines per character")
-    ax.set_ylabel("held-out token loss")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100, bbox_inches="tight")
