@@ -11,7 +11,8 @@ and the whole prompt with gradient. Training a soft prompt needs neither:
 * **shared soft prompt** (``LossOptions.shared_prompt``): rows with the same prefix and persona (all of stage 2's
   rows, persona-grouped stage-1 batches) run the soft prompt's virtual tokens, and the tokens they all have right
   after it (the chat template's system turn and instruction), once and share their key/value states (`shared_prompt`);
-  the rest of a group's rows then runs as one line without padding where that costs fewer FLOPs;
+  the rest of a group's rows then runs packed, in lines of a few rows without padding (`shared_prompt.line_layout`),
+  where that costs fewer FLOPs;
 * **bf16 autocast** where the processor has bf16 matrix units (`choose_autocast` measures it);
 * **eager attention under CPU bf16 autocast** (`choose_attention`): torch's CPU flash-attention backward is the
   largest single cost on short rows (30% of a step on a 2-core AMX Xeon); the plain matmul-softmax path is faster
@@ -83,9 +84,10 @@ class LossOptions:
     # 1.2-1.4x over the other shortcuts where rows share a persona (stage 2; stage 1 with --personas_per_batch),
     # about 1.0x on rows of mixed personas (benchmarks/train_speed.py, a 2-core AMD EPYC)
     shared_prompt: bool = True
-    # with the shared prompt, the rows of one group run as one line without padding between them (eager or SDPA
-    # attention, under a 4D mask): None when that costs fewer FLOPs than padded rows, True always where the shared
-    # prompt runs (rows that share no prompt, or activation checkpointing, run unpacked), False never
+    # with the shared prompt, the rows of one group run packed into lines without padding between them (eager or
+    # SDPA attention, under a 4D mask; `shared_prompt.line_layout`): None when that costs fewer FLOPs than padded
+    # rows, True always where the shared prompt runs (rows that share no prompt, or activation checkpointing, run
+    # unpacked), False never
     packed: bool | None = None
     # under autocast on CPU, each frozen linear weight is cast once and kept instead of on every call
     # (`weight_casts.kept_casts`: same numbers; costs a low-precision copy of the linear weights)
