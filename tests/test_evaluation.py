@@ -516,7 +516,9 @@ def test_plan_counts_headroom_data_efficiency_and_subnetwork_stages():
     assert "data_efficiency" in full and full["total"]["backward"] == sum(
         s["backward"] for k, s in full.items() if k != "total"
     )
-    lines = sum(min(k, config.num_train) * u for k in config.data_efficiency_sizes)  # rows fitted over the sizes
+    # rows fitted over the sizes; at every line (num_train) the curve takes the evaluation's own rows
+    lines = sum(k * u for k in config.data_efficiency_sizes if k < config.num_train)
+    assert lines < sum(min(k, config.num_train) * u for k in config.data_efficiency_sizes)  # the config has one
     per_line = {  # backward passes per fitted line of each configured fit; SP's Adam steps
         "fisher": config.fisher_steps + 1,
         "lbfgs": math.ceil(1.25 * config.lbfgs_steps),
@@ -602,3 +604,54 @@ def test_data_efficiency_fits_each_row_as_configured_and_resumes_where_it_stoppe
     out = run_data_efficiency(again, [4, 8], ["lbfgs", "random"], partial={**saved, "sp": {"4": {}, "8": {}}})
     assert again.fits == [("fisher", 8, True)]  # only what was missing
     assert set(out["random_codebook"]) == {"4", "8"} and out["zero"] == saved["zero"]
+
+
+def test_data_efficiency_takes_the_evaluations_own_rows_at_every_line():
+    from peft_personamux.evaluation.data_efficiency import fitted_rows, run_data_efficiency
+
+    stub = _CurveStub()  # num_train 8: size 8 is every training line
+    losses = {p: 3.5 for p in stub.personas}
+    stages = {"pm_lbfgs": {"heldout_loss": {"1.0": losses}}, "sp": {"heldout_loss": {"1.0": {"a/x": 3.0}}}}
+    assert fitted_rows(stages) == {"personamux_lbfgs": losses, "sp": {"a/x": 3.0}}
+    out = run_data_efficiency(stub, [4, 8], ["lbfgs", "random"], partial={"sp": {"4": {}}}, fitted=fitted_rows(stages))
+    assert stub.fits == [("lbfgs", 4, False), ("fisher", 4, True), ("fisher", 8, True)]  # no L-BFGS refit at 8
+    assert out["personamux_lbfgs"]["8"] == losses and out["sp"]["8"] == {"a/x": 3.0}
+
+
+def _stage_cache(tmp_path, overwrite: bool = False, **fields):
+    from peft_personamux.evaluation.cache import StageCache
+
+    return StageCache(tmp_path, EvalConfig(output_dir=str(tmp_path), **fields), overwrite)
+
+
+def test_stage_cache_keeps_stages_whose_fields_did_not_change(tmp_path):
+    cache = _stage_cache(tmp_path, headroom=False)
+    for name in ("pm_zero", "judge", "headroom"):
+        cache.put(name, {"done": True})
+    # turning a stage on, or another stage's own fields, keeps every finished stage
+    kept = _stage_cache(tmp_path, headroom=True, data_efficiency_sizes=[8], data_efficiency_fits=["lbfgs"])
+    assert kept.names() == ["headroom", "judge", "pm_zero"] and kept.get("pm_zero") == {"done": True}
+    same = {"headroom": True, "data_efficiency_sizes": [8], "data_efficiency_fits": ["lbfgs"]}
+    with pytest.raises(ValueError, match=r"other values of subnetwork_sparsities: judge\. Delete them") as error:
+        _stage_cache(tmp_path, **same, subnetwork_sparsities=[0.5])  # subnetworks add generations to judge
+    assert str(tmp_path / "stages" / "judge.json") in str(error.value)
+    with pytest.raises(ValueError, match=r"other values of headroom_steps: headroom\. Delete"):
+        _stage_cache(tmp_path, **same, headroom_steps=2)
+    with pytest.raises(ValueError, match=r"other values of lbfgs_steps: headroom, judge, pm_zero\. Delete"):
+        _stage_cache(tmp_path, **same, lbfgs_steps=1)
+    assert _stage_cache(tmp_path, **same).names() == ["headroom", "judge", "pm_zero"]  # nothing was discarded
+    assert _stage_cache(tmp_path, **same, lbfgs_steps=1, overwrite=True).names() == []
+
+
+def test_stage_cache_reads_an_older_markers_config_from_results_json(tmp_path):
+    before = EvalConfig(output_dir=str(tmp_path), headroom=False)
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    (stages / "config_fingerprint.json").write_text(json.dumps({"fingerprint": before.fingerprint()}))
+    (stages / "sp.json").write_text(json.dumps({"done": True}))
+    with pytest.raises(ValueError, match="holds stages of another config"):  # nothing tells what changed
+        _stage_cache(tmp_path, headroom=True)
+    (tmp_path / "results.json").write_text(json.dumps({"config": before.to_dict()}))
+    assert _stage_cache(tmp_path, headroom=True).names() == ["sp"]
+    marker = json.loads((stages / "config_fingerprint.json").read_text())
+    assert marker["config"]["headroom"] is True  # the marker now keeps its config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -14,12 +15,16 @@ from .data import Split
 
 STAGES_DIRNAME = "stages"
 FINGERPRINT_NAME = "config_fingerprint.json"
+_MISSING = object()
+logger = logging.getLogger(__name__)
 
 
 class StageCache:
-    """Finished stages as ``stages/<name>.json``; valid only for the config fingerprint they were made with."""
+    """Finished stages as ``stages/<name>.json``, beside a marker with the config they were made with. A stage stays
+    valid while the fields its numbers depend on (`EvalConfig.stage_fields`) are unchanged: turning a stage on, or
+    changing only another stage's own fields, keeps the finished ones."""
 
-    def __init__(self, output_dir: Path, fingerprint: str, overwrite: bool = False) -> None:
+    def __init__(self, output_dir: Path, config: EvalConfig, overwrite: bool = False) -> None:
         self.directory = output_dir / STAGES_DIRNAME
         marker = self.directory / FINGERPRINT_NAME
         if overwrite:  # everything a run derived from its config; codebook/ is rebuilt by its stage when needed
@@ -27,13 +32,38 @@ class StageCache:
                 shutil.rmtree(derived, ignore_errors=True)
             (output_dir / TEXT_PERSONAS_NAME).unlink(missing_ok=True)
         elif marker.is_file():
-            previous = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint")
-            if previous != fingerprint:
-                raise ValueError(
-                    f"{self.directory} holds stages of another config (fingerprint {previous}, this one "
-                    f"{fingerprint}). Pass --overwrite to discard them, or choose another --output_dir."
-                )
-        write_json(marker, {"fingerprint": fingerprint}, indent=1)
+            self._check(json.loads(marker.read_text(encoding="utf-8")), config, output_dir)
+        write_json(marker, {"fingerprint": config.fingerprint(), "config": config.to_dict()}, indent=1)
+
+    def names(self) -> list[str]:
+        """The stages on disk, finished or partial."""
+        return sorted(p.stem for p in self.directory.glob("*.json") if p.name != FINGERPRINT_NAME)
+
+    def _check(self, marker: dict, config: EvalConfig, output_dir: Path) -> None:
+        """Raise unless every stage on disk is valid for ``config``."""
+        previous = marker.get("fingerprint")
+        if previous == config.fingerprint():
+            return
+        before = _config_of(marker, output_dir)
+        if before is None:
+            raise ValueError(
+                f"{self.directory} holds stages of another config (fingerprint {previous}, this one "
+                f"{config.fingerprint()}). Pass --overwrite to discard them, or choose another --output_dir."
+            )
+        stale = [name for name in self.names() if before.stage_fingerprint(name) != config.stage_fingerprint(name)]
+        if stale:
+            changed = sorted(
+                {k for name in stale for k in _differing(before.stage_fields(name), config.stage_fields(name))}
+            )
+            files = " ".join(str(self.directory / f"{name}.json") for name in stale)
+            raise ValueError(
+                f"{self.directory} holds stages made with other values of {', '.join(changed)}: "
+                f"{', '.join(stale)}. Delete them to recompute only those (`rm {files}`; the other stages are "
+                "kept), pass --overwrite to discard every stage, or choose another --output_dir."
+            )
+        kept = ", ".join(self.names()) or "none"
+        changed = ", ".join(_differing(before.fingerprinted_fields(), config.fingerprinted_fields()))
+        logger.info("Changed %s: the finished stages (%s) do not depend on it and are kept.", changed, kept)
 
     def get(self, name: str) -> dict | None:
         path = self.directory / f"{name}.json"
@@ -41,6 +71,29 @@ class StageCache:
 
     def put(self, name: str, data: dict) -> None:
         write_json(self.directory / f"{name}.json", data, indent=1)
+
+
+def _config_of(marker: dict, output_dir: Path) -> EvalConfig | None:
+    """The config a stage cache was made with: the marker's own (written since stage fingerprints), or else the
+    run's results.json, if either reproduces the marker's fingerprint."""
+    candidates = [marker.get("config")]
+    results = output_dir / "results.json"
+    if results.is_file():
+        candidates.append(json.loads(results.read_text(encoding="utf-8")).get("config"))
+    for fields in candidates:
+        if not isinstance(fields, dict):
+            continue
+        try:
+            before = EvalConfig(**fields)
+        except (TypeError, ValueError):  # a field this version no longer has, or a value it no longer accepts
+            continue
+        if before.fingerprint() == marker.get("fingerprint"):
+            return before
+    return None
+
+
+def _differing(before: dict, after: dict) -> list[str]:
+    return sorted(k for k in before.keys() | after.keys() if before.get(k, _MISSING) != after.get(k, _MISSING))
 
 
 def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dict[str, int]]:
@@ -81,9 +134,11 @@ def plan(config: EvalConfig, split: Split, pretrain_here: bool) -> dict[str, dic
             "forward": (2 + spans) * (n + t) + identified * u * t,
             "generations": 0,
         }
-    sizes = [k for k in c.data_efficiency_sizes if k <= c.num_train]
-    if sizes and not c.only_headroom:  # per size: each configured fit and an SP fit on the first k lines of each
-        lines = sum(min(k, c.num_train) * u for k in sizes)
+    # per size: each configured fit and an SP fit on the first k lines of each; at every line (num_train) the rows
+    # are the evaluation's own (pm_fisher, pm_lbfgs, random_codebook, sp), taken as they are
+    sizes = [k for k in c.data_efficiency_sizes if k < c.num_train]
+    if sizes and not c.only_headroom:
+        lines = sum(k * u for k in sizes)
         costs = {"fisher": fisher, "lbfgs": {"backward": math.ceil(1.25 * c.lbfgs_steps) * n, "forward": 0}}
         costs["random"] = random_fit
         fits = [costs[f] for f in c.data_efficiency_fits]  # per line of the full split: scale by lines / n

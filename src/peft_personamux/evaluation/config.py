@@ -32,6 +32,15 @@ _ADDED_FIELDS = {
     "headroom_quadratic": False,
     "data_efficiency_fits": ["fisher"],
 }
+# Fields that only choose which stages run: no stage's numbers depend on them.
+_STAGE_SWITCHES = ("headroom", "only_headroom")
+# Fields (by prefix) that change only the numbers of the named stages; every other stage ignores them, so a finished
+# run keeps its stages when one of these is added or changed. Subnetworks add generations, hence the judge's stages.
+_STAGE_FIELD_PREFIXES = {
+    "headroom_": ("headroom",),
+    "data_efficiency_": ("data_efficiency",),
+    "subnetwork_": ("subnetwork", "judge", "who_said_it"),
+}
 
 
 @dataclass
@@ -404,13 +413,34 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """Hash of every field that changes a number of the run (the stage cache is valid only for the same one)."""
+    def fingerprinted_fields(self) -> dict[str, Any]:
+        """Every field that changes a number of the run, with its value."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
         for name, before in _ADDED_FIELDS.items():
             if relevant[name] == before:
                 del relevant[name]  # the only behaviour before the field existed: older stage caches stay valid
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        return relevant
+
+    def fingerprint(self) -> str:
+        """Hash of every field that changes a number of the run."""
+        return _hash(self.fingerprinted_fields())
+
+    def stage_fields(self, stage: str) -> dict[str, Any]:
+        """The fields stage ``stage``'s numbers depend on: all but the stage switches and other stages' own fields."""
+        return {
+            k: v
+            for k, v in self.fingerprinted_fields().items()
+            if k not in _STAGE_SWITCHES
+            and all(stage in stages for prefix, stages in _STAGE_FIELD_PREFIXES.items() if k.startswith(prefix))
+        }
+
+    def stage_fingerprint(self, stage: str) -> str:
+        """Hash of `stage_fields`: a finished stage stays valid while it is unchanged."""
+        return _hash(self.stage_fields(stage))
+
+
+def _hash(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_dir() -> Path:

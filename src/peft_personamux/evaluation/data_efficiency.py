@@ -45,15 +45,24 @@ def run_data_efficiency(
     fits: Sequence[str] = ("fisher",),
     partial: dict | None = None,
     save: Callable[[dict], None] | None = None,
+    fitted: dict[str, dict[str, float]] | None = None,
 ) -> dict:
     """Per size: held-out loss per persona of each fit in ``fits`` (`FIT_ROWS`) and of SP; the zero mixture once.
     ``evaluation`` is a `runner.Evaluation` (models, split, formats). Each finished (row, size) is passed to ``save``
-    and skipped when ``partial`` already holds it, so an interrupted curve continues where it stopped."""
+    and skipped when ``partial`` already holds it, so an interrupted curve continues where it stopped. ``fitted``
+    holds rows (by key) already fitted the same way on every training line, the evaluation's own rows: at the size
+    that is every line they are taken, not fitted again."""
     config, split, personas = evaluation.config, evaluation.split, evaluation.personas
     sizes = sorted({n for n in sizes if n <= config.num_train})
     out: dict = dict(partial or {})
     out["sizes"] = sizes
     keep = save or (lambda _: None)
+    everything = len(split.train)  # a size that takes every training line of every persona is the full split
+    for key, losses in (fitted or {}).items():
+        for n in sizes:
+            if len(first_lines(split.train, personas, n)) == everything and str(n) not in out.get(key, {}):
+                out.setdefault(key, {})[str(n)] = dict(losses)
+                logger.info("data efficiency: %s on %d lines is the evaluation's own row (every line)", key, n)
     model = evaluation.personamux()
     if "zero" not in out:
         zero_mixtures(model, personas)
@@ -95,6 +104,20 @@ def run_data_efficiency(
             keep(out)
         del prompts
     return out
+
+
+# data-efficiency key -> the evaluation stage that fits the same row on every training line
+_STAGE_OF_ROW = {
+    "personamux": "pm_fisher",
+    "personamux_lbfgs": "pm_lbfgs",
+    "random_codebook": "random_codebook",
+    "sp": "sp",
+}
+
+
+def fitted_rows(stages: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Held-out losses (bias scale 1) of the evaluation's finished rows that the curve fits the same way, by key."""
+    return {key: stages[stage]["heldout_loss"]["1.0"] for key, stage in _STAGE_OF_ROW.items() if stage in stages}
 
 
 def data_efficiency_rows(stage: dict) -> list[tuple[str, str]]:

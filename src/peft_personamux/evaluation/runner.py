@@ -52,7 +52,7 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, SubnetworkSta
         self.config = config
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.cache = StageCache(self.out, config.fingerprint(), overwrite)
+        self.cache = StageCache(self.out, config, overwrite)
         self.seconds: dict[str, float] = {}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.split: Split = make_split(config)
@@ -124,11 +124,12 @@ class Evaluation(BaselineStages, PersonaMuxStages, EmbeddingStage, SubnetworkSta
         if self.config.headroom:
             stages["headroom"] = self.stage("headroom", self.headroom_stage)
         if self.config.data_efficiency_sizes:
-            from .data_efficiency import run_data_efficiency
+            from .data_efficiency import fitted_rows, run_data_efficiency
 
             sizes, fits = self.config.data_efficiency_sizes, self.config.data_efficiency_fits
+            done = fitted_rows(stages)
             stages["data_efficiency"] = self.stage(
-                "data_efficiency", lambda p, s: run_data_efficiency(self, sizes, fits, partial=p, save=s)
+                "data_efficiency", lambda p, s: run_data_efficiency(self, sizes, fits, partial=p, save=s, fitted=done)
             )
         if self.config.subnetwork_sparsities:
             fitted = stages["pm_fisher"]["mixtures"]
