@@ -63,7 +63,7 @@ class StageCache:
             )
         kept = ", ".join(self.names()) or "none"
         changed = ", ".join(_differing(before.fingerprinted_fields(), config.fingerprinted_fields()))
-        logger.info("Changed %s: the finished stages (%s) do not depend on it and are kept.", changed, kept)
+        logger.info("Changed %s: no finished stage depends on it; kept: %s.", changed, kept)
 
     def get(self, name: str) -> dict | None:
         path = self.directory / f"{name}.json"
