@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from ..files import TEXT_PERSONAS_NAME, write_json
 from .common import pm_methods
-from .config import EvalConfig
+from .config import EvalConfig, is_stage_field
 from .data import Split
 
 STAGES_DIRNAME = "stages"
@@ -42,7 +43,7 @@ class StageCache:
     def _check(self, marker: dict, config: EvalConfig, output_dir: Path) -> None:
         """Raise unless every stage on disk is valid for ``config``."""
         previous = marker.get("fingerprint")
-        if previous == config.fingerprint():
+        if previous == config.fingerprint() or not self.names():
             return
         before = _config_of(marker, output_dir)
         if before is None:
@@ -55,11 +56,14 @@ class StageCache:
             changed = sorted(
                 {k for name in stale for k in _differing(before.stage_fields(name), config.stage_fields(name))}
             )
+            message = f"{self.directory} holds stages made with other values of {', '.join(changed)}: "
+            message += f"{', '.join(stale)}."
+            if not all(is_stage_field(k) for k in changed):  # shared files (tiny models, text personas) differ too
+                raise ValueError(f"{message} Pass --overwrite to discard them, or choose another --output_dir.")
             files = " ".join(str(self.directory / f"{name}.json") for name in stale)
             raise ValueError(
-                f"{self.directory} holds stages made with other values of {', '.join(changed)}: "
-                f"{', '.join(stale)}. Delete them to recompute only those (`rm {files}`; the other stages are "
-                "kept), pass --overwrite to discard every stage, or choose another --output_dir."
+                f"{message} Delete them to recompute only those (`rm {files}`; the other stages are kept), pass "
+                "--overwrite to discard every stage, or choose another --output_dir."
             )
         kept = ", ".join(self.names()) or "none"
         changed = ", ".join(_differing(before.fingerprinted_fields(), config.fingerprinted_fields()))
@@ -79,7 +83,8 @@ def _config_of(marker: dict, output_dir: Path) -> EvalConfig | None:
     candidates = [marker.get("config")]
     results = output_dir / "results.json"
     if results.is_file():
-        candidates.append(json.loads(results.read_text(encoding="utf-8")).get("config"))
+        with contextlib.suppress(ValueError, AttributeError):  # unreadable: as if absent
+            candidates.append(json.loads(results.read_text(encoding="utf-8")).get("config"))
     for fields in candidates:
         if not isinstance(fields, dict):
             continue

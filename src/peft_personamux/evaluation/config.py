@@ -439,6 +439,11 @@ class EvalConfig:
         return _hash(self.stage_fields(stage))
 
 
+def is_stage_field(name: str) -> bool:
+    """Whether field ``name`` belongs to some stages only (`_STAGE_FIELD_PREFIXES`), not to the whole run."""
+    return any(name.startswith(prefix) for prefix in _STAGE_FIELD_PREFIXES)
+
+
 def _hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

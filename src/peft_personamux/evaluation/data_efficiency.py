@@ -57,10 +57,12 @@ def run_data_efficiency(
     out: dict = dict(partial or {})
     out["sizes"] = sizes
     keep = save or (lambda _: None)
-    everything = len(split.train)  # a size that takes every training line of every persona is the full split
-    for key, losses in (fitted or {}).items():
-        for n in sizes:
-            if len(first_lines(split.train, personas, n)) == everything and str(n) not in out.get(key, {}):
+    wanted = {FIT_ROWS[fit][0] for fit in fits} | {SP_ROW[0]}
+    for n in sizes:  # a size that takes every training line of every persona is the evaluation's own split
+        if len(first_lines(split.train, personas, n)) < len(split.train):
+            continue
+        for key, losses in (fitted or {}).items():
+            if key in wanted and str(n) not in out.get(key, {}):
                 out.setdefault(key, {})[str(n)] = dict(losses)
                 logger.info("data efficiency: %s on %d lines is the evaluation's own row (every line)", key, n)
     model = evaluation.personamux()
