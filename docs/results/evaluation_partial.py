@@ -9,7 +9,8 @@ loss (mean ± 95% CI over the unseen characters) and each Persona-Mux row agains
 (`metrics.paired_difference`, `metrics.gain_ratio`), as the finished run's report does, the zero mixture among the
 fits; and each finished fit's cost and training curve. ``--damped`` adds the damped
 fits of docs/results/damped_fits.py (shipped codebook and free 8-token prompt), after checking that they scored the
-same held-out lines: their zero-mixture losses must equal the run's. Running `personamux evaluate` again with the same
+same held-out lines: their zero-mixture losses must equal the run's. The headroom and data-efficiency stages are
+reported as far as they have got (both save each finished row). Running `personamux evaluate` again with the same
 config continues the run; its own results.md replaces this report at the end.
 """
 
@@ -18,6 +19,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from peft_personamux.evaluation.data_efficiency import data_efficiency_markdown, summarize_data_efficiency
+from peft_personamux.evaluation.headroom import summarize_headroom
+from peft_personamux.evaluation.headroom_report import headroom_markdown
 from peft_personamux.evaluation.metrics import gain_ratio, paired_difference, summarize
 from peft_personamux.evaluation.report import paired_markdown, ratio_cell, summary_cell
 from peft_personamux.files import read_json, write_json
@@ -218,8 +222,28 @@ def main() -> None:
                 f"| {row['label']} | {row['example_passes']} | {row['seconds']:.0f} | "
                 f"{row['passes_per_second']:.2f} | {curve} | {drop['min']:.3f} to {drop['max']:.3f} |"
             )
+    lines += later_stages(stages, personas, out)
+    write_json(args.prefix.with_suffix(".json"), out)
     args.prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def later_stages(stages: Path, personas: list[str], out: dict) -> list[str]:
+    """The headroom and data-efficiency stages' rows finished so far (each keeps its partial result), into ``out``
+    and as markdown."""
+    lines = []
+    headroom = read_json(stages / "headroom.json")
+    if "zero" in headroom:
+        state = "finished" if headroom.get("done") else "still running: the rows fitted so far"
+        headroom["summary"] = summarize_headroom(headroom)
+        out["headroom"] = headroom["summary"]
+        lines += ["", f"## Headroom ({state})", "", *headroom_markdown(headroom)]
+    curve = read_json(stages / "data_efficiency.json")
+    if "zero" in curve:
+        state = "finished" if curve.get("done") else "still running: the rows and sizes fitted so far"
+        out["data_efficiency"] = summarize_data_efficiency(curve, personas)
+        lines += ["", f"## Data efficiency ({state})", "", *data_efficiency_markdown(out["data_efficiency"])]
+    return lines
 
 
 if __name__ == "__main__":
