@@ -170,7 +170,6 @@ def main() -> None:
         "damped_zero_gap": gap,
     }
     args.prefix.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.prefix.with_suffix(".json"), out)
     lines = [
         f"# Evaluation so far: `{args.run_dir}`",
         "",

@@ -51,11 +51,10 @@ class StageCache:
                 f"{self.directory} holds stages of another config (fingerprint {previous}, this one "
                 f"{config.fingerprint()}). Pass --overwrite to discard them, or choose another --output_dir."
             )
-        stale = [name for name in self.names() if before.stage_fingerprint(name) != config.stage_fingerprint(name)]
+        differing = {name: _differing(before.stage_fields(name), config.stage_fields(name)) for name in self.names()}
+        stale = [name for name, fields in differing.items() if fields]
         if stale:
-            changed = sorted(
-                {k for name in stale for k in _differing(before.stage_fields(name), config.stage_fields(name))}
-            )
+            changed = sorted({k for name in stale for k in differing[name]})
             message = f"{self.directory} holds stages made with other values of {', '.join(changed)}: "
             message += f"{', '.join(stale)}."
             if not all(is_stage_field(k) for k in changed):  # shared files (tiny models, text personas) differ too

@@ -426,17 +426,14 @@ class EvalConfig:
         return _hash(self.fingerprinted_fields())
 
     def stage_fields(self, stage: str) -> dict[str, Any]:
-        """The fields stage ``stage``'s numbers depend on: all but the stage switches and other stages' own fields."""
+        """The fields stage ``stage``'s numbers depend on: all but the stage switches and other stages' own fields (a
+        finished stage stays valid while they are unchanged)."""
         return {
             k: v
             for k, v in self.fingerprinted_fields().items()
             if k not in _STAGE_SWITCHES
             and all(stage in stages for prefix, stages in _STAGE_FIELD_PREFIXES.items() if k.startswith(prefix))
         }
-
-    def stage_fingerprint(self, stage: str) -> str:
-        """Hash of `stage_fields`: a finished stage stays valid while it is unchanged."""
-        return _hash(self.stage_fields(stage))
 
 
 def is_stage_field(name: str) -> bool:
