@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from peft_personamux import PersonaMuxConfig
 from peft_personamux.collator import PersonaMuxCollator
+from peft_personamux.compiled_layers import compile_decoder_layers
 from peft_personamux.loss import (
     PLAIN,
     LossOptions,
@@ -165,7 +166,7 @@ class Variant:
     def count(self, model) -> None:
         """Count one untimed run's matrix-multiply FLOPs. A compiled variant is counted on ``model`` (eager, the
         same computation): the counter does not see inside compiled graphs."""
-        eager = model if self.model is None or "compiled" in self.name else self.model
+        eager = model if self.model is None or COMPILED in self.name else self.model
         if self.workers > 1:  # the counter sees only its own thread: count the same batches on this one
             self.flops = count_flops(lambda: self._run_batches(eager, self.batches))
             return
@@ -189,13 +190,14 @@ def variants_for(
     bf16,
     full_batch: bool = False,
     bf16_model=None,
-    compiled_model=None,
+    compiled: Sequence[tuple[str, object]] = (),
     batched: bool = False,
 ) -> list[Variant]:
     """The variants of one stage. ``full_batch``: the stage fits on all rows at once (stage 2), so the rows per
     forward pass (chunk) are free and a larger chunk gives the same summed gradient. ``bf16_model``: the same model
     with its frozen base weights stored in bf16 (the adapter stays float32), for the 'bf16 weights' variant;
-    ``compiled_model``: the same model with its decoder layers compiled (`compiled_copy`). ``batched``: ``rows``
+    ``compiled``: (weights, model) pairs, a copy of the float32 or the bf16-weights model with its decoder layers
+    compiled (`compiled_copy`), run on the library's path. ``batched``: ``rows``
     are already in a sampler's batch order (the shipped pretraining's: persona and length grouped); the fast
     variants run those batches and today's plain path the same rows in random order, as today's code batched them."""
     if batched:
@@ -243,9 +245,8 @@ def variants_for(
         out.append(Variant("all but kept weight casts (bf16, eager attention)", grouped, recast))
         if bf16_model is not None:  # no per-call weight casts: the frozen weights are bf16 already
             out.append(Variant("all (bf16 weights, eager attention)", grouped, chosen, model=bf16_model))
-    if compiled_model is not None:  # compiled from the bf16-weights copy when there is one (the fastest eager row)
-        weights = "bf16 weights, " if bf16_model is not None else ""
-        name = f"all ({weights}chosen) + compiled decoder layers"
+    for weights, compiled_model in compiled:  # the library's path with `--compile_layers`
+        name = f"all ({weights}, eager attention) {COMPILED}" if bf16 else f"all ({weights}) {COMPILED}"
         out.append(Variant(name, grouped, chosen, model=compiled_model))
     if full_batch:  # every row in one batch, as `add-persona` runs stage 2 (full batch, no micro-batch cap)
         whole = make_batches(collator, rows, len(rows), False, seed)
@@ -278,20 +279,15 @@ def bf16_weights_copy(model):
     return twin
 
 
-def compiled_copy(model):
-    """A copy of ``model`` whose decoder layers are compiled by torch.compile (inductor, dynamic shapes so that
-    length-grouped batches do not recompile); the adapter, embeddings and head stay eager."""
-    import torch._dynamo
+COMPILED = "+ --compile_layers"  # in a variant's name: its model's decoder layers are compiled
 
+
+def compiled_copy(model):
+    """A copy of ``model`` whose decoder layers are compiled as ``--compile_layers`` compiles them
+    (`compiled_layers.compile_decoder_layers`: inductor, dynamic shapes); the adapter, embeddings and head stay
+    eager."""
     twin = copy.deepcopy(model)
-    layers = twin.get_base_model().model.layers
-    # each layer's own ``layer_idx`` (a Python int) specialises its graph: one compile per layer and input kind
-    # (with and without the prefix's KV cache); the default limit of 8 would leave most layers eager
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 4 * len(layers))
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * len(layers))
-    for layer in layers:
-        layer.compile(dynamic=True)
+    compile_decoder_layers(twin)
     return twin
 
 
@@ -299,7 +295,7 @@ def measure(model, variants: Sequence[Variant], rounds: int, desc: str) -> None:
     """``rounds`` interleaved runs of every variant; the report takes each one's fastest (the first round also
     fills the prefix caches, a one-time cost that training amortises). Compiled variants first run once untimed:
     compiling is a one-time cost too (its seconds are logged)."""
-    compiled = [v for v in variants if "compiled" in v.name]
+    compiled = [v for v in variants if COMPILED in v.name]
     bar = tqdm(total=len(compiled) + (rounds + 1) * len(variants), desc=desc, unit="run")
     for variant in compiled:
         start = time.perf_counter()
@@ -455,17 +451,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="Add a variant with the decoder layers compiled by torch.compile (needs a C++ compiler; compiling "
+        help="Add the library's path with --compile_layers (decoder layers compiled by torch.compile), on the "
+        "float32 and, where bf16 is chosen, the bf16-weights model (needs a C++ compiler; compiling "
         "takes minutes and is not timed).",
     )
     args = parser.parse_args(argv)
     device = real_lines_setup(args, "train_speed.py")
+    threads = torch.get_num_threads()  # read now: a worker thread's set_num_threads can change what later reads see
     shipped = args.stage1_batches == "shipped"
     model, tokenizer, label, rows, rows1 = model_and_rows(args, device, args.personas_per_batch if shipped else None)
     speedup = bf16_matmul_speedup() if device.type == "cpu" else float("nan")
     bf16 = device.type == "cpu" and speedup >= 1.25
     bf16_model = bf16_weights_copy(model) if bf16 else None
-    compiled_model = compiled_copy(bf16_model if bf16_model is not None else model) if args.compile else None
+    compiled = []
+    if args.compile:
+        compiled.append(("bf16" if bf16 else "fp32", compiled_copy(model)))
+        if bf16_model is not None:
+            compiled.append(("bf16 weights", compiled_copy(bf16_model)))
     common = dict(max_prompt_tokens=48, max_response_tokens=48)
     stage1 = variants_for(
         PersonaMuxCollator.for_model(model, tokenizer, **common),
@@ -474,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         0,
         bf16,
         bf16_model=bf16_model,
-        compiled_model=compiled_model,
+        compiled=compiled,
         batched=shipped,
     )
     measure(model, stage1, args.rounds, "stage 1")
@@ -483,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     one = rows[0]["persona"]
     fit_rows = [{**r, "persona": one} for r in rows]
     texts = {one: text_persona(one)}
-    for each in (model, bf16_model, compiled_model):
+    for each in (model, bf16_model, *(m for _, m in compiled)):
         if each is not None:
             each.train_personas([one])
     collator = PersonaMuxCollator.for_model(model, tokenizer, text_personas=texts, **common)
@@ -495,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bf16,
         full_batch=True,
         bf16_model=bf16_model,
-        compiled_model=compiled_model,
+        compiled=compiled,
     )
     measure(model, stage2, args.rounds, "stage 2")
     shapes = model_matmul_shapes(model.get_base_model().config, stage1[0])
@@ -509,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     best2 = max(records2[1:], key=lambda r: r["ratio"])
     payload = {
         "command": command_line(__file__, argv),
-        "hardware": hardware(device, args.dtype),
+        "hardware": {**hardware(device, args.dtype), "torch_threads": threads},
         "model": label,
         "rows": args.rows,
         "batch_size": args.batch_size,
@@ -555,8 +557,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "'all' is every shortcut; with bf16 the library also picks eager attention (`loss.choose_attention`), the "
         "'eager attention' rows. 'all (bf16, eager attention)' is what `personamux pretrain` and `add-persona` run "
         "here by default (`loss.FAST` with the autocast and attention they choose on this CPU); 'bf16 weights' is the "
-        "same loss with the base model loaded in bf16 (`--dtype bfloat16`; the adapter stays float32); the compiled "
-        "row is not a library option. Stage 2 fits on all of a persona's rows at once (full batch), so its rows per "
+        "same loss with the base model loaded in bf16 (`--dtype bfloat16`; the adapter stays float32); rows with "
+        "'--compile_layers' are the same loss with the base model's decoder layers compiled by torch.compile "
+        "(`compiled_layers`; the training argument of that name). Stage 2 fits on all of a persona's rows at once "
+        "(full batch), so its rows per "
         "forward pass are free: 'the whole batch at once' is the same summed gradient in one pass, as `add-persona` "
         "and today's code run it by default (no `max_micro_batch_size`); its packed rows run in lines of a few rows "
         "each (`shared_prompt.line_layout`). 'kept weight casts' "

@@ -167,6 +167,21 @@ def test_gradient_checkpointing_trains(tokenizer, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_files(tokenizer, tmp_path):
+    from peft_personamux.compiled_layers import decoder_layers
+
+    model = make_model(tokenizer)
+    ds = Dataset.from_list(make_rows(per_persona=2))
+    args = codebook_args(tmp_path, compile_layers=True, warmup_epochs=0, max_steps=2, loss_log=False)
+    before = snapshot(model)
+    trainer = pretrain_codebook(model, tokenizer, ds, args)
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(model))
+    assert all(not torch.equal(before[k], v) for k, v in snapshot(model).items())
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and not any("_orig_mod" in key for key in saved)
+
+
 def test_checkpoints_hold_persona_files_and_resume_restores_them(tokenizer, tmp_path, monkeypatch):
     import peft_personamux.loss as loss_module
 

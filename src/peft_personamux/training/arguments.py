@@ -111,6 +111,16 @@ class PersonaMuxTrainingArguments(TrainingArguments):
             "transformers implementation name such as 'eager' or 'sdpa'."
         },
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile the base model's decoder layers with torch.compile before training (`compiled_layers`; "
+            "needs a C++ compiler; the first step compiles, 276 s on a 2-core CPU, less when inductor's disk cache "
+            "has the graphs). It fuses the element-wise work (norms, rotary, activations) that takes half of a bf16 "
+            "step on a CPU with AMX: stage-1 batches 1.37x the eager fast loss there, stage 2 no faster "
+            "(benchmarks/results/train_speed_xeon_amx_compiled.md). For long stage-1 runs."
+        },
+    )
     mixture_learning_rate: float | None = field(
         default=None,
         metadata={

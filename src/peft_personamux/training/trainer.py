@@ -8,6 +8,7 @@ import os
 import torch
 from transformers import Trainer
 
+from ..compiled_layers import compile_decoder_layers
 from ..loss import LossOptions, PrefixCache, choose_attention, choose_autocast, mean_response_loss
 from ..persona_files import list_persona_files
 from ..sampling import PersonaBatchSampler, row_lengths
@@ -93,6 +94,8 @@ class PersonaMuxTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._loss_options = None  # chosen again once the (resumed) state is loaded: see `loss_options`
+        if getattr(self.args, "compile_layers", False):
+            compile_decoder_layers(self.model)
         try:
             return super().train(*args, **kwargs)
         finally:

@@ -1,0 +1,59 @@
+"""`compiled_layers`: decoder layers compiled in place give the eager loss and gradients and keep the state dict."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import ARCHS, mux, shared_batch_for
+from torch import nn
+
+from peft_personamux.compiled_layers import compile_decoder_layers, decoder_layers
+from peft_personamux.loss import LossOptions, PrefixCache, mean_response_loss
+
+FAST = LossOptions(labels_only=True, prefix_cache=True, shared_prompt=True)
+
+
+def loss_and_grads(model, batch, options):
+    model.zero_grad()
+    loss = mean_response_loss(model, batch, options=options, prefix_cache=PrefixCache())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoder_layers_finds_each_architectures_layer_list(arch):
+    model = mux(arch)
+    layers = decoder_layers(model)
+    assert isinstance(layers, nn.ModuleList) and len(layers) == model.get_base_model().config.num_hidden_layers
+
+
+def test_decoder_layers_refuses_a_model_without_them():
+    with pytest.raises(ValueError, match="no list of None decoder layers in Linear"):
+        decoder_layers(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bf16 autocast"])
+def test_compiled_layers_give_the_eager_loss_and_gradients_and_the_same_state_dict(autocast):
+    eager = mux("llama")
+    compiled = copy.deepcopy(eager)
+    keys = list(compiled.state_dict())
+    assert compile_decoder_layers(compiled) == len(decoder_layers(compiled))
+    assert compile_decoder_layers(compiled) == 0  # idempotent
+    assert list(compiled.state_dict()) == keys
+    batch = shared_batch_for(eager)
+    options = LossOptions(labels_only=True, prefix_cache=True, shared_prompt=True, autocast_dtype=autocast)
+    want_loss, want = loss_and_grads(eager, batch, options)
+    for _ in range(2):  # the second call runs the compiled graphs without compiling
+        loss, grads = loss_and_grads(compiled, batch, options)
+        assert set(grads) == set(want)
+        if autocast is None:
+            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+        else:  # inductor keeps fused element-wise work in float32 where eager rounds each step to bf16
+            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-2)
+            for name, grad in grads.items():
+                error = (grad - want[name]).norm() / want[name].norm()
+                assert error < 0.05, (name, error.item())
