@@ -30,8 +30,12 @@ def test_decoder_layers_finds_each_architectures_layer_list(arch):
 
 
 def test_decoder_layers_refuses_a_model_without_them():
-    with pytest.raises(ValueError, match="no list of None decoder layers in Linear"):
+    with pytest.raises(ValueError, match="Linear has no `config.num_hidden_layers`"):
         decoder_layers(nn.Linear(2, 2))
+    model = mux("llama")
+    model.get_base_model().config.num_hidden_layers = 7
+    with pytest.raises(ValueError, match="no list of 7 decoder layers in LlamaForCausalLM"):
+        decoder_layers(model)
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bf16 autocast"])

@@ -25,10 +25,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in base.modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
-    raise ValueError(
-        f"Found no list of {count} decoder layers in {type(base).__name__}: compiled layers need a transformers "
-        "decoder whose config has `num_hidden_layers`."
-    )
+    if count is None:
+        raise ValueError(
+            f"{type(base).__name__} has no `config.num_hidden_layers`: compiled layers need a transformers model."
+        )
+    raise ValueError(f"Found no list of {count} decoder layers in {type(base).__name__}.")
 
 
 def compile_decoder_layers(model: nn.Module) -> int:
