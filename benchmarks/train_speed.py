@@ -125,7 +125,6 @@ class Variant:
         self.bf16 = False  # runs its matrix multiplies in bf16 (autocast or bf16 weights)
 
     def run(self, model) -> None:
-        threads = torch.get_num_threads()
         start = time.perf_counter()
         if self.workers == 1:
             total, tokens = self._run_batches(model, self.batches)
@@ -137,12 +136,14 @@ class Variant:
             total, tokens = sum(s[0] for s in sums), sum(s[1] for s in sums)
         self.seconds.append(time.perf_counter() - start)
         self.loss = total / tokens
-        torch.set_num_threads(threads)
 
     def _run_batches(self, model, batches, zero: bool = True) -> tuple[float, int]:
-        """Forward and backward over ``batches``; the summed token loss and the token count."""
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        """Forward and backward over ``batches`` with ``threads`` intra-op threads in the calling thread (restored
+        after: `count` runs a workers variant's batches on the main thread); the summed token loss and token count."""
+        with intra_op_threads(self.threads):
+            return self._sum_batches(model, batches, zero)
+
+    def _sum_batches(self, model, batches, zero: bool) -> tuple[float, int]:
         cache = self.cache if self.workers == 1 else PrefixCache()
         total, tokens = 0.0, 0
         for batch in batches:
@@ -280,6 +281,18 @@ def bf16_weights_copy(model):
 
 
 COMPILED = "+ --compile_layers"  # in a variant's name: its model's decoder layers are compiled
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """Within the block, the calling thread runs torch ops on ``threads`` intra-op threads (None: unchanged)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def compiled_copy(model):
@@ -457,7 +470,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     device = real_lines_setup(args, "train_speed.py")
-    threads = torch.get_num_threads()  # read now: a worker thread's set_num_threads can change what later reads see
     shipped = args.stage1_batches == "shipped"
     model, tokenizer, label, rows, rows1 = model_and_rows(args, device, args.personas_per_batch if shipped else None)
     speedup = bf16_matmul_speedup() if device.type == "cpu" else float("nan")
@@ -511,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     best2 = max(records2[1:], key=lambda r: r["ratio"])
     payload = {
         "command": command_line(__file__, argv),
-        "hardware": {**hardware(device, args.dtype), "torch_threads": threads},
+        "hardware": hardware(device, args.dtype),
         "model": label,
         "rows": args.rows,
         "batch_size": args.batch_size,

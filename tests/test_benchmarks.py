@@ -248,7 +248,13 @@ def test_train_speed_workers_split_batches_and_add_the_same_gradients(load_scrip
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
         results.append((loss, grads))
     threaded = script.Variant("v", batches, FAST, threads=1, workers=2)
-    threaded.count(model)  # the FLOP counter sees one thread: the same batches are counted on the calling one
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threaded.count(model)  # the FLOP counter sees one thread: the same batches are counted on the calling one
+        assert torch.get_num_threads() == 2  # restored: later variants and the matmul rate run on every thread
+    finally:
+        torch.set_num_threads(threads)
     assert threaded.flops > 0 and threaded.seconds == []
     (loss1, grads1), (loss2, grads2) = results
     assert loss2 == pytest.approx(loss1, rel=1e-6)

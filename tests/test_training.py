@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -167,19 +168,32 @@ def test_gradient_checkpointing_trains(tokenizer, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"), reason="inductor needs a C++ compiler")
 def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_files(tokenizer, tmp_path):
     from peft_personamux.compiled_layers import decoder_layers
+
+    class Spy(TrainerCallback):
+        compiled: list[bool] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.compiled.append(all(layer._compiled_call_impl is not None for layer in decoder_layers(model)))
 
     model = make_model(tokenizer)
     ds = Dataset.from_list(make_rows(per_persona=2))
     args = codebook_args(tmp_path, compile_layers=True, warmup_epochs=0, max_steps=2, loss_log=False)
     before = snapshot(model)
-    trainer = pretrain_codebook(model, tokenizer, ds, args)
-    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(model))
+    trainer = build_codebook_trainer(model, tokenizer, ds, args)
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert Spy.compiled == [True, True]  # compiled while training
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))  # eager again after
     assert all(not torch.equal(before[k], v) for k, v in snapshot(model).items())
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+    trainer.save_model(str(tmp_path))
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved and not any("_orig_mod" in key for key in saved)
+    with pytest.raises(ValueError, match="`compile_layers` and `torch_compile` both"):
+        codebook_args(tmp_path, compile_layers=True, torch_compile=True)
 
 
 def test_checkpoints_hold_persona_files_and_resume_restores_them(tokenizer, tmp_path, monkeypatch):

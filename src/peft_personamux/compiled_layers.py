@@ -1,16 +1,18 @@
 """Decoder layers compiled by ``torch.compile`` for training.
 
-With bf16 autocast on a CPU with bf16 matrix units (AMX), the matrix multiplies of a SmolLM2-135M step take under
-half its operator time; the rest is element-wise work (norms, rotary embedding, activations, casts) that eager mode
-runs one operator at a time (benchmarks/train_profile.py). Inductor fuses it. Each decoder layer is compiled in place
-(``nn.Module.compile``), so parameter names, the state dict, saving and the adapter are unchanged; the embeddings,
-the soft prompt and the head stay eager. The first steps compile (minutes on 2 cores); shapes are dynamic, so
-length-grouped batches of other lengths do not compile again.
+With bf16 autocast on a CPU with bf16 matrix units (AMX), matrix multiplies take under half of the operator time of a
+SmolLM2-135M stage-1 step; the rest is element-wise work (norms, rotary embedding, activations, casts) that eager mode
+runs one operator at a time (benchmarks/results/train_profile_xeon_amx.md). Inductor fuses it. Each decoder layer is
+compiled in place (``nn.Module.compile``), so parameter names, the state dict, saving and the adapter are unchanged;
+the embeddings, the soft prompt and the head stay eager. The first step compiles (minutes on 2 cores); shapes are
+dynamic, so length-grouped batches of other lengths need no new graphs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -18,36 +20,51 @@ logger = logging.getLogger(__name__)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of ``model`` (a peft model or a transformers causal LM): its ``nn.ModuleList`` with
-    ``config.num_hidden_layers`` entries (``model.layers`` in Llama and Qwen2, ``transformer.h`` in GPT-2)."""
+    """The decoder layers of ``model`` (a peft model or a transformers causal LM): the ``nn.ModuleList`` of
+    ``config.num_hidden_layers`` modules (``model.layers`` in Llama and Qwen2, ``transformer.h`` in GPT-2), those of a
+    class the model names in ``_no_split_modules`` first."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     count = getattr(getattr(base, "config", None), "num_hidden_layers", None)
-    for module in base.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
     if count is None:
         raise ValueError(
             f"{type(base).__name__} has no `config.num_hidden_layers`: compiled layers need a transformers model."
         )
-    raise ValueError(f"Found no list of {count} decoder layers in {type(base).__name__}.")
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    named = set(getattr(base, "_no_split_modules", None) or ())
+    lists.sort(key=lambda m: type(m[0]).__name__ not in named)  # stable: the model's order otherwise
+    if not lists:
+        raise ValueError(
+            f"Found no list of {count} decoder layers in {type(base).__name__}; train without `compile_layers`."
+        )
+    return lists[0]
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
-    """Compile each decoder layer of ``model`` in place (inductor, dynamic shapes); the number newly compiled.
-    Idempotent: layers compiled before are left as they are."""
+def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Compile each decoder layer of ``model`` in place (inductor, dynamic shapes); the layers newly compiled (those
+    compiled before are left as they are). Raises torch._dynamo's recompile limits for the whole process: every layer
+    is its own cache entry of one code object, and each kind of call (training, evaluation, a prefix's key/value
+    cache) adds one per layer; past the limit a layer would run eager without an error."""
     import torch._dynamo
 
     layers = decoder_layers(model)
-    # each layer's own ``layer_idx`` (a Python int) specialises its graph: one compile per layer and kind of input
-    # (with and without a prefix's key/value cache, packed rows); the default limit of 8 would leave most layers eager
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 4 * len(layers))
+    config.recompile_limit = max(config.recompile_limit, 8 * len(layers))
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * len(layers))
     fresh = [layer for layer in layers if getattr(layer, "_compiled_call_impl", None) is None]
     for layer in fresh:
         layer.compile(dynamic=True)
     if fresh:
-        logger.info(
-            "Compiled %d decoder layers (torch.compile, dynamic shapes); the first steps compile them.", len(fresh)
-        )
-    return len(fresh)
+        logger.info("Compiled %d decoder layers (torch.compile, dynamic shapes); the first step compiles.", len(fresh))
+    return fresh
+
+
+@contextlib.contextmanager
+def compiled_decoder_layers(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Within the block, ``model``'s decoder layers run compiled (`compile_decoder_layers`); after it, the layers
+    this block compiled run eager again (inductor keeps its graphs on disk, so a later block compiles faster)."""
+    fresh = compile_decoder_layers(model)
+    try:
+        yield fresh
+    finally:
+        for layer in fresh:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: the module's own __call__ again

@@ -111,16 +111,6 @@ class PersonaMuxTrainingArguments(TrainingArguments):
             "transformers implementation name such as 'eager' or 'sdpa'."
         },
     )
-    compile_layers: bool = field(
-        default=False,
-        metadata={
-            "help": "Compile the base model's decoder layers with torch.compile before training (`compiled_layers`; "
-            "needs a C++ compiler; the first step compiles, 276 s on a 2-core CPU, less when inductor's disk cache "
-            "has the graphs). It fuses the element-wise work (norms, rotary, activations) that takes half of a bf16 "
-            "step on a CPU with AMX: stage-1 batches 1.37x the eager fast loss there, stage 2 no faster "
-            "(benchmarks/results/train_speed_xeon_amx_compiled.md). For long stage-1 runs."
-        },
-    )
     mixture_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -189,6 +179,16 @@ class CodebookTrainingArguments(PersonaMuxTrainingArguments):
             "norm, so that the first joint steps do not overshoot along them)."
         },
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile the base model's decoder layers with torch.compile while training (`compiled_layers`; "
+            "needs a C++ compiler; the first step compiles for minutes, less when inductor's disk cache has the "
+            "graphs). It fuses the element-wise work (norms, rotary, activations) that takes about half the "
+            "operator time of a bf16 step on a CPU with AMX, where it sped up stage-1 batches (training.md, Speed). "
+            "For long runs; the layers run eager again after training."
+        },
+    )
     identity_every: int = field(
         default=0,
         metadata={
@@ -208,6 +208,10 @@ class CodebookTrainingArguments(PersonaMuxTrainingArguments):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         if self.identity_every < 0:
             raise ValueError(f"`identity_every` must be >= 0, got {self.identity_every!r}.")
+        if self.compile_layers and self.torch_compile:
+            raise ValueError(
+                "`compile_layers` and `torch_compile` both compile the model: set one of them, got both True."
+            )
         if self.gradient_codebook_scale not in CODE_SCALES:
             raise ValueError(
                 f"`gradient_codebook_scale` must be one of {CODE_SCALES}, got {self.gradient_codebook_scale!r}."

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 import torch
 from transformers import Trainer
 
-from ..compiled_layers import compile_decoder_layers
+from ..compiled_layers import compiled_decoder_layers
 from ..loss import LossOptions, PrefixCache, choose_attention, choose_autocast, mean_response_loss
 from ..persona_files import list_persona_files
 from ..sampling import PersonaBatchSampler, row_lengths
@@ -94,10 +95,10 @@ class PersonaMuxTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._loss_options = None  # chosen again once the (resumed) state is loaded: see `loss_options`
-        if getattr(self.args, "compile_layers", False):
-            compile_decoder_layers(self.model)
+        compiled = getattr(self.args, "compile_layers", False)
         try:
-            return super().train(*args, **kwargs)
+            with compiled_decoder_layers(self.model) if compiled else contextlib.nullcontext():
+                return super().train(*args, **kwargs)
         finally:
             drop_casts(self.model)  # the fast loss's bf16 weight copies are for training steps only
 
