@@ -25,9 +25,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     class the model names in ``_no_split_modules`` first."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     count = getattr(getattr(base, "config", None), "num_hidden_layers", None)
-    if count is None:
+    if not count:
         raise ValueError(
-            f"{type(base).__name__} has no `config.num_hidden_layers`: compiled layers need a transformers model."
+            f"{type(base).__name__} has no `config.num_hidden_layers` (got {count!r}): compiled layers need a "
+            "transformers decoder."
         )
     lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     named = set(getattr(base, "_no_split_modules", None) or ())
