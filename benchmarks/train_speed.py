@@ -168,11 +168,15 @@ class Variant:
         """Count one untimed run's matrix-multiply FLOPs. A compiled variant is counted on ``model`` (eager, the
         same computation): the counter does not see inside compiled graphs."""
         eager = model if self.model is None or COMPILED in self.name else self.model
-        if self.workers > 1:  # the counter sees only its own thread: count the same batches on this one
-            self.flops = count_flops(lambda: self._run_batches(eager, self.batches))
-            return
-        self.flops = count_flops(lambda: self.run(eager))
-        self.seconds.pop()
+        options, self.options = self.options, dataclasses.replace(self.options, compiled_head=False)
+        try:
+            if self.workers > 1:  # the counter sees only its own thread: count the same batches on this one
+                self.flops = count_flops(lambda: self._run_batches(eager, self.batches))
+                return
+            self.flops = count_flops(lambda: self.run(eager))
+            self.seconds.pop()
+        finally:
+            self.options = options
 
     @property
     def rows(self) -> int:
@@ -246,9 +250,13 @@ def variants_for(
         out.append(Variant("all but kept weight casts (bf16, eager attention)", grouped, recast))
         if bf16_model is not None:  # no per-call weight casts: the frozen weights are bf16 already
             out.append(Variant("all (bf16 weights, eager attention)", grouped, chosen, model=bf16_model))
-    for weights, compiled_model in compiled:  # the library's path with `--compile_layers`
+    # the library's path with `--compile_layers`: compiled decoder layers and a compiled head (`compiled_head`)
+    with_head = dataclasses.replace(chosen, compiled_head=True)
+    for index, (weights, compiled_model) in enumerate(compiled):
         name = f"all ({weights}, eager attention) {COMPILED}" if bf16 else f"all ({weights}) {COMPILED}"
-        out.append(Variant(name, grouped, chosen, model=compiled_model))
+        if index == 0:  # the ablation: the same layers, the head eager
+            out.append(Variant(f"{name}, head eager", grouped, chosen, model=compiled_model))
+        out.append(Variant(name, grouped, with_head, model=compiled_model))
     if full_batch:  # every row in one batch, as `add-persona` runs stage 2 (full batch, no micro-batch cap)
         whole = make_batches(collator, rows, len(rows), False, seed)
         out.append(Variant(WHOLE_PLAIN, whole, PLAIN, plain_forward=True))
@@ -280,7 +288,7 @@ def bf16_weights_copy(model):
     return twin
 
 
-COMPILED = "+ --compile_layers"  # in a variant's name: its model's decoder layers are compiled
+COMPILED = "+ --compile_layers"  # in a variant's name: its model's decoder layers (and head, unless named) compiled
 
 
 @contextlib.contextmanager
@@ -298,7 +306,7 @@ def intra_op_threads(threads: int | None):
 def compiled_copy(model):
     """A copy of ``model`` whose decoder layers are compiled as ``--compile_layers`` compiles them
     (`compiled_layers.compile_decoder_layers`: inductor, dynamic shapes); the adapter, embeddings and head stay
-    eager."""
+    eager (a variant's `LossOptions.compiled_head` compiles the head)."""
     twin = copy.deepcopy(model)
     compile_decoder_layers(twin)
     return twin
@@ -571,8 +579,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "here by default (`loss.FAST` with the autocast and attention they choose on this CPU); 'bf16 weights' is the "
         "same loss with the base model loaded in bf16 (`--dtype bfloat16`; the adapter stays float32); rows with "
         "'--compile_layers' are the same loss with the base model's decoder layers compiled by torch.compile "
-        "(`compiled_layers`; the training argument of that name). Stage 2 fits on all of a persona's rows at once "
-        "(full batch), so its rows per "
+        "(`compiled_layers`; the training argument of that name) and, as that argument does, the output head with "
+        "its cross entropy (`LossOptions.compiled_head`; 'head eager': without it). Stage 2 fits on all of a "
+        "persona's rows at once (full batch), so its rows per "
         "forward pass are free: 'the whole batch at once' is the same summed gradient in one pass, as `add-persona` "
         "and today's code run it by default (no `max_micro_batch_size`); its packed rows run in lines of a few rows "
         "each (`shared_prompt.line_layout`). 'kept weight casts' "

@@ -1,4 +1,5 @@
-"""`compiled_layers`: decoder layers compiled in place give the eager loss and gradients and keep the state dict."""
+"""`compiled_layers`: decoder layers compiled in place give the eager loss and gradients and keep the state dict;
+the compiled head (`LossOptions.compiled_head`) gives the eager head's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from tiny_models import ARCHS, mux, shared_batch_for
 from torch import nn
 
+import peft_personamux.loss as loss_module
 from peft_personamux.compiled_layers import compile_decoder_layers, compiled_decoder_layers, decoder_layers
 from peft_personamux.loss import LossOptions, PrefixCache, mean_response_loss
 
@@ -82,3 +84,30 @@ def test_compiled_block_restores_eager_layers_and_leaves_earlier_compiles():
         assert all(layer._compiled_call_impl is not None for layer in layers)
     assert layers[0]._compiled_call_impl is not None
     assert all(layer._compiled_call_impl is None for layer in layers[1:])
+
+
+@needs_compiler
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bf16 autocast"])
+def test_compiled_head_gives_the_eager_heads_loss_and_gradients(autocast):
+    model = mux("llama")
+    batch = shared_batch_for(model)
+    eager = LossOptions(autocast_dtype=autocast)
+    want_loss, want = loss_and_grads(model, batch, eager)
+    loss_module._compiled_head_nll.cache_clear()
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    for call in range(2):
+        loss, grads = loss_and_grads(model, batch, LossOptions(autocast_dtype=autocast, compiled_head=True))
+        if call == 0:
+            made = graphs["unique_graphs"]
+            assert made >= 1  # the head ran compiled, not eager
+        assert graphs["unique_graphs"] == made  # the second call reuses its graph
+        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+        assert set(grads) == set(want)
+        for name, grad in grads.items():  # bf16: the same logits, the softmax's float32 rounding fused
+            torch.testing.assert_close(grad, want[name], rtol=1e-3 if autocast else 1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_head_needs_the_labels_only_head():
+    with pytest.raises(ValueError, match="`compiled_head=True` compiles the labels-only head"):
+        LossOptions(labels_only=False, compiled_head=True)

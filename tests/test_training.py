@@ -186,6 +186,7 @@ def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_f
     trainer.add_callback(Spy())
     trainer.train()
     assert Spy.compiled == [True, True]  # compiled while training
+    assert trainer.loss_options().compiled_head  # and the head with its cross entropy
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))  # eager again after
     assert all(not torch.equal(before[k], v) for k, v in snapshot(model).items())
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)

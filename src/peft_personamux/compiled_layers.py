@@ -4,7 +4,8 @@ With bf16 autocast on a CPU with bf16 matrix units (AMX), matrix multiplies take
 SmolLM2-135M stage-1 step; the rest is element-wise work (norms, rotary embedding, activations, casts) that eager mode
 runs one operator at a time (benchmarks/results/train_profile_xeon_amx.md). Inductor fuses it. Each decoder layer is
 compiled in place (``nn.Module.compile``), so parameter names, the state dict, saving and the adapter are unchanged;
-the embeddings, the soft prompt and the head stay eager. The first step compiles (minutes on 2 cores); shapes are
+the embeddings and the soft prompt stay eager (training's ``compile_layers`` also compiles the output head and its
+cross entropy: `loss.LossOptions.compiled_head`). The first step compiles (minutes on 2 cores); shapes are
 dynamic, so length-grouped batches of other lengths need no new graphs.
 """
 

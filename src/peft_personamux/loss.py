@@ -25,6 +25,7 @@ persona fitting and loss evaluation call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,10 +93,16 @@ class LossOptions:
     # under autocast on CPU, each frozen linear weight is cast once and kept instead of on every call
     # (`weight_casts.kept_casts`: same numbers; costs a low-precision copy of the linear weights)
     keep_casts: bool = True
+    # the output head and its cross entropy run under torch.compile (inductor fuses the float32 cast of the logits,
+    # the log-softmax and their backward: about 2x on that part on a 2-core AMX Xeon); needs a C++ compiler and
+    # ``labels_only``; training's ``compile_layers`` turns it on
+    compiled_head: bool = False
 
     def __post_init__(self) -> None:
         if self.packed is True and not self.shared_prompt:
             raise ValueError("`packed=True` packs the rows of a shared-prompt group: it needs `shared_prompt=True`.")
+        if self.compiled_head and not self.labels_only:
+            raise ValueError("`compiled_head=True` compiles the labels-only head: it needs `labels_only=True`.")
 
 
 FAST = LossOptions()  # the default exact shortcuts, in the weights' dtype
@@ -194,7 +201,7 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     with request, autocast(device, options.autocast_dtype):
         if labels_only:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-            nll = _labels_only_nll(base.get_output_embeddings(), hidden, labels, keep)
+            nll = _labels_only_nll(base.get_output_embeddings(), hidden, labels, keep, options.compiled_head)
         else:
             logits = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
     if not labels_only:
@@ -332,8 +339,23 @@ def _packing(body: nn.Module) -> str | None:
     return implementation if implementation in ("eager", "sdpa") else None
 
 
-def _labels_only_nll(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor):
+def _labels_only_nll(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, compiled: bool):
     """NLL (label tokens,) of the labels at ``keep`` (lines, seq - 1), the head run only at the positions that
-    predict them."""
-    logits = head(hidden[:, :-1][keep])  # (label tokens, vocab)
-    return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="none")
+    predict them; ``compiled``: under torch.compile (`LossOptions.compiled_head`)."""
+    states = hidden[:, :-1][keep]  # (label tokens, hidden)
+    targets = labels[:, 1:][keep]  # (label tokens,)
+    nll = _compiled_head_nll() if compiled else head_nll
+    return nll(states, head.weight, head.bias, targets)
+
+
+def head_nll(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    """NLL (tokens,) of ``targets`` under the linear head ``(weight, bias)`` on ``states`` (tokens, hidden), the
+    logits taken to float32 before the softmax."""
+    logits = F.linear(states, weight, bias)  # (tokens, vocab), in the autocast dtype if any
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+@functools.cache
+def _compiled_head_nll():
+    """`head_nll` under torch.compile (dynamic shapes: one graph for any number of label tokens), made once."""
+    return torch.compile(head_nll, dynamic=True)

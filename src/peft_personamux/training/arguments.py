@@ -182,7 +182,8 @@ class CodebookTrainingArguments(PersonaMuxTrainingArguments):
     compile_layers: bool = field(
         default=False,
         metadata={
-            "help": "Compile the base model's decoder layers with torch.compile while training (`compiled_layers`; "
+            "help": "Compile the base model's decoder layers, and the output head with its cross entropy "
+            "(`LossOptions.compiled_head`), with torch.compile while training (`compiled_layers`; "
             "needs a C++ compiler; the first step compiles for minutes, less when inductor's disk cache has the "
             "graphs). It fuses the element-wise work (norms, rotary, activations) that takes about half the "
             "operator time of a bf16 step on a CPU with AMX, where it sped up stage-1 batches (training.md, Speed). "

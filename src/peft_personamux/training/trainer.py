@@ -53,7 +53,9 @@ def fast_loss_options(args, device: torch.device | str, dtype: torch.dtype | Non
     if dtype is _CHOOSE:
         dtype = autocast_dtype(args, device)
     return LossOptions(
-        autocast_dtype=dtype, attention=choose_attention(device, dtype, getattr(args, "attention", "auto"))
+        autocast_dtype=dtype,
+        attention=choose_attention(device, dtype, getattr(args, "attention", "auto")),
+        compiled_head=bool(getattr(args, "compile_layers", False)),  # compiled with the layers
     )
 
 
