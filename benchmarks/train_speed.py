@@ -288,6 +288,7 @@ def bf16_weights_copy(model):
     return twin
 
 
+STAGE_TITLES = ("Stage 1 (codebook pretraining rows)", "Stage 2 (one persona, with text persona)")
 COMPILED = "+ --compile_layers"  # in a variant's name: its model's decoder layers (and head, unless named) compiled
 
 
@@ -476,6 +477,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "float32 and, where bf16 is chosen, the bf16-weights model (needs a C++ compiler; compiling "
         "takes minutes and is not timed).",
     )
+    parser.add_argument(
+        "--stages",
+        choices=("1", "2", "both"),
+        default="both",
+        help="Which stages to time (one stage alone takes about half the time; its ratios are the same measure).",
+    )
     args = parser.parse_args(argv)
     device = real_lines_setup(args, "train_speed.py")
     shipped = args.stage1_batches == "shipped"
@@ -499,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         compiled=compiled,
         batched=shipped,
     )
-    measure(model, stage1, args.rounds, "stage 1")
+    if args.stages != "2":
+        measure(model, stage1, args.rounds, "stage 1")
     personas1 = [r["persona"] for r in rows1]
     # stage 2: one persona's lines with its text persona; only its mixture row trains
     one = rows[0]["persona"]
@@ -519,16 +527,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bf16_model=bf16_model,
         compiled=compiled,
     )
-    measure(model, stage2, args.rounds, "stage 2")
-    shapes = model_matmul_shapes(model.get_base_model().config, stage1[0])
+    if args.stages != "1":
+        measure(model, stage2, args.rounds, "stage 2")
+    # (title, variants) of the stages timed
+    timed = list(zip(STAGE_TITLES, (stage1, stage2)))
+    timed = [timed[int(args.stages) - 1]] if args.stages != "both" else timed
+    shapes = model_matmul_shapes(model.get_base_model().config, timed[0][1][0])
     matmul = {name: matmul_rate(dtype, shapes, device, repeats=10) for name, dtype in MATMUL_DTYPES.items()}
     # what `weight_casts.kept_casts` keeps: a bf16 copy of every frozen plain nn.Linear weight
     linears = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
     kept_bytes = 2 * sum(w.numel() for w in linears)
-    table1, records1 = table(stage1, matmul)
-    table2, records2 = table(stage2, matmul)
-    best1 = max(records1[1:], key=lambda r: r["ratio"])
-    best2 = max(records2[1:], key=lambda r: r["ratio"])
+    tables = {title: table(variants, matmul) for title, variants in timed}
+    records1, records2 = (tables[title][1] if title in tables else [] for title in STAGE_TITLES)
     payload = {
         "command": command_line(__file__, argv),
         "hardware": hardware(device, args.dtype),
@@ -548,15 +558,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
     notes = [
         f"bf16 matmul on this CPU: {speedup:.2f}x float32 (`loss.choose_autocast` takes bf16 at >= 1.25x): "
         f"{'bf16' if bf16 else 'float32'} is what training uses here.",
-        f"Best combined: stage 1 {best1['ratio']:.2f}x ({best1['variant']}), stage 2 {best2['ratio']:.2f}x "
-        f"({best2['variant']}).",
+        "Best combined: "
+        + ", ".join(
+            f"{stage} {best['ratio']:.2f}x ({best['variant']})"
+            for stage, records in (("stage 1", records1), ("stage 2", records2))
+            if records
+            for best in [max(records[1:], key=lambda r: r["ratio"])]
+        )
+        + ".",
         *whole_batch_note(records2),
         f"Matrix-multiply rate of this CPU at the model's shapes ({shapes}, m x k x n, rows = one plain batch's "
         f"tokens), measured in the same run: float32 {matmul['float32'] / 1e9:.0f} GFLOP/s, bf16 "
         f"{matmul['bfloat16'] / 1e9:.0f} GFLOP/s. 'GFLOP / pass' counts a variant's matrix multiplies, forward and "
         "backward (torch's FlopCounterMode; elementwise work, norms and softmax are not counted), per row; "
         "'ceiling' is the speed those FLOPs would reach at its dtype's measured rate with no other cost, as a ratio "
-        f"to plain. Highest ceiling: stage 1 {highest_ceiling(records1)}, stage 2 {highest_ceiling(records2)}.",
+        "to plain. Highest ceiling: "
+        + ", ".join(
+            f"{stage} {highest_ceiling(records)}"
+            for stage, records in (("stage 1", records1), ("stage 2", records2))
+            if records
+        )
+        + ".",
         "Stage 1 rows have no text persona: the soft prompt goes first in the row, so there is no prefix to reuse "
         "and 'prefix KV reuse' equals the plain body there; stage 2 rows carry a text persona after the chat "
         "template's system turn.",
@@ -602,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.output_dir,
         payload,
         "Training speed: example passes per second, plain vs fast loss",
-        [("Stage 1 (codebook pretraining rows)", table1), ("Stage 2 (one persona, with text persona)", table2)],
+        [(title, markdown) for title, (markdown, _) in tables.items()],
         notes,
     )
     return payload

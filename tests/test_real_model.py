@@ -70,3 +70,61 @@ def test_persona_embedding_doc_snippet_runs(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "zero-shot" / "personas" / "as_you_like_it" / "rosalind.safetensors").is_file()
     model = namespace["model"]
     assert not torch.equal(model.get_mixture("as_you_like_it/rosalind"), torch.zeros(64))
+
+
+@pytest.mark.skipif(
+    not __import__("shutil").which("c++") and not __import__("shutil").which("g++"),
+    reason="inductor needs a C++ compiler",
+)
+def test_compile_layers_path_gives_the_plain_gradients_on_smollm2(smollm2):
+    """`--compile_layers`' loss (decoder layers and head compiled, bf16 autocast, every shortcut) against the plain
+    float32 forward, on real lines of two pretraining characters: within the eager bf16 path's own error."""
+    import copy
+    import dataclasses
+
+    from peft import get_peft_model
+
+    from peft_personamux import PersonaMuxConfig
+    from peft_personamux.collator import PersonaMuxCollator
+    from peft_personamux.compiled_layers import compiled_decoder_layers
+    from peft_personamux.data import load_shakespeare, split_personas
+    from peft_personamux.loss import LossOptions, PrefixCache, mean_response_loss
+
+    base, tokenizer = smollm2
+    config = PersonaMuxConfig(num_codes=64, tokens_per_code=8, num_bias_tokens=12, task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(base), config)
+    train, _ = split_personas(load_shakespeare(min_lines=40, max_chars=120), 0.75, 0)
+    names = sorted(set(train["persona"]))[:2]
+    rows = [r for name in names for r in train.filter(lambda r, n=name: r["persona"] == n).to_list()[:4]]
+    model.add_personas(names)
+    model.train_codebook()
+    with torch.no_grad():  # mixtures away from zero, so that the codebook gets gradient too
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(std=0.02)
+    batch = PersonaMuxCollator.for_model(model, tokenizer, max_prompt_tokens=48, max_response_tokens=48)(rows)
+
+    def loss_and_grad(options=None):
+        model.zero_grad(set_to_none=True)
+        if options is None:
+            loss = model(**batch).loss
+        else:
+            loss = mean_response_loss(model, batch, options=options, prefix_cache=PrefixCache())
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    plain_loss, plain = loss_and_grad()
+    fast = LossOptions(autocast_dtype=torch.bfloat16, attention="eager")  # what training runs on a bf16 CPU
+    eager_loss, eager = loss_and_grad(fast)
+    with compiled_decoder_layers(model):
+        loss, grad = loss_and_grad(dataclasses.replace(fast, compiled_head=True))
+
+    def error(g):
+        return ((g - plain).norm() / plain.norm()).item()
+
+    print(
+        f"loss {plain_loss:.5f} eager {eager_loss:.5f} compiled {loss:.5f}; error {error(eager):.4f} {error(grad):.4f}"
+    )
+    assert loss == pytest.approx(plain_loss, rel=2e-3)
+    assert abs(loss - plain_loss) <= 2 * abs(eager_loss - plain_loss) + 1e-3
+    assert error(grad) <= 1.5 * error(eager)  # bf16 rounding, not a different gradient
