@@ -94,8 +94,9 @@ class LossOptions:
     # (`weight_casts.kept_casts`: same numbers; costs a low-precision copy of the linear weights)
     keep_casts: bool = True
     # the output head and its cross entropy run under torch.compile (inductor fuses the float32 cast of the logits,
-    # the log-softmax and their backward: about 2x on that part on a 2-core AMX Xeon); needs a C++ compiler and
-    # ``labels_only``; training's ``compile_layers`` turns it on
+    # the log-softmax and their backward: 3-5% of a compiled stage-1 step on a 2-core AMX Xeon,
+    # benchmarks/results/train_speed_xeon_amx_compiled_head*.md); needs a C++ compiler (on CPU) and ``labels_only``;
+    # training's ``compile_layers`` turns it on
     compiled_head: bool = False
 
     def __post_init__(self) -> None:
