@@ -163,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     notes = [
         f"bf16 matmul on this CPU: {speedup:.2f}x float32, so the fast loss runs with autocast {dtype} and "
         f"attention {fast.attention!r}, as `personamux pretrain` and `add-persona` do here.",
-        "Shares are of the summed self CPU time of aten operators over one profiled run (forward and backward), "
-        "after one warm-up run; the profiler's own overhead is in every operator alike.",
+        "Shares are of the summed self CPU time of aten operators (and, with --compile, of the compiled graphs' calls "
+        "and torch.compile's overhead events) over one profiled run (forward and backward), after one warm-up run; "
+        "the profiler's own overhead is in every operator alike.",
         "A path whose matrix multiplies are a share s of its operator time could run at most about 1/s times "
         "faster with every other operator free (fused away), at the same FLOPs: a loose upper bound, since time "
         "outside aten operators is not counted and removing an operator's time does not always shorten the step "

@@ -166,7 +166,7 @@ class Variant:
 
     def count(self, model) -> None:
         """Count one untimed run's matrix-multiply FLOPs. A compiled variant is counted on ``model`` (eager, the
-        same computation): the counter does not see inside compiled graphs."""
+        same computation), its head too (``compiled_head`` off): the counter does not see inside compiled graphs."""
         eager = model if self.model is None or COMPILED in self.name else self.model
         options, self.options = self.options, dataclasses.replace(self.options, compiled_head=False)
         try:
@@ -420,6 +420,12 @@ def model_matmul_shapes(config, plain: Variant) -> list[tuple[int, int, int]]:
     return [(tokens, hidden, hidden), (tokens, hidden, inner), (tokens, inner, hidden)]
 
 
+def best_variant(records: Sequence[dict]) -> str:
+    """The fastest variant after plain (the first record), as 'ratio (name)'."""
+    best = max(records[1:], key=lambda r: r["ratio"])
+    return f"{best['ratio']:.2f}x ({best['variant']})"
+
+
 def highest_ceiling(records: Sequence[dict]) -> str:
     best = max(records, key=lambda r: r["ceiling_ratio"] if r["flops"] else 0.0)
     return f"{best['ceiling_ratio']:.2f}x ({best['variant']})"
@@ -539,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     kept_bytes = 2 * sum(w.numel() for w in linears)
     tables = {title: table(variants, matmul) for title, variants in timed}
     records1, records2 = (tables[title][1] if title in tables else [] for title in STAGE_TITLES)
+    timed_records = [(stage, records) for stage, records in (("stage 1", records1), ("stage 2", records2)) if records]
     payload = {
         "command": command_line(__file__, argv),
         "hardware": hardware(device, args.dtype),
@@ -558,14 +565,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     notes = [
         f"bf16 matmul on this CPU: {speedup:.2f}x float32 (`loss.choose_autocast` takes bf16 at >= 1.25x): "
         f"{'bf16' if bf16 else 'float32'} is what training uses here.",
-        "Best combined: "
-        + ", ".join(
-            f"{stage} {best['ratio']:.2f}x ({best['variant']})"
-            for stage, records in (("stage 1", records1), ("stage 2", records2))
-            if records
-            for best in [max(records[1:], key=lambda r: r["ratio"])]
-        )
-        + ".",
+        "Best combined: " + ", ".join(f"{stage} {best_variant(records)}" for stage, records in timed_records) + ".",
         *whole_batch_note(records2),
         f"Matrix-multiply rate of this CPU at the model's shapes ({shapes}, m x k x n, rows = one plain batch's "
         f"tokens), measured in the same run: float32 {matmul['float32'] / 1e9:.0f} GFLOP/s, bf16 "
@@ -573,11 +573,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "backward (torch's FlopCounterMode; elementwise work, norms and softmax are not counted), per row; "
         "'ceiling' is the speed those FLOPs would reach at its dtype's measured rate with no other cost, as a ratio "
         "to plain. Highest ceiling: "
-        + ", ".join(
-            f"{stage} {highest_ceiling(records)}"
-            for stage, records in (("stage 1", records1), ("stage 2", records2))
-            if records
-        )
+        + ", ".join(f"{stage} {highest_ceiling(records)}" for stage, records in timed_records)
         + ".",
         "Stage 1 rows have no text persona: the soft prompt goes first in the row, so there is no prefix to reuse "
         "and 'prefix KV reuse' equals the plain body there; stage 2 rows carry a text persona after the chat "
@@ -613,7 +609,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "|Δloss| / loss compares each variant's mean loss over the same rows with the plain path's (fp32 variants "
         "are exact up to float rounding; bf16 ones are not).",
     ]
-    for stage, records in (("stage 1", records1), ("stage 2", records2)):
+    if args.stages != "both":
+        notes.append(
+            f"Only stage {args.stages} was timed (`--stages {args.stages}`): the notes on the other stage's rows "
+            "describe a stage without a table here."
+        )
+    for stage, records in timed_records:
         notes += [
             f"{r['variant']}, {stage}: its first run compiled and took {r['untimed_seconds']:.0f} s (not timed)."
             for r in records

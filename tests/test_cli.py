@@ -186,3 +186,21 @@ def test_evaluate_subcommand_is_wired(capsys):
     assert "--num_unseen_personas" in capsys.readouterr().out
     assert main(["--help"]) == 0
     assert "evaluate" in capsys.readouterr().out
+
+
+def test_pretrain_with_the_same_seed_gives_the_same_codebook(workspace, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name: str, seed: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        code = cli.main(
+            ["pretrain", "--model_name_or_path", str(workspace / "tiny"), "--dataset", str(workspace / "data.jsonl")]
+            + ["--pretrain_fraction", "0.5", "--num_codes", "4", "--tokens_per_code", "2", "--num_bias_tokens", "2"]
+            + ["--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no", "--seed", seed, *QUIET]
+        )
+        assert code == 0
+        return load_file(out / "adapter_model.safetensors")
+
+    first, again, other = run("a", "3"), run("b", "3"), run("c", "4")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)

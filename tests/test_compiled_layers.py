@@ -12,7 +12,12 @@ from tiny_models import ARCHS, mux, shared_batch_for
 from torch import nn
 
 import peft_personamux.loss as loss_module
-from peft_personamux.compiled_layers import compile_decoder_layers, compiled_decoder_layers, decoder_layers
+from peft_personamux.compiled_layers import (
+    compile_decoder_layers,
+    compiled_decoder_layers,
+    decoder_layers,
+    eager_decoder_layers,
+)
 from peft_personamux.loss import LossOptions, PrefixCache, mean_response_loss
 
 needs_compiler = pytest.mark.skipif(
@@ -93,7 +98,7 @@ def test_compiled_head_gives_the_eager_heads_loss_and_gradients(autocast):
     batch = shared_batch_for(model)
     eager = LossOptions(autocast_dtype=autocast)
     want_loss, want = loss_and_grads(model, batch, eager)
-    loss_module._compiled_head_nll.cache_clear()
+    loss_module._compiled_head_nll.cache_clear()  # a fresh compiled function, counted below
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]
     for call in range(2):
@@ -111,3 +116,56 @@ def test_compiled_head_gives_the_eager_heads_loss_and_gradients(autocast):
 def test_compiled_head_needs_the_labels_only_head():
     with pytest.raises(ValueError, match="`compiled_head=True` compiles the labels-only head"):
         LossOptions(labels_only=False, compiled_head=True)
+
+
+@needs_compiler
+def test_compiled_head_handles_a_bias_and_no_gradient():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=True).requires_grad_(False)
+    hidden = torch.randn(2, 7, 16, requires_grad=True)  # (lines, seq, hidden)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :3] = -100  # no label there
+    keep = labels[:, 1:] != -100
+    want = loss_module._labels_only_nll(head, hidden, labels, keep, compiled=False)
+    (want_grad,) = torch.autograd.grad(want.sum(), hidden)
+    got = loss_module._labels_only_nll(head, hidden, labels, keep, compiled=True)
+    (got_grad,) = torch.autograd.grad(got.sum(), hidden)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(loss_module._labels_only_nll(head, hidden, labels, keep, compiled=True), want)
+
+
+def test_eager_decoder_layers_runs_compiled_layers_eager_within_the_block():
+    model = mux("llama")
+    layers = decoder_layers(model)
+    with compiled_decoder_layers(model):
+        compiled = [layer._compiled_call_impl for layer in layers]
+        with eager_decoder_layers(model):
+            assert all(layer._compiled_call_impl is None for layer in layers)
+        assert [layer._compiled_call_impl for layer in layers] == compiled
+    with eager_decoder_layers(nn.Linear(2, 2)):  # no decoder layers: nothing to do
+        pass
+
+
+def test_identity_diagnostic_runs_with_eager_layers_inside_a_compiled_run(monkeypatch, tmp_path):
+    import types
+
+    import peft_personamux.diagnostics as diagnostics
+
+    model = mux("llama")
+    layers = decoder_layers(model)
+    seen: list[bool] = []
+
+    def spy(model, batches, seed, prefix_cache=None):
+        seen.append(any(layer._compiled_call_impl is not None for layer in layers))
+        return {"gap": 0.0}
+
+    monkeypatch.setattr(diagnostics, "identity_gap", spy)
+    callback = diagnostics.IdentityDiagnosticCallback([], every=1)
+    state = types.SimpleNamespace(global_step=1, epoch=0.1, log_history=[], is_world_process_zero=True)
+    with compiled_decoder_layers(model):
+        callback.on_step_end(types.SimpleNamespace(output_dir=str(tmp_path)), state, None, model=model)
+        assert all(layer._compiled_call_impl is not None for layer in layers)  # compiled again after it
+    assert seen == [False]  # no graphs compiled for the diagnostic's own pass

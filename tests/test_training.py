@@ -169,8 +169,13 @@ def test_gradient_checkpointing_trains(tokenizer, tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"), reason="inductor needs a C++ compiler")
-def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_files(tokenizer, tmp_path):
+def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_files(tokenizer, tmp_path, monkeypatch):
+    import peft_personamux.loss as loss_module
     from peft_personamux.compiled_layers import decoder_layers
+
+    heads: list[int] = []  # one entry per call of the compiled head
+    compiled_head = loss_module._compiled_head_nll()
+    monkeypatch.setattr(loss_module, "_compiled_head_nll", lambda: heads.append(1) or compiled_head)
 
     class Spy(TrainerCallback):
         compiled: list[bool] = []
@@ -186,7 +191,7 @@ def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_f
     trainer.add_callback(Spy())
     trainer.train()
     assert Spy.compiled == [True, True]  # compiled while training
-    assert trainer.loss_options().compiled_head  # and the head with its cross entropy
+    assert trainer.loss_options().compiled_head and len(heads) == 2  # and the head with its loss, at every step
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))  # eager again after
     assert all(not torch.equal(before[k], v) for k, v in snapshot(model).items())
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)

@@ -70,3 +70,22 @@ def compiled_decoder_layers(model: nn.Module) -> Iterator[list[nn.Module]]:
     finally:
         for layer in fresh:
             layer._compiled_call_impl = None  # what nn.Module.compile set: the module's own __call__ again
+
+
+@contextlib.contextmanager
+def eager_decoder_layers(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s compiled decoder layers run eager; compiled again after it. For one-off passes
+    inside a compiled training run (the identity diagnostic), which would otherwise compile graphs of their own (no
+    gradient, float32) for minutes. A no-op for a model without decoder layers."""
+    try:
+        layers = list(decoder_layers(model))
+    except ValueError:
+        layers = []
+    kept = [(layer, layer._compiled_call_impl) for layer in layers if getattr(layer, "_compiled_call_impl", None)]
+    for layer, _ in kept:
+        layer._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for layer, compiled in kept:
+            layer._compiled_call_impl = compiled

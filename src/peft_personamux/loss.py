@@ -147,6 +147,8 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     base = tuner.model
     body = _decoder_body(base)
     labels_only = options.labels_only and body is not None and _plain_head(base)
+    if options.compiled_head and not labels_only:
+        _warn_once(f"`compiled_head` is ignored: {type(base).__name__}'s head is not a plain linear map at labels.")
     input_ids, attention_mask, labels = prepared.input_ids, prepared.attention_mask, prepared.labels
     placeholder = tuner.adapter_config().placeholder_token_id
     starts = prompt_starts(input_ids, placeholder) if enabled else None
@@ -342,21 +344,28 @@ def _packing(body: nn.Module) -> str | None:
 
 def _labels_only_nll(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, compiled: bool):
     """NLL (label tokens,) of the labels at ``keep`` (lines, seq - 1), the head run only at the positions that
-    predict them; ``compiled``: under torch.compile (`LossOptions.compiled_head`)."""
+    predict them; ``compiled``: under torch.compile (`LossOptions.compiled_head`) where the head is a plain
+    ``nn.Linear`` without hooks (a subclass, e.g. a quantized or adapted head, runs its own forward eagerly)."""
     states = hidden[:, :-1][keep]  # (label tokens, hidden)
     targets = labels[:, 1:][keep]  # (label tokens,)
-    nll = _compiled_head_nll() if compiled else head_nll
-    return nll(states, head.weight, head.bias, targets)
+    if compiled and type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
+        return _compiled_head_nll()(states, head.weight, head.bias, targets)
+    return F.cross_entropy(head(states).float(), targets, reduction="none")
 
 
-def head_nll(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+def _head_nll(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
     """NLL (tokens,) of ``targets`` under the linear head ``(weight, bias)`` on ``states`` (tokens, hidden), the
-    logits taken to float32 before the softmax."""
+    logits taken to float32 before the softmax: what `_labels_only_nll` computes, as one function to compile."""
     logits = F.linear(states, weight, bias)  # (tokens, vocab), in the autocast dtype if any
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 @functools.cache
 def _compiled_head_nll():
-    """`head_nll` under torch.compile (dynamic shapes: one graph for any number of label tokens), made once."""
-    return torch.compile(head_nll, dynamic=True)
+    """`_head_nll` under torch.compile (dynamic shapes: one graph for any number of label tokens), made once."""
+    return torch.compile(_head_nll, dynamic=True)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)

@@ -31,6 +31,7 @@ def pretrain(
 ) -> int:
     """Stage 1: pretrain a codebook on the pretraining personas of a dataset."""
     from peft import get_peft_model
+    from transformers import set_seed
 
     from ..data import split_personas
     from ..training import pretrain_codebook
@@ -48,6 +49,7 @@ def pretrain(
         tokens_per_code=codebook_args.tokens_per_code,
         num_bias_tokens=codebook_args.num_bias_tokens,
     )
+    set_seed(training_args.seed)  # the codebook's and bias tokens' random start, as the Trainer seeds the rest
     model = get_peft_model(base, config)
     trainer = pretrain_codebook(model, tokenizer, train, training_args, text_personas)
     if training_args.should_save:
