@@ -123,6 +123,7 @@ def demo(model_args: ModelArguments, args: DemoArguments) -> int:
         step = time.perf_counter()
         small = sample_per_persona(pretrain_split, args.scratch_personas, args.scratch_lines, args.seed)
         config = PersonaMuxConfig(task_type="CAUSAL_LM", num_codes=args.scratch_num_codes)
+        torch.manual_seed(args.seed)  # the codebook's and bias tokens' random start
         model = get_peft_model(base, config)
         scratch_args = CodebookTrainingArguments(
             output_dir=str(out / "codebook"),
