@@ -4,11 +4,10 @@ the compiled head (`LossOptions.compiled_head`) gives the eager head's."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
-from tiny_models import ARCHS, mux, shared_batch_for
+from tiny_models import ARCHS, mux, needs_compiler, shared_batch_for
 from torch import nn
 
 import peft_personamux.loss as loss_module
@@ -17,12 +16,9 @@ from peft_personamux.compiled_layers import (
     compiled_decoder_layers,
     decoder_layers,
     eager_decoder_layers,
+    resumed_layers,
 )
 from peft_personamux.loss import LossOptions, PrefixCache, mean_response_loss
-
-needs_compiler = pytest.mark.skipif(
-    not shutil.which("c++") and not shutil.which("g++"), reason="inductor needs a C++ compiler"
-)
 
 
 def loss_and_grads(model, batch, options):
@@ -149,23 +145,13 @@ def test_eager_decoder_layers_runs_compiled_layers_eager_within_the_block():
         pass
 
 
-def test_identity_diagnostic_runs_with_eager_layers_inside_a_compiled_run(monkeypatch, tmp_path):
-    import types
-
-    import peft_personamux.diagnostics as diagnostics
-
+def test_resumed_layers_switches_suspended_layers_back_on_within_its_block():
     model = mux("llama")
     layers = decoder_layers(model)
-    seen: list[bool] = []
-
-    def spy(model, batches, seed, prefix_cache=None):
-        seen.append(any(layer._compiled_call_impl is not None for layer in layers))
-        return {"gap": 0.0}
-
-    monkeypatch.setattr(diagnostics, "identity_gap", spy)
-    callback = diagnostics.IdentityDiagnosticCallback([], every=1)
-    state = types.SimpleNamespace(global_step=1, epoch=0.1, log_history=[], is_world_process_zero=True)
-    with compiled_decoder_layers(model):
-        callback.on_step_end(types.SimpleNamespace(output_dir=str(tmp_path)), state, None, model=model)
-        assert all(layer._compiled_call_impl is not None for layer in layers)  # compiled again after it
-    assert seen == [False]  # no graphs compiled for the diagnostic's own pass
+    with compiled_decoder_layers(model), eager_decoder_layers(model) as suspended:
+        assert len(suspended) == len(layers) and all(layer._compiled_call_impl is None for layer in layers)
+        with resumed_layers(suspended):
+            assert all(layer._compiled_call_impl is not None for layer in layers)
+        assert all(layer._compiled_call_impl is None for layer in layers)
+    with resumed_layers(()):  # nothing suspended (training without compile_layers): nothing to do
+        pass

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import needs_compiler
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_persona_embedding_doc_snippet_runs(tmp_path, monkeypatch):
     assert not torch.equal(model.get_mixture("as_you_like_it/rosalind"), torch.zeros(64))
 
 
-@pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"), reason="inductor needs a C++ compiler")
+@needs_compiler
 def test_compile_layers_path_gives_the_plain_gradients_on_smollm2(smollm2):
     """`--compile_layers`' loss (decoder layers and head compiled, bf16 autocast, every shortcut) against the plain
     float32 forward, on real lines of two pretraining characters: within the eager bf16 path's own error."""

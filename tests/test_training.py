@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from tiny_models import codebook_args, fit_args, make_rows, make_tokenizer
+from tiny_models import codebook_args, fit_args, make_rows, make_tokenizer, needs_compiler
 from tiny_models import make_mux_model as make_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
@@ -168,7 +167,7 @@ def test_gradient_checkpointing_trains(tokenizer, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"), reason="inductor needs a C++ compiler")
+@needs_compiler
 def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_files(tokenizer, tmp_path, monkeypatch):
     import peft_personamux.loss as loss_module
     from peft_personamux.compiled_layers import decoder_layers
@@ -177,11 +176,15 @@ def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_f
     compiled_head = loss_module._compiled_head_nll()
     monkeypatch.setattr(loss_module, "_compiled_head_nll", lambda: heads.append(1) or compiled_head)
 
-    class Spy(TrainerCallback):
-        compiled: list[bool] = []
+    def compiled(model) -> bool:
+        return all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
 
+    in_steps: list[bool] = []  # the layers' state inside each training step's loss
+    in_callbacks: list[bool] = []  # and where callbacks run (the identity diagnostic: eager, no graphs of its own)
+
+    class Spy(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            self.compiled.append(all(layer._compiled_call_impl is not None for layer in decoder_layers(model)))
+            in_callbacks.append(compiled(model))
 
     model = make_model(tokenizer)
     ds = Dataset.from_list(make_rows(per_persona=2))
@@ -189,8 +192,12 @@ def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_f
     before = snapshot(model)
     trainer = build_codebook_trainer(model, tokenizer, ds, args)
     trainer.add_callback(Spy())
+    compute_loss = trainer.compute_loss
+    monkeypatch.setattr(
+        trainer, "compute_loss", lambda m, *a, **k: in_steps.append(compiled(m)) or compute_loss(m, *a, **k)
+    )
     trainer.train()
-    assert Spy.compiled == [True, True]  # compiled while training
+    assert in_steps == [True, True] and in_callbacks == [False, False]  # compiled in training steps only
     assert trainer.loss_options().compiled_head and len(heads) == 2  # and the head with its loss, at every step
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))  # eager again after
     assert all(not torch.equal(before[k], v) for k, v in snapshot(model).items())

@@ -4,9 +4,11 @@ persona rows, and a saved codebook folder."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 from peft import get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,6 +20,10 @@ if TYPE_CHECKING:  # imported where used: most tests never train
     from peft_personamux.training import CodebookTrainingArguments, PersonaFitArguments
 
 VOCAB = 128
+# torch.compile's CPU backend (inductor) builds C++: tests of compiled paths skip without a compiler
+needs_compiler = pytest.mark.skipif(
+    not shutil.which("c++") and not shutil.which("g++"), reason="inductor needs a C++ compiler"
+)
 ARCHS = ["llama", "qwen2", "gpt2"]
 DTYPES = [torch.float32, torch.bfloat16]
 SMALL = dict(num_codes=6, tokens_per_code=3, num_bias_tokens=4, task_type="CAUSAL_LM")

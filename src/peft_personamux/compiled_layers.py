@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -73,10 +73,10 @@ def compiled_decoder_layers(model: nn.Module) -> Iterator[list[nn.Module]]:
 
 
 @contextlib.contextmanager
-def eager_decoder_layers(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s compiled decoder layers run eager; compiled again after it. For one-off passes
-    inside a compiled training run (the identity diagnostic), which would otherwise compile graphs of their own (no
-    gradient, float32) for minutes. A no-op for a model without decoder layers."""
+def eager_decoder_layers(model: nn.Module) -> Iterator[list[tuple[nn.Module, Callable]]]:
+    """Within the block, ``model``'s compiled decoder layers run eager; compiled again after it. Yields the suspended
+    (layer, compiled call) pairs, which `resumed_layers` switches back on for a part of the block. A no-op for a model
+    without decoder layers."""
     try:
         layers = list(decoder_layers(model))
     except ValueError:
@@ -85,7 +85,19 @@ def eager_decoder_layers(model: nn.Module) -> Iterator[None]:
     for layer, _ in kept:
         layer._compiled_call_impl = None
     try:
-        yield
+        yield kept
     finally:
         for layer, compiled in kept:
             layer._compiled_call_impl = compiled
+
+
+@contextlib.contextmanager
+def resumed_layers(suspended: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Within the block, the layers `eager_decoder_layers` suspended run compiled again (eager after it)."""
+    for layer, compiled in suspended:
+        layer._compiled_call_impl = compiled
+    try:
+        yield
+    finally:
+        for layer, _ in suspended:
+            layer._compiled_call_impl = None

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import TrainerCallback
 
-from .compiled_layers import eager_decoder_layers
 from .loss import FAST, LossOptions, PrefixCache, response_nll
 from .tuner.model import as_tuner
 
@@ -85,8 +84,7 @@ class IdentityDiagnosticCallback(TrainerCallback):
     def _log(self, args, state, model) -> None:
         device = next(model.parameters()).device
         batches = [{k: v.to(device) for k, v in b.items()} for b in self.batches]
-        with eager_decoder_layers(model):  # under --compile_layers: no graphs compiled for this pass alone
-            values = identity_gap(model, batches, self.seed, prefix_cache=self._cache)
+        values = identity_gap(model, batches, self.seed, prefix_cache=self._cache)
         entry = {"step": state.global_step, "epoch": state.epoch, **{k: round(v, 5) for k, v in values.items()}}
         state.log_history.append(entry)
         logger.info("identity diagnostic at step %d: %s", state.global_step, entry)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
 import torch
 from transformers import Trainer
 
-from ..compiled_layers import compiled_decoder_layers
+from ..compiled_layers import compiled_decoder_layers, eager_decoder_layers, resumed_layers
 from ..loss import LossOptions, PrefixCache, choose_attention, choose_autocast, mean_response_loss
 from ..persona_files import list_persona_files
 from ..sampling import PersonaBatchSampler, row_lengths
@@ -97,12 +96,20 @@ class PersonaMuxTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._loss_options = None  # chosen again once the (resumed) state is loaded: see `loss_options`
-        compiled = getattr(self.args, "compile_layers", False)
         try:
-            with compiled_decoder_layers(self.model) if compiled else contextlib.nullcontext():
+            if not getattr(self.args, "compile_layers", False):
+                return super().train(*args, **kwargs)
+            # compiled only inside training steps (`training_step`): evaluation and callbacks (the identity
+            # diagnostic) run without gradient and would compile graphs of their own, for minutes, for one pass
+            with compiled_decoder_layers(self.model), eager_decoder_layers(self.model) as self._compiled_layers:
                 return super().train(*args, **kwargs)
         finally:
+            self._compiled_layers = ()
             drop_casts(self.model)  # the fast loss's bf16 weight copies are for training steps only
+
+    def training_step(self, *args, **kwargs):
+        with resumed_layers(getattr(self, "_compiled_layers", ())):  # `compile_layers`: see `train`
+            return super().training_step(*args, **kwargs)
 
     def loss_options(self) -> LossOptions:
         """The fast loss's options: autocast dtype and attention implementation (`fast_loss_options`), chosen at a
