@@ -166,9 +166,10 @@ class Variant:
 
     def count(self, model) -> None:
         """Count one untimed run's matrix-multiply FLOPs. A compiled variant is counted on ``model`` (eager, the
-        same computation), its head too (``compiled_head`` off): the counter does not see inside compiled graphs."""
+        same computation), its head and body too (`LossOptions.eager`): the counter does not see inside compiled
+        graphs."""
         eager = model if self.model is None or COMPILED in self.name else self.model
-        options, self.options = self.options, dataclasses.replace(self.options, compiled_head=False)
+        options, self.options = self.options, self.options.eager()
         try:
             if self.workers > 1:  # the counter sees only its own thread: count the same batches on this one
                 self.flops = count_flops(lambda: self._run_batches(eager, self.batches))
@@ -197,12 +198,14 @@ def variants_for(
     bf16_model=None,
     compiled: Sequence[tuple[str, object]] = (),
     batched: bool = False,
+    bodies: Sequence[tuple[str, object]] = (),
 ) -> list[Variant]:
     """The variants of one stage. ``full_batch``: the stage fits on all rows at once (stage 2), so the rows per
     forward pass (chunk) are free and a larger chunk gives the same summed gradient. ``bf16_model``: the same model
     with its frozen base weights stored in bf16 (the adapter stays float32), for the 'bf16 weights' variant;
     ``compiled``: (weights, model) pairs, a copy of the float32 or the bf16-weights model with its decoder layers
-    compiled (`compiled_copy`), run on the library's path. ``batched``: ``rows``
+    compiled (`compiled_copy`), run on the library's path; ``bodies``: (weights, model) pairs, an eager copy run
+    with the decoder body compiled as one region (``--compile_scope body``). ``batched``: ``rows``
     are already in a sampler's batch order (the shipped pretraining's: persona and length grouped); the fast
     variants run those batches and today's plain path the same rows in random order, as today's code batched them."""
     if batched:
@@ -257,6 +260,10 @@ def variants_for(
         if index == 0:  # the ablation: the same layers, the head eager
             out.append(Variant(f"{name}, head eager", grouped, chosen, model=compiled_model))
         out.append(Variant(name, grouped, with_head, model=compiled_model))
+    with_body = dataclasses.replace(with_head, compiled_body=True)
+    for weights, body_model in bodies:
+        name = f"all ({weights}, eager attention) {COMPILED} {BODY}" if bf16 else f"all ({weights}) {COMPILED} {BODY}"
+        out.append(Variant(name, grouped, with_body, model=body_model))
     if full_batch:  # every row in one batch, as `add-persona` runs stage 2 (full batch, no micro-batch cap)
         whole = make_batches(collator, rows, len(rows), False, seed)
         out.append(Variant(WHOLE_PLAIN, whole, PLAIN, plain_forward=True))
@@ -290,6 +297,7 @@ def bf16_weights_copy(model):
 
 STAGE_TITLES = ("Stage 1 (codebook pretraining rows)", "Stage 2 (one persona, with text persona)")
 COMPILED = "+ --compile_layers"  # in a variant's name: its model's decoder layers (and head, unless named) compiled
+BODY = "--compile_scope body"  # after COMPILED: the decoder body compiled as one region instead of layer by layer
 
 
 @contextlib.contextmanager
@@ -479,9 +487,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="Add the library's path with --compile_layers (decoder layers compiled by torch.compile), on the "
-        "float32 and, where bf16 is chosen, the bf16-weights model (needs a C++ compiler; compiling "
-        "takes minutes and is not timed).",
+        help="Add the library's path with --compile_layers (decoder layers compiled by torch.compile) and with "
+        "--compile_scope body (the decoder body as one compiled region), on the float32 and, where bf16 is "
+        "chosen, the bf16-weights model (needs a C++ compiler; compiling takes minutes and is not timed).",
     )
     parser.add_argument(
         "--stages",
@@ -496,11 +504,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     speedup = bf16_matmul_speedup() if device.type == "cpu" else float("nan")
     bf16 = device.type == "cpu" and speedup >= 1.25
     bf16_model = bf16_weights_copy(model) if bf16 else None
-    compiled = []
+    compiled, bodies = [], []
     if args.compile:
         compiled.append(("bf16" if bf16 else "fp32", compiled_copy(model)))
+        bodies.append(("bf16" if bf16 else "fp32", copy.deepcopy(model)))
         if bf16_model is not None:
             compiled.append(("bf16 weights", compiled_copy(bf16_model)))
+            bodies.append(("bf16 weights", copy.deepcopy(bf16_model)))
     common = dict(max_prompt_tokens=48, max_response_tokens=48)
     stage1 = variants_for(
         PersonaMuxCollator.for_model(model, tokenizer, **common),
@@ -511,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bf16_model=bf16_model,
         compiled=compiled,
         batched=shipped,
+        bodies=bodies,
     )
     if args.stages != "2":
         measure(model, stage1, args.rounds, "stage 1")
@@ -519,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     one = rows[0]["persona"]
     fit_rows = [{**r, "persona": one} for r in rows]
     texts = {one: text_persona(one)}
-    for each in (model, bf16_model, *(m for _, m in compiled)):
+    for each in (model, bf16_model, *(m for _, m in (*compiled, *bodies))):
         if each is not None:
             each.train_personas([one])
     collator = PersonaMuxCollator.for_model(model, tokenizer, text_personas=texts, **common)
@@ -532,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         full_batch=True,
         bf16_model=bf16_model,
         compiled=compiled,
+        bodies=bodies,
     )
     if args.stages != "1":
         measure(model, stage2, args.rounds, "stage 2")
@@ -598,7 +610,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "same loss with the base model loaded in bf16 (`--dtype bfloat16`; the adapter stays float32); rows with "
         "'--compile_layers' are the same loss with the base model's decoder layers compiled by torch.compile "
         "(`compiled_layers`; the training argument of that name) and, as that argument does, the output head with "
-        "its cross entropy (`LossOptions.compiled_head`; 'head eager': without it). Stage 2 fits on all of a "
+        "its cross entropy (`LossOptions.compiled_head`; 'head eager': without it); "
+        f"'{BODY}' compiles everything after the input embeddings as one region instead of each layer on its "
+        "own (`LossOptions.compiled_body`), the head too. Stage 2 fits on all of a "
         "persona's rows at once (full batch), so its rows per "
         "forward pass are free: 'the whole batch at once' is the same summed gradient in one pass, as `add-persona` "
         "and today's code run it by default (no `max_micro_batch_size`); its packed rows run in lines of a few rows "

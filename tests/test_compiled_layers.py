@@ -1,5 +1,6 @@
 """`compiled_layers`: decoder layers compiled in place give the eager loss and gradients and keep the state dict;
-the compiled head (`LossOptions.compiled_head`) gives the eager head's."""
+the compiled head (`LossOptions.compiled_head`) and the decoder body compiled as one region
+(`LossOptions.compiled_body`) give the eager path's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from tiny_models import ARCHS, mux, needs_compiler, shared_batch_for
 from torch import nn
 
+import peft_personamux.compiled_layers as compiled_layers_module
 import peft_personamux.loss as loss_module
 from peft_personamux.compiled_layers import (
     compile_decoder_layers,
@@ -17,6 +19,7 @@ from peft_personamux.compiled_layers import (
     decoder_layers,
     eager_decoder_layers,
     resumed_layers,
+    run_body,
 )
 from peft_personamux.loss import LossOptions, PrefixCache, mean_response_loss
 
@@ -155,3 +158,59 @@ def test_resumed_layers_switches_suspended_layers_back_on_within_its_block():
         assert all(layer._compiled_call_impl is None for layer in layers)
     with resumed_layers(()):  # nothing suspended (training without compile_layers): nothing to do
         pass
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "arch, autocast", [("llama", None), ("llama", torch.bfloat16), ("gpt2", None)], ids=["llama", "llama-bf16", "gpt2"]
+)
+def test_compiled_body_gives_the_eager_loss_and_gradients_as_one_region_per_call(arch, autocast):
+    model = mux(arch)
+    batch = shared_batch_for(model)  # shared prompts: the groups' heads and the rows' rest, two body calls
+    want_loss, want = loss_and_grads(model, batch, LossOptions(autocast_dtype=autocast))
+    compiled_layers_module._compiled_body.cache_clear()  # a fresh compiled function, counted below
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for _ in range(2):
+        loss, grads = loss_and_grads(model, batch, LossOptions(autocast_dtype=autocast, compiled_body=True))
+        # one graph per kind of body call, whatever the number of layers; nothing left eager between layers
+        assert counters["stats"]["unique_graphs"] - graphs == 2
+        assert sum(counters["graph_break"].values()) == breaks
+        assert set(grads) == set(want)
+        if autocast is None:
+            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+        else:  # fused element-wise work rounds differently from eager's operator-by-operator bf16
+            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-2)
+            for name, grad in grads.items():
+                error = (grad - want[name]).norm() / want[name].norm()
+                assert error < 0.05, (name, error.item())
+
+
+@needs_compiler
+def test_run_body_matches_the_bodys_own_forward():
+    model = mux("llama")
+    body = model.get_base_model().model
+    ids = shared_batch_for(model)["input_ids"][:, :5]  # no placeholder in the first tokens
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = run_body(body, ids, mask).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_body_needs_the_labels_only_path_and_is_ignored_under_activation_checkpointing(caplog):
+    with pytest.raises(ValueError, match="`compiled_body=True` compiles the labels-only path"):
+        LossOptions(labels_only=False, compiled_body=True)
+    assert LossOptions(compiled_body=True, compiled_head=True).eager() == LossOptions()
+    model = mux("llama")
+    model.get_base_model().gradient_checkpointing_enable()
+    batch = shared_batch_for(model)
+    want = mean_response_loss(model, batch, options=LossOptions())
+    loss_module._warn_once.cache_clear()  # warned afresh, whatever ran before
+    with caplog.at_level("WARNING"):
+        got = mean_response_loss(model, batch, options=LossOptions(compiled_body=True))  # eager: no compiler needed
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert "`compiled_body` is ignored under activation checkpointing" in caplog.text

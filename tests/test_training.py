@@ -209,6 +209,49 @@ def test_compile_layers_trains_with_compiled_decoder_layers_and_saves_the_same_f
         codebook_args(tmp_path, compile_layers=True, torch_compile=True)
 
 
+@needs_compiler
+def test_compile_scope_body_compiles_the_body_in_training_steps_only(tokenizer, tmp_path, monkeypatch):
+    import peft_personamux.loss as loss_module
+
+    calls: list[str] = []  # one entry per compiled body call, tagged with where it ran
+    where = ["step"]
+    run_body = loss_module.run_body
+    monkeypatch.setattr(loss_module, "run_body", lambda *a, **k: calls.append(where[0]) or run_body(*a, **k))
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            where[0] = "after"  # the evaluation below runs outside training steps
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            where[0] = "step"
+
+    model = make_model(tokenizer)
+    ds = Dataset.from_list(make_rows(per_persona=2))
+    args = codebook_args(
+        tmp_path,
+        compile_layers=True,
+        compile_scope="body",
+        warmup_epochs=0,
+        max_steps=2,
+        loss_log=False,
+        eval_strategy="steps",
+        eval_steps=1,
+    )
+    before = snapshot(model)
+    trainer = build_codebook_trainer(model, tokenizer, ds, args, eval_dataset=ds)
+    trainer.add_callback(Spy())
+    trainer.train()
+    options = trainer.loss_options()
+    assert options.compiled_body and options.compiled_head
+    assert calls and set(calls) == {"step"}  # every training step's body compiled; evaluation's eager
+    assert any("eval_loss" in e for e in trainer.state.log_history)
+    assert all(not torch.equal(before[k], v) for k, v in snapshot(model).items())
+    with pytest.raises(ValueError, match="`compile_scope` must be one of"):
+        codebook_args(tmp_path, compile_layers=True, compile_scope="model")
+    with pytest.raises(ValueError, match="`compile_scope='body'` does not combine with activation checkpointing"):
+        codebook_args(tmp_path, compile_layers=True, compile_scope="body", gradient_checkpointing=True)
+
+
 def test_checkpoints_hold_persona_files_and_resume_restores_them(tokenizer, tmp_path, monkeypatch):
     import peft_personamux.loss as loss_module
 

@@ -12,9 +12,11 @@ dynamic, so length-grouped batches of other lengths need no new graphs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -101,3 +103,25 @@ def resumed_layers(suspended: Sequence[tuple[nn.Module, Callable]]) -> Iterator[
     finally:
         for layer, _ in suspended:
             layer._compiled_call_impl = None
+
+
+def run_body(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    """``body(input_ids=..., attention_mask=..., **kwargs)`` of a decoder body (LlamaModel, GPT2Model, ...), its
+    input embeddings eager (the tuner's soft prompt goes in there, with data-dependent indexing) and everything after
+    them (masks, positions, every layer, the final norm) as one torch.compile region (dynamic shapes): one guard
+    check per call instead of one per layer (`LossOptions.compiled_body`)."""
+    embeds = body.get_input_embeddings()(input_ids)  # (rows, seq, hidden)
+    return _compiled_body()(body, embeds, attention_mask, kwargs)
+
+
+def _body_from_embeddings(body: nn.Module, embeds: torch.Tensor, attention_mask, kwargs: dict):
+    return body(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+
+@functools.cache
+def _compiled_body():
+    """`_body_from_embeddings` under torch.compile, made once (its graphs are keyed by the body and the call)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    return torch.compile(_body_from_embeddings, dynamic=True)

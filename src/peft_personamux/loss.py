@@ -25,6 +25,7 @@ persona fitting and loss evaluation call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiled_layers import run_body
 from .inputs import IGNORE_INDEX
 from .kv_cache import PrefixCache, autocast, prompt_starts, split_prefix
 from .machine import bf16_matmul_speedup, matmul_rate
@@ -98,12 +100,22 @@ class LossOptions:
     # benchmarks/results/train_speed_xeon_amx_compiled_head*.md); needs a C++ compiler (on CPU) and ``labels_only``;
     # training's ``compile_layers`` turns it on
     compiled_head: bool = False
+    # the decoder body after its input embeddings (masks, rotary, every layer, the final norm) runs as one
+    # torch.compile region (`compiled_layers.run_body`); the embeddings, where the soft prompt goes in, stay eager
+    compiled_body: bool = False
 
     def __post_init__(self) -> None:
+        if self.compiled_body and not self.labels_only:
+            raise ValueError("`compiled_body=True` compiles the labels-only path: it needs `labels_only=True`.")
         if self.packed is True and not self.shared_prompt:
             raise ValueError("`packed=True` packs the rows of a shared-prompt group: it needs `shared_prompt=True`.")
         if self.compiled_head and not self.labels_only:
             raise ValueError("`compiled_head=True` compiles the labels-only head: it needs `labels_only=True`.")
+
+    def eager(self) -> LossOptions:
+        """These options with nothing compiled: for one-off passes (evaluation, callbacks), where compiling graphs
+        for minutes would not pay back."""
+        return dataclasses.replace(self, compiled_head=False, compiled_body=False)
 
 
 FAST = LossOptions()  # the default exact shortcuts, in the weights' dtype
@@ -158,6 +170,12 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     shared, row_of = None, None
     # under activation checkpointing transformers runs without a key/value cache: no prefix or shared prompt reuse
     checkpointing = _checkpointing(base)
+    if options.compiled_body and not labels_only:
+        _warn_once(f"`compiled_body` is ignored: {type(base).__name__} has no separate decoder body and plain head.")
+    if options.compiled_body and checkpointing:  # its checkpointed layers break the region at every layer
+        _warn_once("`compiled_body` is ignored under activation checkpointing; compile the layers one by one instead.")
+    compiled_body = options.compiled_body and labels_only and not checkpointing
+    run = run_body if compiled_body else _eager_body  # the decoder body's forward
     if options.shared_prompt and body is not None and enabled and not checkpointing:
         shared = _prompt_sharing(tuner, prepared, mixtures, shared_mixtures, starts, placeholder)
     if shared is not None:
@@ -186,6 +204,7 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
             common=common,
             pack=None if options.packed is False else _packing(body),
             always_pack=options.packed is True,
+            run=run,
         )
         request = contextlib.nullcontext()  # the rest of each row has no virtual tokens
     elif (
@@ -203,7 +222,7 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     keep = labels[:, 1:] != IGNORE_INDEX  # (lines, seq - 1): positions that predict a label
     with request, autocast(device, options.autocast_dtype):
         if labels_only:
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            hidden = run(body, input_ids, attention_mask, **kwargs).last_hidden_state
             nll = _labels_only_nll(base.get_output_embeddings(), hidden, labels, keep, options.compiled_head)
         else:
             logits = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
@@ -313,6 +332,10 @@ def _prompt_sharing(tuner, prepared, mixtures, shared_mixtures: bool, starts, pl
         return None
     common = shared_run_lengths(ids, mask, labels, starts, width, group_of_row)
     return width, representatives, group_of_row, common
+
+
+def _eager_body(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    return body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 def _checkpointing(base: nn.Module) -> bool:

@@ -101,7 +101,7 @@ def _gradient_codebook(model, batches, trainer: PersonaMuxTrainer) -> dict:
 
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    options = trainer.loss_options()
+    options = trainer.loss_options().eager()  # one pass: compiling would not pay back
     scale = getattr(trainer.args, "gradient_codebook_scale", "equal")
     init = init_codebook_from_gradients(model, batches, options, progress=not trainer.args.disable_tqdm, scale=scale)
     return {

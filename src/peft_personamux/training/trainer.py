@@ -51,10 +51,12 @@ def fast_loss_options(args, device: torch.device | str, dtype: torch.dtype | Non
     ``dtype`` fixes the autocast dtype (a resumed run's recorded one) instead of choosing it."""
     if dtype is _CHOOSE:
         dtype = autocast_dtype(args, device)
+    compiled = bool(getattr(args, "compile_layers", False))
     return LossOptions(
         autocast_dtype=dtype,
         attention=choose_attention(device, dtype, getattr(args, "attention", "auto")),
-        compiled_head=bool(getattr(args, "compile_layers", False)),  # compiled with the layers
+        compiled_head=compiled,  # compiled with the layers or the body
+        compiled_body=compiled and getattr(args, "compile_scope", "layers") == "body",
     )
 
 
@@ -90,17 +92,19 @@ class PersonaMuxTrainer(Trainer):
         if getattr(self, "_prefix_cache", None) is None:
             self._prefix_cache = PrefixCache()
         model = self.accelerator.unwrap_model(model)
-        return mean_response_loss(
-            model, inputs, num_items_in_batch, options=self.loss_options(), prefix_cache=self._prefix_cache
-        )
+        options = self.loss_options()
+        if not getattr(self, "_in_training_step", False):  # evaluation: nothing compiled for one pass (see `train`)
+            options = options.eager()
+        return mean_response_loss(model, inputs, num_items_in_batch, options=options, prefix_cache=self._prefix_cache)
 
     def train(self, *args, **kwargs):
         self._loss_options = None  # chosen again once the (resumed) state is loaded: see `loss_options`
         try:
-            if not getattr(self.args, "compile_layers", False):
+            if not getattr(self.args, "compile_layers", False) or self.args.compile_scope != "layers":
                 return super().train(*args, **kwargs)
-            # compiled only inside training steps (`training_step`): evaluation and callbacks (the identity
-            # diagnostic) run without gradient and would compile graphs of their own, for minutes, for one pass
+            # compiled only inside training steps (`training_step`; so are the head and, with compile_scope 'body',
+            # the body: `compute_loss`): evaluation and callbacks (the identity diagnostic) run without gradient and
+            # would compile graphs of their own, for minutes, for one pass
             with compiled_decoder_layers(self.model), eager_decoder_layers(self.model) as self._compiled_layers:
                 return super().train(*args, **kwargs)
         finally:
@@ -108,8 +112,12 @@ class PersonaMuxTrainer(Trainer):
             drop_casts(self.model)  # the fast loss's bf16 weight copies are for training steps only
 
     def training_step(self, *args, **kwargs):
-        with resumed_layers(getattr(self, "_compiled_layers", ())):  # `compile_layers`: see `train`
-            return super().training_step(*args, **kwargs)
+        self._in_training_step = True
+        try:
+            with resumed_layers(getattr(self, "_compiled_layers", ())):  # `compile_layers`: see `train`
+                return super().training_step(*args, **kwargs)
+        finally:
+            self._in_training_step = False
 
     def loss_options(self) -> LossOptions:
         """The fast loss's options: autocast dtype and attention implementation (`fast_loss_options`), chosen at a
