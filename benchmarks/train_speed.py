@@ -169,7 +169,8 @@ class Variant:
         same computation), its head and body too (`LossOptions.eager`): the counter does not see inside compiled
         graphs."""
         eager = model if self.model is None or COMPILED in self.name else self.model
-        options, self.options = self.options, self.options.eager()
+        # the counting run's loss is the eager model's: the report keeps the timed runs' own
+        options, self.options, loss = self.options, self.options.eager(), self.loss
         try:
             if self.workers > 1:  # the counter sees only its own thread: count the same batches on this one
                 self.flops = count_flops(lambda: self._run_batches(eager, self.batches))
@@ -177,7 +178,7 @@ class Variant:
             self.flops = count_flops(lambda: self.run(eager))
             self.seconds.pop()
         finally:
-            self.options = options
+            self.options, self.loss = options, loss
 
     @property
     def rows(self) -> int:

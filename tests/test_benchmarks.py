@@ -256,6 +256,11 @@ def test_train_speed_workers_split_batches_and_add_the_same_gradients(load_scrip
     finally:
         torch.set_num_threads(threads)
     assert threaded.flops > 0 and threaded.seconds == []
+    timed = script.Variant("v", batches, FAST)
+    timed.run(model)
+    timed.loss = 123.0  # as if a compiled copy's timed runs had given it: counting on the eager model keeps it
+    timed.count(model)
+    assert timed.loss == 123.0 and timed.flops > 0 and len(timed.seconds) == 1
     (loss1, grads1), (loss2, grads2) = results
     assert loss2 == pytest.approx(loss1, rel=1e-6)
     assert len(grads1) == len(grads2) > 0

@@ -74,9 +74,12 @@ def test_persona_embedding_doc_snippet_runs(tmp_path, monkeypatch):
 
 
 @needs_compiler
-def test_compile_layers_path_gives_the_plain_gradients_on_smollm2(smollm2):
-    """`--compile_layers`' loss (decoder layers and head compiled, bf16 autocast, every shortcut) against the plain
-    float32 forward, on real lines of two pretraining characters: within the eager bf16 path's own error."""
+@pytest.mark.parametrize("scope", ["layers", "body"])
+def test_compile_layers_path_gives_the_plain_gradients_on_smollm2(smollm2, scope):
+    """`--compile_layers`' loss (decoder layers, or with ``--compile_scope body`` the whole body as one region, and
+    the head compiled; bf16 autocast, every shortcut) against the plain float32 forward, on real lines of two
+    pretraining characters: within the eager bf16 path's own error."""
+    import contextlib
     import copy
     import dataclasses
 
@@ -116,11 +119,16 @@ def test_compile_layers_path_gives_the_plain_gradients_on_smollm2(smollm2):
     fast = LossOptions(autocast_dtype=torch.bfloat16, attention="eager")  # what training runs on a bf16 CPU
     eager_loss, eager = loss_and_grad(fast)
     torch._dynamo.reset()
-    graphs = torch._dynamo.utils.counters["stats"]
-    with compiled_decoder_layers(model) as layers:
-        loss, grad = loss_and_grad(dataclasses.replace(fast, compiled_head=True))
-    made = graphs["unique_graphs"]
-    assert made >= len(layers) + 1, made  # the layers and the head ran compiled, not eager
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    body = scope == "body"
+    with contextlib.nullcontext([]) if body else compiled_decoder_layers(model) as layers:
+        loss, grad = loss_and_grad(dataclasses.replace(fast, compiled_head=True, compiled_body=body))
+    made = counters["stats"]["unique_graphs"] - graphs
+    if body:  # the groups' heads and the rows' rest, each one region, and the head; no layer left eager
+        assert made == 3 and sum(counters["graph_break"].values()) == breaks, made
+    else:
+        assert made >= len(layers) + 1, made  # the layers and the head ran compiled, not eager
 
     def error(g):
         return ((g - plain).norm() / plain.norm()).item()
