@@ -5,7 +5,8 @@ SmolLM2-135M stage-1 step; the rest is element-wise work (norms, rotary embeddin
 runs one operator at a time (benchmarks/results/train_profile_xeon_amx.md). Inductor fuses it. Each decoder layer is
 compiled in place (``nn.Module.compile``), so parameter names, the state dict, saving and the adapter are unchanged;
 the embeddings and the soft prompt stay eager (training's ``compile_layers`` also compiles the output head and its
-cross entropy: `loss.LossOptions.compiled_head`). The first step compiles (minutes on 2 cores); shapes are
+cross entropy: `loss.LossOptions.compiled_head`). `run_body` compiles instead the whole body after the embeddings as
+one region (``compile_scope='body'``). The first step compiles (minutes on 2 cores); shapes are
 dynamic, so length-grouped batches of other lengths need no new graphs.
 """
 
@@ -123,5 +124,6 @@ def _compiled_body():
     """`_body_from_embeddings` under torch.compile, made once (its graphs are keyed by the body and the call)."""
     import torch._dynamo
 
+    # one cache entry per kind of call and body (the groups' heads, packed and unpacked rows, each model in a process)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return torch.compile(_body_from_embeddings, dynamic=True)
