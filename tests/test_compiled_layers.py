@@ -31,6 +31,21 @@ def loss_and_grads(model, batch, options):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_close_to_eager(loss, grads, want_loss, want, autocast) -> None:
+    """A compiled path's loss and gradients against the eager path's: to float rounding in float32; under bf16
+    autocast, fused element-wise work rounds differently from eager's operator-by-operator bf16."""
+    assert set(grads) == set(want)
+    if autocast is None:
+        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    else:
+        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-2)
+        for name, grad in grads.items():
+            error = (grad - want[name]).norm() / want[name].norm()
+            assert error < 0.05, (name, error.item())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_decoder_layers_finds_each_architectures_layer_list(arch):
     model = mux(arch)
@@ -67,16 +82,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_and_the_same_state_di
             made = graphs["unique_graphs"]
             assert made >= len(decoder_layers(compiled))  # the layers ran compiled, not eager
         assert graphs["unique_graphs"] == made  # the second call reuses the graphs
-        assert set(grads) == set(want)
-        if autocast is None:
-            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
-            for name, grad in grads.items():
-                torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
-        else:  # fused element-wise work rounds differently from eager's operator-by-operator bf16
-            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-2)
-            for name, grad in grads.items():
-                error = (grad - want[name]).norm() / want[name].norm()
-                assert error < 0.05, (name, error.item())
+        assert_close_to_eager(loss, grads, want_loss, want, autocast)
 
 
 def test_compiled_block_restores_eager_layers_and_leaves_earlier_compiles():
@@ -177,16 +183,7 @@ def test_compiled_body_gives_the_eager_loss_and_gradients_as_one_region_per_call
         # one graph per kind of body call, whatever the number of layers; nothing left eager between layers
         assert counters["stats"]["unique_graphs"] - graphs == 2
         assert sum(counters["graph_break"].values()) == breaks
-        assert set(grads) == set(want)
-        if autocast is None:
-            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
-            for name, grad in grads.items():
-                torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
-        else:  # fused element-wise work rounds differently from eager's operator-by-operator bf16
-            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-2)
-            for name, grad in grads.items():
-                error = (grad - want[name]).norm() / want[name].norm()
-                assert error < 0.05, (name, error.item())
+        assert_close_to_eager(loss, grads, want_loss, want, autocast)
 
 
 @needs_compiler
