@@ -106,6 +106,11 @@ def resumed_layers(suspended: Sequence[tuple[nn.Module, Callable]]) -> Iterator[
             layer._compiled_call_impl = None
 
 
+def eager_body(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    """``body(input_ids=..., attention_mask=..., **kwargs)``: `run_body`'s eager counterpart, with its signature."""
+    return body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
 def run_body(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
     """``body(input_ids=..., attention_mask=..., **kwargs)`` of a decoder body (LlamaModel, GPT2Model, ...), its
     input embeddings eager (the tuner's soft prompt goes in there, with data-dependent indexing) and everything after

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compiled_layers import run_body
+from .compiled_layers import eager_body, run_body
 from .inputs import IGNORE_INDEX
 from .kv_cache import PrefixCache, autocast, prompt_starts, split_prefix
 from .machine import bf16_matmul_speedup, matmul_rate
@@ -175,7 +175,7 @@ def _response_nll(model, batch, bias_scale, mixtures, options: LossOptions, pref
     if options.compiled_body and checkpointing:  # its checkpointed layers break the region at every layer
         _warn_once("`compiled_body` is ignored under activation checkpointing; compile the layers one by one instead.")
     compiled_body = options.compiled_body and labels_only and not checkpointing
-    run = run_body if compiled_body else _eager_body  # the decoder body's forward
+    run = run_body if compiled_body else eager_body  # the decoder body's forward
     if options.shared_prompt and body is not None and enabled and not checkpointing:
         shared = _prompt_sharing(tuner, prepared, mixtures, shared_mixtures, starts, placeholder)
     if shared is not None:
@@ -332,10 +332,6 @@ def _prompt_sharing(tuner, prepared, mixtures, shared_mixtures: bool, starts, pl
         return None
     common = shared_run_lengths(ids, mask, labels, starts, width, group_of_row)
     return width, representatives, group_of_row, common
-
-
-def _eager_body(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
-    return body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 def _checkpointing(base: nn.Module) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .compiled_layers import eager_body
 from .inputs import IGNORE_INDEX
 from .kv_cache import (
     PrefixCache,
@@ -64,7 +65,7 @@ def split_shared_prompt(
     common: list[int] | None = None,
     pack: str | None = None,
     always_pack: bool = False,
-    run: Callable | None = None,
+    run: Callable = eager_body,
 ):
     """Run each group's head once: its prefix (from ``cache``), the ``width`` virtual tokens and the ``common[g]``
     tokens all its rows have after them (with gradient, under ``prompt_request(representatives)``); return the rows'
@@ -76,7 +77,7 @@ def split_shared_prompt(
     earlier tokens only; they do when that costs fewer FLOPs than right-padded rows (`line_layout`: packing drops
     the padding but lets each token's attention span its whole line, so a long group runs as several lines), or
     always with ``always_pack``. None: every row its own padded line. ``run(body, ids, mask, **kwargs)``: how the
-    heads' forward runs (`compiled_layers.run_body` compiles it); None: ``body(input_ids=ids, ...)``.
+    heads' forward runs (`compiled_layers.run_body` compiles it; default eager).
 
     Each row's virtual tokens sit at ``starts[row]:starts[row] + width`` and nothing there, in its group's common
     run or at the next position is a label (`can_share_prompt`, `shared_run_lengths`), so the rest's loss is the
@@ -100,10 +101,7 @@ def split_shared_prompt(
             body, cache, head_ids, head_mask, head_labels, rep_starts, autocast_dtype
         )  # head_ids (groups, width + run); head_mask (groups, prefix + width + run), prefixes left padded
     with prompt_request(representatives), autocast(device, autocast_dtype):
-        if run is None:
-            out = body(input_ids=head_ids, attention_mask=head_mask, **kwargs)
-        else:
-            out = run(body, head_ids, head_mask, **kwargs)
+        out = run(body, head_ids, head_mask, **kwargs)
     head_layers = cache_tensors(output_cache(out))  # per layer (groups, kv_heads, prefix + width + run, head_dim)
     # 2. the rows' rest, after their group's key/value states (index_select: the gradients sum back per group)
     runs = torch.tensor(common, device=device, dtype=starts.dtype).index_select(0, group_of_row)  # (rows,)
